@@ -1,0 +1,1 @@
+"""Code that two or more stages use: config, artifacts, image io, logging, errors."""

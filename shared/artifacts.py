@@ -1,0 +1,152 @@
+"""The artifact contract: staging folder, manifest written last, atomic rename, fingerprints.
+
+A stage writes into `<out>.staging/`; `manifest.json` is written last, then the folder is renamed into place.
+A folder without a manifest is never taken as finished. Downstream stages read only their input folder and its
+manifest, and refuse anything else with one line that says which command to run.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from shared.errors import InputError
+
+MANIFEST = "manifest.json"
+PACKAGE_VERSION = "0.1.0"
+
+
+@dataclass
+class Manifest:
+    stage: str
+    version: int
+    code_version: str
+    config: dict
+    inputs: dict
+    fingerprint: str
+    counts: dict = field(default_factory=dict)
+    created: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = {k: getattr(self, k) for k in
+                ("stage", "version", "code_version", "config", "inputs", "fingerprint", "counts", "created")}
+        data.update(self.extra)
+        return json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        core = ("stage", "version", "code_version", "config", "inputs", "fingerprint", "counts", "created")
+        missing = [k for k in core[:6] if k not in data]
+        if missing:
+            raise KeyError(missing[0])
+        return cls(**{k: data[k] for k in core if k in data},
+                   extra={k: v for k, v in data.items() if k not in core})
+
+
+def staging_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".staging")
+
+
+def _trash_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".replaced")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def commit(staging: Path, out: Path, manifest: Manifest) -> None:
+    """Write the manifest last, then move the staging folder into place (replacing an old output)."""
+    write_atomic(staging / MANIFEST, manifest.to_json())
+    trash = _trash_dir(out)
+    if trash.exists():
+        shutil.rmtree(trash)
+    if out.exists():
+        os.replace(out, trash)
+    os.replace(staging, out)
+    if trash.exists():
+        shutil.rmtree(trash)
+
+
+def fresh_staging(out: Path) -> Path:
+    """An empty staging folder for a stage that does not resume (leftovers of a crash are discarded)."""
+    staging = staging_dir(out)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def read_manifest(folder: Path) -> Manifest | None:
+    """The manifest of a finished output folder, or None when there is none (or it is unreadable)."""
+    path = Path(folder) / MANIFEST
+    try:
+        return Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def require_input(folder: Path, stage: str, versions: Iterable[int], fix: str) -> Manifest:
+    """The finished output of `stage` at `folder`, or an InputError saying what to run (`fix`)."""
+    folder = Path(folder)
+    if not folder.exists():
+        if staging_dir(folder).exists():
+            raise InputError(f"{folder}: `{stage}` did not finish there (only {staging_dir(folder).name} "
+                             f"exists); rerun: {fix}")
+        raise InputError(f"{folder}: no `{stage}` output found; run: {fix}")
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise InputError(f"{folder}: no readable {MANIFEST}, so it is not a finished `{stage}` output; run: {fix}")
+    if manifest.stage != stage:
+        raise InputError(f"{folder}: holds `{manifest.stage}` output, expected `{stage}` output; run: {fix}")
+    if manifest.version not in set(versions):
+        raise InputError(f"{folder}: `{stage}` output of format version {manifest.version}, which this "
+                         f"version of sdxl cannot read; rerun: {fix}")
+    return manifest
+
+
+def hash_json(obj: Any) -> str:
+    """sha256 of a canonical JSON encoding."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def code_version(modules: Iterable[str]) -> str:
+    """Package version plus a hash of the source of the modules whose logic shapes a stage's output.
+
+    Hashing the source means a changed algorithm can never reuse a stale artifact; the price is that an
+    upgrade re-runs stages, which is the safe side to err on.
+    """
+    h = hashlib.sha256()
+    for name in sorted(modules):
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise RuntimeError(f"module {name} not found for code_version")
+        h.update(name.encode())
+        h.update(Path(spec.origin).read_bytes())
+    return f"{PACKAGE_VERSION}+{h.hexdigest()[:12]}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,42 @@
+"""JSON Lines tables: one object per line, UTF-8, streamed both ways so memory stays flat."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+
+def read_jsonl(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)
+
+
+class JsonlWriter:
+    """Appends rows to a JSON Lines file; use as a context manager."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fh = open(self.path, "w", encoding="utf-8")
+        self.count = 0
+
+    def write(self, row: dict) -> None:
+        self._fh.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
+        self.count += 1
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+    with JsonlWriter(path) as w:
+        for row in rows:
+            w.write(row)
+        return w.count

@@ -1,0 +1,1 @@
+"""One module per `sdxl` command. Stages never import each other; they meet through artifacts."""

@@ -1,0 +1,42 @@
+"""The `sdxl` command: one sub-command per stage, plus `run` and `demo`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from shared.command import config_option, fail, stage_command
+from shared.errors import PipelineError
+from stages import bucket, ingest, pipeline
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  help="sdxl stages: a staged, offline pipeline for fine-tuning Stable Diffusion XL.")
+app.command("ingest")(stage_command(ingest.Config, "ingest", ingest.run, ingest.__doc__ or ""))
+app.command("bucket")(stage_command(bucket.Config, "bucket", bucket.run, bucket.__doc__ or ""))
+
+
+@app.command("run")
+def run_command(config: Optional[Path] = config_option(),
+                force: bool = typer.Option(False, "--force", help="Rerun every stage, even up-to-date ones.")) -> None:
+    """Run every stage in order from pipeline.toml, skipping stages whose output is up to date."""
+    try:
+        pipeline.run_all(config, force=force)
+    except PipelineError as e:
+        raise fail(e) from None
+
+
+@app.command("demo")
+def demo_command(workdir: Path = typer.Option(Path("demo"), help="Folder for the synthetic data and outputs."),
+                 images: int = typer.Option(64, min=8, help="Number of synthetic images."),
+                 seed: int = typer.Option(0, help="Seed of the synthetic dataset."),
+                 force: bool = typer.Option(False, "--force", help="Rerun every stage.")) -> None:
+    """Synthetic captioned images through the whole pipeline on the built-in tiny model."""
+    try:
+        pipeline.demo(workdir, images, seed, force=force)
+    except PipelineError as e:
+        raise fail(e) from None
+
+
+def main() -> None:
+    app()

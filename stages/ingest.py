@@ -1,0 +1,302 @@
+"""`sdxl ingest SOURCE...`: images + sidecar captions + tags -> items.jsonl / rejected.jsonl.
+
+Every file under every source ends in exactly one row: an accepted item in `items.jsonl`, or a rejection with
+a reason code in `rejected.jsonl`. A caption file belongs to its image's row (`caption_path`); a caption file
+without an image is rejected as `orphan_caption`. Headers only by default; `--verify` decodes every pixel.
+"""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+from shared import artifacts, tags as tagging
+from shared.artifacts import Manifest
+from shared.config import KNOWN_TABLES, opt
+from shared.errors import ConfigError, DataError
+from shared.faults import checkpoint
+from shared.imageio import IMAGE_EXTENSIONS, Rejected, probe
+from shared.jsonl import JsonlWriter, read_jsonl
+from shared.log import progress, say, table
+from shared.stage import BuildResult, Stage, execute
+
+VERSION = 1
+KNOWN_TABLES.add("ingest")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source folder; unset options fall back to the [ingest] table's values."""
+    path: Path = opt(Path("."), "Folder walked recursively for images and captions.")
+    repeats: int | None = opt(None, "Times each image of this source is seen per epoch.")
+    caption_ext: str | None = opt(None, "Extension of sidecar caption files.")
+    caption_required: bool | None = opt(None, "Reject images without a caption (reason no_caption).")
+    tag_separator: str | None = opt(None, "Separator between tags in a caption.")
+
+
+@dataclass(frozen=True)
+class Config:
+    sources: tuple[Source, ...] = opt((), "Source folders. In TOML: a list of paths or [[ingest.sources]] "
+                                      "tables with per-source repeats, caption_ext, caption_required, "
+                                      "tag_separator.", positional=True)
+    workdir: Path = opt(Path("work"), "Pipeline work folder; default parent of every stage's output.",
+                        pipeline=True, fingerprint=False)
+    output: Path | None = opt(None, "Output folder [default: <workdir>/ingest].", flag="--out",
+                              fingerprint=False)
+    repeats: int = opt(1, "Default times each image is seen per epoch.")
+    caption_ext: str = opt(".txt", "Default sidecar caption extension (image.png -> image.txt).")
+    caption_required: bool = opt(False, "Reject images without a caption instead of keeping an empty one.")
+    tag_separator: str = opt(",", "Default separator between tags in a caption.")
+    lowercase_tags: bool = opt(False, "Lower-case tags.")
+    underscores_to_spaces: bool = opt(False, "Turn underscores in tags into spaces (long_hair -> long hair).")
+    verify: bool = opt(False, "Decode every image fully to catch truncated or corrupt files (slower).")
+    min_side: int = opt(256, "Reject images whose shorter side is below this (too_small).")
+    max_pixels: int = opt(100_000_000, "Reject images with more pixels than this, from the header, before "
+                                       "decoding (too_large; decompression-bomb guard).")
+    tag_weighting: bool = opt(True, "Compute tag-frequency loss weights (otherwise every item weighs 1).")
+    tag_weight_power: float = opt(0.5, "Exponent p of the per-tag weight (median_count / count) ** p.")
+    tag_weight_min: float = opt(0.5, "Lower clamp of an item's tag weight.")
+    tag_weight_max: float = opt(2.0, "Upper clamp of an item's tag weight.")
+    workers: int = opt(0, "Worker processes (0 = one per CPU core, at most 8; 1 = in-process).",
+                       fingerprint=False)
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ConfigError("sources: none given; pass SOURCE folders or set [ingest] sources")
+        for key in ("repeats", "min_side", "max_pixels"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if not 0 < self.tag_weight_min <= 1 <= self.tag_weight_max:
+            raise ConfigError("tag_weight_min/tag_weight_max: need 0 < min <= 1 <= max")
+        if self.workers < 0:
+            raise ConfigError(f"workers: must be >= 0, got {self.workers}")
+        for src in self.sources:
+            _check_source(src)
+        object.__setattr__(self, "output", self.output or self.workdir / "ingest")  # resolved, as recorded
+
+    @property
+    def out_dir(self) -> Path:
+        return self.output
+
+    def effective(self, src: Source) -> Source:
+        """A source with every unset option filled from this table."""
+        return replace(src, path=src.path.expanduser().resolve(),
+                       repeats=src.repeats if src.repeats is not None else self.repeats,
+                       caption_ext=_dot(src.caption_ext if src.caption_ext is not None else self.caption_ext),
+                       caption_required=(src.caption_required if src.caption_required is not None
+                                         else self.caption_required),
+                       tag_separator=src.tag_separator if src.tag_separator is not None else self.tag_separator)
+
+
+def _check_source(src: Source) -> None:
+    if src.repeats is not None and src.repeats < 1:
+        raise ConfigError(f"sources {src.path}: repeats must be >= 1")
+    if src.tag_separator == "":
+        raise ConfigError(f"sources {src.path}: tag_separator must not be empty")
+
+
+def _dot(ext: str) -> str:
+    return ext.lower() if ext.startswith(".") else "." + ext.lower()
+
+
+# ---------------------------------------------------------------- listing
+
+
+def walk(root: Path) -> Iterator[tuple[str, list[str]]]:
+    """(folder relative to root, sorted file names) for every folder under root, in a fixed order."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, root)
+        yield ("" if rel == "." else rel), sorted(filenames)
+
+
+def listing_fingerprint(root: Path) -> str:
+    """Hash of every file's relative path, size and mtime: changes when the source's files do."""
+    h = hashlib.sha256()
+    for rel, names in walk(root):
+        for name in names:
+            st = os.stat(os.path.join(root, rel, name))
+            h.update(f"{os.path.join(rel, name)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str            # image | orphan_caption | not_image
+    source: int          # index into the effective sources
+    rel: str             # path relative to the source root
+    caption_rel: str | None = None
+
+
+def tasks_for(sources: list[Source]) -> Iterator[Task]:
+    for index, src in enumerate(sources):
+        for rel_dir, names in walk(src.path):
+            images = {os.path.splitext(n)[0] for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS}
+            captions = {os.path.splitext(n)[0]: n for n in names if os.path.splitext(n)[1].lower() == src.caption_ext}
+            for name in names:
+                stem, ext = os.path.splitext(name)
+                rel = os.path.join(rel_dir, name)
+                if ext.lower() in IMAGE_EXTENSIONS:
+                    cap = captions.get(stem)
+                    yield Task("image", index, rel, os.path.join(rel_dir, cap) if cap else None)
+                elif ext.lower() == src.caption_ext:
+                    if stem not in images:
+                        yield Task("orphan_caption", index, rel)
+                else:
+                    yield Task("not_image", index, rel)
+
+
+# ---------------------------------------------------------------- per file (runs in workers)
+
+_worker_state: dict = {}
+
+
+def _init_worker(cfg: Config, sources: list[Source]) -> None:
+    _worker_state["cfg"], _worker_state["sources"] = cfg, sources
+
+
+def read_caption(data: bytes) -> tuple[str, str]:
+    """Caption text and the encoding it was read with: UTF-8 (BOM allowed), UTF-16 with BOM, else cp1252,
+    else latin-1 (which never fails). Whitespace runs, newlines included, become one space."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        candidates = ("utf-16",)
+    else:
+        candidates = ("utf-8-sig", "cp1252", "latin-1")
+    for enc in candidates:
+        try:
+            return " ".join(data.decode(enc).split()), ("utf-8" if enc == "utf-8-sig" else enc)
+        except UnicodeDecodeError:
+            continue
+    return " ".join(data.decode("latin-1").split()), "latin-1"
+
+
+def examine(task: Task) -> dict:
+    """The row for one file: {"ok": True, ...item} or {"ok": False, ...rejection}."""
+    cfg: Config = _worker_state["cfg"]
+    src: Source = _worker_state["sources"][task.source]
+    base = {"path": task.rel, "source": str(src.path)}
+    if task.kind == "orphan_caption":
+        return {"ok": False, **base, "reason": "orphan_caption", "detail": "caption file without an image"}
+    if task.kind == "not_image":
+        return {"ok": False, **base, "reason": "not_image", "detail": "not an image or caption file"}
+    base["caption_path"] = task.caption_rel
+    try:
+        data = (src.path / task.rel).read_bytes()
+        info = probe(data, max_pixels=cfg.max_pixels, min_side=cfg.min_side, verify=cfg.verify)
+        caption, encoding = read_caption((src.path / task.caption_rel).read_bytes()) if task.caption_rel else ("", None)
+    except Rejected as r:
+        return {"ok": False, **base, "reason": r.reason, "detail": r.detail}
+    except OSError as e:
+        return {"ok": False, **base, "reason": "unreadable", "detail": f"{type(e).__name__}: {e}"}
+    if not caption and src.caption_required:
+        why = "caption file is empty" if task.caption_rel else f"no {src.caption_ext} caption file"
+        return {"ok": False, **base, "reason": "no_caption", "detail": why}
+    digest = hashlib.sha256(data).hexdigest()
+    return {"ok": True, "id": digest[:16], **base, "width": info.width, "height": info.height,
+            "stored_width": info.stored_width, "stored_height": info.stored_height,
+            "orientation": info.orientation, "mode": info.mode, "format": info.format, "frames": info.frames,
+            "bytes": len(data), "caption": caption, "caption_encoding": encoding,
+            "tags": tagging.split_tags(caption, src.tag_separator, cfg.lowercase_tags, cfg.underscores_to_spaces),
+            "tag_weight": 1.0, "sha256": digest, "repeats": src.repeats}
+
+
+def _results(cfg: Config, sources: list[Source], tasks: list[Task]) -> Iterator[dict]:
+    workers = cfg.workers or min(os.cpu_count() or 1, 8)
+    if workers == 1 or len(tasks) < 64:
+        _init_worker(cfg, sources)
+        yield from map(examine, tasks)
+        return
+    ctx = multiprocessing.get_context("spawn")  # fork after torch/threads is unsafe; spawn always is
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, sources)) as pool:
+        yield from pool.imap(examine, tasks, chunksize=16)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _inputs(cfg: Config) -> dict:
+    found = {}
+    for src in (cfg.effective(s) for s in cfg.sources):
+        if not src.path.is_dir():
+            raise DataError(f"source folder not found: {src.path}")
+        found[f"source:{src.path}"] = {"path": str(src.path), "fingerprint": listing_fingerprint(src.path),
+                                       "what": "files added, removed or modified"}
+    return found
+
+
+def _build(cfg: Config, staging: Path) -> BuildResult:
+    sources = [cfg.effective(s) for s in cfg.sources]
+    tasks = list(tasks_for(sources))
+    reasons: Counter = Counter()
+    tag_counts: Counter = Counter()
+    first_by_sha: dict[str, tuple[str, str]] = {}
+    uncaptioned = 0
+    partial = staging / "items.partial.jsonl"
+    with JsonlWriter(partial) as items, JsonlWriter(staging / "rejected.jsonl") as rejected:
+        for row in progress(_results(cfg, sources, tasks), len(tasks), "ingest", "file"):
+            ok = row.pop("ok")
+            if ok and row["sha256"] in first_by_sha:
+                kept_path, kept_id = first_by_sha[row["sha256"]]
+                row = {"path": row["path"], "source": row["source"], "caption_path": row["caption_path"],
+                       "reason": "duplicate", "detail": "same content as an earlier file",
+                       "duplicate_of": kept_path, "duplicate_of_id": kept_id}
+                ok = False
+            if ok:
+                first_by_sha[row["sha256"]] = (row["path"], row["id"])
+                tag_counts.update(row["tags"])
+                uncaptioned += not row["caption"]
+                items.write(row)
+                checkpoint("ingest.item")
+            else:
+                reasons[row["reason"]] += 1
+                rejected.write(row)
+    accepted = items.count
+    if accepted == 0:
+        raise DataError(f"no usable images in {', '.join(str(s.path) for s in sources)} "
+                        f"({sum(reasons.values())} files rejected: {dict(reasons)})")
+    _write_weighted(cfg, partial, staging / "items.jsonl", tag_counts)
+    partial.unlink()
+    artifacts.write_atomic(staging / "tag_counts.json", _tag_counts_json(tag_counts))
+    counts = {"in": len(tasks), "out": accepted, "dropped": dict(sorted(reasons.items()))}
+    _print_summary(counts, uncaptioned)
+    return BuildResult(counts, {"tags": len(tag_counts)})
+
+
+def _write_weighted(cfg: Config, partial: Path, final: Path, tag_counts: Counter) -> None:
+    """Second pass: the tag weights need the whole dataset's tag counts."""
+    if cfg.tag_weighting:
+        per_tag = tagging.tag_weights(tag_counts, cfg.tag_weight_power)
+        raw = [tagging.raw_item_weight(r["tags"], per_tag) for r in read_jsonl(partial)]
+        weights = iter(tagging.normalise_weights(raw, cfg.tag_weight_min, cfg.tag_weight_max))
+    with JsonlWriter(final) as out:
+        for row in read_jsonl(partial):
+            row["tag_weight"] = round(next(weights), 6) if cfg.tag_weighting else 1.0
+            out.write(row)
+
+
+def _tag_counts_json(counts: Counter) -> str:
+    import json
+
+    ordered = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return json.dumps(ordered, ensure_ascii=False, indent=1) + "\n"
+
+
+def _print_summary(counts: dict, uncaptioned: int) -> None:
+    rows = [["accepted", counts["out"]]] + [[f"rejected: {k}", v] for k, v in counts["dropped"].items()]
+    say(table(["files", "count"], rows + [["total", counts["in"]]]))
+    if uncaptioned:
+        say(f"note: {uncaptioned} accepted images have no caption (set caption_required to reject them)")
+
+
+STAGE = Stage(name="ingest", version=VERSION,
+              code_modules=("stages.ingest", "shared.imageio", "shared.tags"),
+              out_dir=lambda cfg: cfg.out_dir, inputs=_inputs, build=_build)
+
+
+def run(cfg: Config, force: bool = False) -> Manifest:
+    """Ingest the sources into `<out>/items.jsonl` and `<out>/rejected.jsonl`."""
+    return execute(STAGE, cfg, force)

@@ -1,0 +1,48 @@
+"""`sdxl run` and `sdxl demo`: the stages in order. The only module that imports stage modules.
+
+Each stage skips itself when its output's fingerprint matches (see shared/stage.py), so `run` is cheap to
+repeat and prints, per stage, why it runs or that it is skipped.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from shared.config import load_toml, resolve
+from shared.errors import ConfigError
+from shared.log import say
+from shared.synthetic import generate_dataset
+from stages import bucket, ingest
+
+#: (pipeline.toml table, stage module) in execution order
+STAGES: list[tuple[str, ModuleType]] = [("ingest", ingest), ("bucket", bucket)]
+
+
+def run_all(config_path: Path | None, force: bool = False, overrides: dict[str, dict] | None = None) -> list:
+    """Every stage in order, configured from pipeline.toml (plus per-stage overrides)."""
+    toml = load_toml(config_path)
+    if "ingest" not in toml or "sources" not in toml["ingest"]:
+        if not (overrides or {}).get("ingest", {}).get("sources"):
+            raise ConfigError("sdxl run needs [ingest] sources in the config (or use the stage commands)")
+    manifests = []
+    for table, module in STAGES:
+        cfg = resolve(module.Config, table, toml, (overrides or {}).get(table))
+        manifests.append(module.run(cfg, force=force))
+    return manifests
+
+
+def demo(workdir: Path, images: int, seed: int, force: bool = False) -> list:
+    """Synthetic captioned images through every stage, at a size a CPU handles in minutes."""
+    data = generate_dataset(workdir / "data", count=images, seed=seed)
+    say(f"demo: {images} synthetic images in {data}")
+    overrides: dict[str, dict[str, Any]] = {
+        "ingest": {"sources": (str(data),), "min_side": 128, "workdir": workdir},
+        "bucket": {"max_area": 256 * 256, "min_side": 128, "max_side": 512, "max_upscale": 4.0,
+                   "min_bucket_items": 4, "workdir": workdir},
+    }
+    manifests = run_all(None, force=force, overrides=overrides)
+    ingested, bucketed = manifests[0], manifests[1]
+    say(f"demo: ingested {ingested.counts['out']} of {ingested.counts['in']} files; "
+        f"{bucketed.counts['out']} items planned into {bucketed.extra.get('buckets_used')} buckets")
+    return manifests
