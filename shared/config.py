@@ -21,6 +21,8 @@ from shared.errors import ConfigError
 
 #: tables pipeline.toml may hold; a stage adds its own when it is defined
 KNOWN_TABLES = {"pipeline"}
+#: keys of the [pipeline] table (stages read them through fields marked pipeline=True)
+PIPELINE_KEYS = {"workdir"}
 
 
 def opt(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None,
@@ -57,6 +59,9 @@ def load_toml(path: Path | str | None) -> dict:
     for name, table in data.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: '{name}' must be a table [{name}], not a value")
+    for key in data.get("pipeline", {}):
+        if key not in PIPELINE_KEYS:
+            raise ConfigError(f"{path}: unknown key '{key}' in [pipeline] (known: {', '.join(sorted(PIPELINE_KEYS))})")
     return data
 
 
@@ -64,6 +69,10 @@ def resolve(cls: type, table: str, toml: dict, cli: dict[str, Any] | None = None
     """Build `cls` from CLI values (None = not given), the TOML data and the defaults."""
     own = dict(toml.get(table, {}))
     shared = toml.get("pipeline", {})
+    known = {f.name for f in fields(cls)}
+    for key in own:
+        if key not in known:
+            raise ConfigError(f"unknown key '{key}' in [{table}] (known: {', '.join(sorted(known))})")
     values: dict[str, Any] = {}
     for f in fields(cls):
         if cli and cli.get(f.name) is not None:

@@ -40,3 +40,7 @@ def demo_command(workdir: Path = typer.Option(Path("demo"), help="Folder for the
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

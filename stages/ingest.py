@@ -261,7 +261,9 @@ def _build(cfg: Config, staging: Path) -> BuildResult:
     _write_weighted(cfg, partial, staging / "items.jsonl", tag_counts)
     partial.unlink()
     artifacts.write_atomic(staging / "tag_counts.json", _tag_counts_json(tag_counts))
-    counts = {"in": len(tasks), "out": accepted, "dropped": dict(sorted(reasons.items()))}
+    paired = sum(1 for t in tasks if t.caption_rel)
+    counts = {"in": len(tasks) + paired, "out": accepted, "dropped": dict(sorted(reasons.items())),
+              "captions": paired}
     _print_summary(counts, uncaptioned)
     return BuildResult(counts, {"tags": len(tag_counts)})
 
@@ -287,7 +289,8 @@ def _tag_counts_json(counts: Counter) -> str:
 
 def _print_summary(counts: dict, uncaptioned: int) -> None:
     rows = [["accepted", counts["out"]]] + [[f"rejected: {k}", v] for k, v in counts["dropped"].items()]
-    say(table(["files", "count"], rows + [["total", counts["in"]]]))
+    rows.append(["caption files (part of the rows above)", counts["captions"]])
+    say(table(["files", "count"], rows + [["total files", counts["in"]]]))
     if uncaptioned:
         say(f"note: {uncaptioned} accepted images have no caption (set caption_required to reject them)")
 

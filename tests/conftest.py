@@ -1,0 +1,62 @@
+"""Shared test helpers: image makers for good and bad inputs, a CLI runner."""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+os.environ.setdefault("SDXL_PROGRESS", "0")
+
+
+def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return Image.fromarray(arr, "RGB").convert(mode)
+
+
+def save(img: Image.Image, path: Path, fmt: str | None = None, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, fmt, **kw)
+    return path
+
+
+def caption(path: Path, text: str | bytes) -> Path:
+    cap = path.with_suffix(".txt")
+    cap.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return cap
+
+
+def png_with_header_size(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height, with a tiny (wrong) body: a decompression-bomb header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def make_dataset(root: Path, count: int = 12, seed: int = 0) -> Path:
+    """`count` small captioned noise images of a few aspect ratios."""
+    sizes = [(320, 320), (480, 320), (320, 480), (640, 320), (300, 400)]
+    for i in range(count):
+        w, h = sizes[i % len(sizes)]
+        p = save(noise_image(w, h, seed=seed * 1000 + i), root / f"img_{i:03d}.png")
+        caption(p, f"tag{i % 3}, common, shape {i % 2}")
+    return root

@@ -1,0 +1,114 @@
+from pathlib import Path
+
+import pytest
+
+from shared.config import load_toml, resolve
+from shared.errors import ConfigError
+from stages import bucket, ingest
+from stages.cli import app
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "pipeline.toml"
+    p.write_text(text)
+    return p
+
+
+def test_precedence_cli_over_toml_over_default(tmp_path):
+    toml = load_toml(write(tmp_path, "[pipeline]\nworkdir = 'w'\n[bucket]\nmax_area = 786432\nseed = 3\n"))
+    cfg = resolve(bucket.Config, "bucket", toml, {"seed": 9})
+    assert cfg.max_area == 786432          # TOML beats default
+    assert cfg.seed == 9                   # CLI beats TOML
+    assert cfg.max_side == 2048            # default
+    assert cfg.workdir == Path("w")        # [pipeline] supplies shared keys
+    assert cfg.in_dir == Path("w/ingest") and cfg.out_dir == Path("w/bucket")
+
+
+def test_stage_table_beats_pipeline_table(tmp_path):
+    toml = load_toml(write(tmp_path, "[pipeline]\nworkdir = 'a'\n[bucket]\nworkdir = 'b'\n"))
+    assert resolve(bucket.Config, "bucket", toml).workdir == Path("b")
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[bucket]\nmax_areaa = 1\n", "unknown key 'max_areaa' in [bucket]"),
+    ("[bucket]\nmax_area = '1024'\n", "[bucket] max_area: expected an integer"),
+    ("[bucket]\nmax_ratio = true\n", "[bucket] max_ratio: expected a number"),
+    ("[bucket]\ncrop = 'left'\n", "[bucket] crop: 'left' is not one of center, random"),
+    ("[bucket]\nbuckets = [[1000, 1024]]\n", "[1000, 1024] is not a pair of positive multiples of 64"),
+    ("[bucket]\nbuckets = [[2048, 1024]]\n", "area 2097152 > max_area"),
+    ("[bucket]\nstep = 32\n", "[bucket] step: must be a positive multiple of 64"),
+])
+def test_bad_values_name_key_and_table(tmp_path, text, needle):
+    toml = load_toml(write(tmp_path, text))
+    with pytest.raises(ConfigError) as e:
+        resolve(bucket.Config, "bucket", toml)
+    assert needle in str(e.value)
+
+
+def test_unknown_table_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown table \[bukcet\]"):
+        load_toml(write(tmp_path, "[bukcet]\nx = 1\n"))
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_toml(write(tmp_path, "[bucket\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_toml(tmp_path / "nope.toml")
+
+
+def test_nested_source_tables(tmp_path):
+    toml = load_toml(write(tmp_path, "[ingest]\nrepeats = 2\n[[ingest.sources]]\npath = 'a'\nrepeats = 5\n"
+                                     "[[ingest.sources]]\npath = 'b'\n"))
+    cfg = resolve(ingest.Config, "ingest", toml)
+    a, b = (cfg.effective(s) for s in cfg.sources)
+    assert (a.repeats, b.repeats) == (5, 2)
+    bad = load_toml(write(tmp_path, "[[ingest.sources]]\npath = 'a'\nrepeat = 5\n"))
+    with pytest.raises(ConfigError, match=r"unknown key 'repeat' in \[ingest\] sources\[0\]"):
+        resolve(ingest.Config, "ingest", bad)
+
+
+def test_plain_string_sources_and_cli_sources(tmp_path):
+    toml = load_toml(write(tmp_path, "[ingest]\nsources = ['x', 'y']\n"))
+    assert [s.path for s in resolve(ingest.Config, "ingest", toml).sources] == [Path("x"), Path("y")]
+    cfg = resolve(ingest.Config, "ingest", toml, {"sources": ("z",)})
+    assert [s.path for s in cfg.sources] == [Path("z")]
+
+
+def test_cli_config_errors_are_one_line_exit_2(tmp_path, runner):
+    cfg = write(tmp_path, "[bucket]\nmax_areaa = 1\n")
+    result = runner.invoke(app, ["bucket", "--config", str(cfg)])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert result.stderr.strip().count("\n") == 0
+    assert "unknown key 'max_areaa' in [bucket]" in result.stderr
+
+
+def test_cli_flag_overrides_toml(tmp_path, runner):
+    cfg = write(tmp_path, "[bucket]\nstep = 128\n")
+    result = runner.invoke(app, ["bucket", "--config", str(cfg), "--step", "96"])
+    assert result.exit_code == 2 and "step: must be a positive multiple of 64, got 96" in result.stderr
+
+
+def test_every_option_has_help(runner):
+    for cmd in ("ingest", "bucket", "run", "demo"):
+        result = runner.invoke(app, [cmd, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0
+    from dataclasses import fields
+    for cls in (ingest.Config, ingest.Source, bucket.Config):
+        for f in fields(cls):
+            assert len(f.metadata.get("help", "")) > 10, f"{cls.__name__}.{f.name} lacks help"
+
+
+def test_shipped_pipeline_toml_is_valid_and_documents_every_key():
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "pipeline.toml").read_text()
+    toml = load_toml(root / "pipeline.toml")
+    resolve(ingest.Config, "ingest", toml)
+    resolve(bucket.Config, "bucket", toml)
+    from dataclasses import fields
+    for table, cls in (("ingest", ingest.Config), ("bucket", bucket.Config), ("ingest.sources", ingest.Source)):
+        for f in fields(cls):
+            assert f"{f.name} =" in text or f"# {f.name} =" in text, f"[{table}] {f.name} undocumented"
+
+
+def test_unknown_pipeline_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'workdri' in \[pipeline\]"):
+        load_toml(write(tmp_path, "[pipeline]\nworkdri = 'x'\n"))
