@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 import struct
 import zlib
 from pathlib import Path
@@ -13,6 +14,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 os.environ.setdefault("SDXL_PROGRESS", "0")
+# builtin models are materialised once per test session into a fresh cache, so tests never depend on ~/.cache
+os.environ["SDXL_CACHE"] = tempfile.mkdtemp(prefix="sdxl-test-cache-")
 
 
 def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:

@@ -19,6 +19,17 @@ from shared.synthetic import Sample, render
 from stages import ingest
 
 
+def render_unique(sample: Sample, salt: float):
+    """The synthetic picture plus a smooth random texture, so every file is distinct and photo-sized."""
+    import numpy as np
+    from PIL import Image
+
+    img = render(sample)
+    rng = np.random.default_rng(int(salt * 2**32))
+    texture = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8), "RGB")
+    return Image.blend(img, texture.resize(img.size, Image.BICUBIC), 0.35)
+
+
 def make_images(folder: Path, count: int, side: int, seed: int) -> int:
     import random
 
@@ -33,7 +44,7 @@ def make_images(folder: Path, count: int, side: int, seed: int) -> int:
         sub = folder / f"{i // 1000:03d}"
         sub.mkdir(parents=True, exist_ok=True)
         path = sub / f"{s.name}.{ext}"
-        render(s).save(path, fmt, **({"quality": 90} if fmt != "PNG" else {}))
+        render_unique(s, rng.random()).save(path, fmt, **({"quality": 90} if fmt != "PNG" else {}))
         path.with_suffix(".txt").write_text(s.caption)
         total += path.stat().st_size
     return total
@@ -61,7 +72,8 @@ def main() -> None:
         t = time.perf_counter()
         m = ingest.run(cfg)
         dt = time.perf_counter() - t
-        print(f"{mode}: {m.counts['out']} images in {dt:.2f}s = {m.counts['out'] / dt:.0f} images/s "
+        n = m.counts["in"] - m.counts["captions"]
+        print(f"{mode}: {n} images ({m.counts['out']} accepted) in {dt:.2f}s = {n / dt:.0f} images/s "
               f"(workers={args.workers}, cores={os.cpu_count()})")
     print(f"peak RSS of the main process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 

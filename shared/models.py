@@ -1,0 +1,188 @@
+"""SDXL models: `builtin:tiny`, `builtin:sdxl-random`, or a diffusers folder — all loaded by one code path.
+
+A builtin model is first materialised (once, deterministically from a fixed seed) as an ordinary diffusers
+SDXL folder in the cache (`$SDXL_CACHE`, default `~/.cache/sdxl-stages`), and then loaded exactly as a user's
+folder is. So the loader that real SDXL weights go through is the one every test exercises.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.errors import PipelineError
+
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+BUILTIN_VERSION = 1  # bump when a builtin's architecture or seed changes
+SEED = 20240601
+
+
+@dataclass
+class SDXLModel:
+    """The parts of an SDXL pipeline that stages use (any may be None when not asked for)."""
+    source: str
+    unet: Any = None
+    vae: Any = None
+    text_encoder: Any = None
+    text_encoder_2: Any = None
+    tokenizer: Any = None
+    tokenizer_2: Any = None
+    scheduler: Any = None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SDXL_CACHE", Path.home() / ".cache" / "sdxl-stages"))
+
+
+def tiny_configs() -> dict[str, dict]:
+    """Component configs of `builtin:tiny`: SDXL's shapes (text_time conditioning, two CLIP encoders whose
+    penultimate states concatenate into the cross-attention width, an 8x VAE) at toy widths."""
+    text = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
+                vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                pad_token_id=1, projection_dim=32)
+    return {
+        "unet": dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                     layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                     transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=6 * 8 + 32,
+                     cross_attention_dim=32 + 32, norm_num_groups=16),
+        "vae": dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32),
+                    layers_per_block=1, norm_num_groups=16, sample_size=256, scaling_factor=0.13025,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        "text_encoder": dict(text, hidden_act="quick_gelu"),
+        "text_encoder_2": dict(text, hidden_act="gelu"),
+    }
+
+
+def sdxl_configs() -> dict[str, dict]:
+    """Component configs of SDXL 1.0 base (for `builtin:sdxl-random`: full sizes, random weights)."""
+    text = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                pad_token_id=1)
+    return {
+        "unet": dict(sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280),
+                     layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                                           "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                     attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
+                     addition_time_embed_dim=256, transformer_layers_per_block=(1, 2, 10),
+                     projection_class_embeddings_input_dim=2816, cross_attention_dim=2048),
+        "vae": dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                    layers_per_block=2, sample_size=1024, scaling_factor=0.13025, force_upcast=True,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        "text_encoder": dict(text, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                             num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu"),
+        "text_encoder_2": dict(text, hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                               num_hidden_layers=32, projection_dim=1280, hidden_act="gelu"),
+    }
+
+
+def scheduler_config() -> dict:
+    """SDXL's training schedule: 1000 scaled-linear steps, beta 0.00085 -> 0.012, epsilon prediction."""
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                prediction_type="epsilon", timestep_spacing="leading", steps_offset=1)
+
+
+def build_components(configs: dict[str, dict], seed: int = SEED) -> dict[str, Any]:
+    """Random-init models from configs, each from its own fixed seed (same weights on every machine)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    makers = {"unet": lambda c: UNet2DConditionModel(**c), "vae": lambda c: AutoencoderKL(**c),
+              "text_encoder": lambda c: CLIPTextModel(CLIPTextConfig(**c)),
+              "text_encoder_2": lambda c: CLIPTextModelWithProjection(CLIPTextConfig(**c))}
+    built = {}
+    for offset, name in enumerate(("unet", "vae", "text_encoder", "text_encoder_2")):
+        torch.manual_seed(seed + offset)
+        built[name] = makers[name](configs[name]).eval()
+    return built
+
+
+def save_folder(components: dict[str, Any], folder: Path) -> Path:
+    """Write a complete diffusers SDXL folder (safetensors weights), atomically."""
+    from diffusers import EulerDiscreteScheduler
+
+    from shared.clip_vocab import write_tokenizer
+
+    staging = folder.with_name(folder.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        components[name].save_pretrained(staging / name, safe_serialization=True)
+    write_tokenizer(staging / "tokenizer", "<|endoftext|>")
+    write_tokenizer(staging / "tokenizer_2", "!")
+    EulerDiscreteScheduler(**scheduler_config()).save_pretrained(staging / "scheduler")
+    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
+             "force_zeros_for_empty_prompt": True,
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
+    (staging / "model_index.json").write_text(json.dumps(index, indent=1))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(staging, folder)
+    return folder
+
+
+def builtin_folder(name: str) -> Path:
+    """The cached diffusers folder of a builtin model, made on first use."""
+    if name != "tiny":
+        raise PipelineError(f"builtin:{name} is not materialised on disk; only builtin:tiny is")
+    folder = cache_dir() / f"builtin-tiny-v{BUILTIN_VERSION}"
+    if not (folder / "model_index.json").exists():
+        save_folder(build_components(tiny_configs()), folder)
+    return folder
+
+
+def load_model(spec: str, parts: tuple[str, ...] = COMPONENTS, dtype: Any = None) -> SDXLModel:
+    """Load `spec` (builtin:tiny | builtin:sdxl-random | a diffusers SDXL folder) with the asked parts."""
+    if spec == "builtin:sdxl-random":
+        model = SDXLModel(spec, **{k: v for k, v in build_components(sdxl_configs()).items() if k in parts})
+        if "tokenizer" in parts or "tokenizer_2" in parts:
+            tiny = load_folder(builtin_folder("tiny"), ("tokenizer", "tokenizer_2"), None)
+            model.tokenizer, model.tokenizer_2 = tiny.tokenizer, tiny.tokenizer_2
+        return model
+    if spec.startswith("builtin:"):
+        return load_folder(builtin_folder(spec.split(":", 1)[1]), parts, dtype, source=spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return load_folder(path, parts, dtype)
+    if path.is_file():
+        raise PipelineError(f"{path}: single-file SDXL checkpoints are not supported yet; "
+                            f"convert it to a diffusers folder first")
+    raise PipelineError(f"--model {spec}: not found; expected builtin:tiny, builtin:sdxl-random or a "
+                        f"diffusers SDXL folder")
+
+
+def load_folder(folder: Path, parts: tuple[str, ...], dtype: Any, source: str | None = None) -> SDXLModel:
+    """Load the asked components of a diffusers SDXL folder; a missing or wrong part is a one-line error."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    loaders = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+               "text_encoder_2": CLIPTextModelWithProjection}
+    model = SDXLModel(source or str(folder))
+    for name in parts:
+        sub = folder / name
+        if not sub.is_dir():
+            raise PipelineError(f"{sub}: missing; a diffusers SDXL folder needs {', '.join(COMPONENTS)}")
+        try:
+            if name in loaders:
+                kw = {"torch_dtype": dtype} if dtype is not None else {}
+                part = loaders[name].from_pretrained(sub, use_safetensors=True, **kw).eval()
+            elif name.startswith("tokenizer"):
+                part = CLIPTokenizer.from_pretrained(sub)
+            else:
+                part = EulerDiscreteScheduler.from_pretrained(sub)
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise PipelineError(f"{sub}: cannot load {name} ({str(e).splitlines()[0][:200]})") from None
+        setattr(model, name, part)
+    if model.unet is not None and model.unet.config.get("addition_embed_type") != "text_time":
+        raise PipelineError(f"{folder / 'unet'}: not an SDXL UNet (no text_time conditioning)")
+    return model
