@@ -82,6 +82,11 @@ class Config:
     def out_dir(self) -> Path:
         return self.output
 
+    def own_folders(self) -> frozenset[Path]:
+        """Folders the pipeline writes, never walked as data even when a source contains them."""
+        out = self.out_dir.expanduser().resolve()
+        return frozenset({self.workdir.expanduser().resolve(), out, out.with_name(out.name + ".staging")})
+
     def effective(self, src: Source) -> Source:
         """A source with every unset option filled from this table."""
         return replace(src, path=src.path.expanduser().resolve(),
@@ -106,18 +111,19 @@ def _dot(ext: str) -> str:
 # ---------------------------------------------------------------- listing
 
 
-def walk(root: Path) -> Iterator[tuple[str, list[str]]]:
-    """(folder relative to root, sorted file names) for every folder under root, in a fixed order."""
+def walk(root: Path, skip: frozenset[Path] = frozenset()) -> Iterator[tuple[str, list[str]]]:
+    """(folder relative to root, sorted file names) for every folder under root, in a fixed order.
+    Folders in `skip` (the pipeline's own work folder, when it lies inside a source) are not entered."""
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if Path(dirpath, d) not in skip)
         rel = os.path.relpath(dirpath, root)
         yield ("" if rel == "." else rel), sorted(filenames)
 
 
-def listing_fingerprint(root: Path) -> str:
+def listing_fingerprint(root: Path, skip: frozenset[Path] = frozenset()) -> str:
     """Hash of every file's relative path, size and mtime: changes when the source's files do."""
     h = hashlib.sha256()
-    for rel, names in walk(root):
+    for rel, names in walk(root, skip):
         for name in names:
             st = os.stat(os.path.join(root, rel, name))
             h.update(f"{os.path.join(rel, name)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
@@ -132,9 +138,9 @@ class Task:
     caption_rel: str | None = None
 
 
-def tasks_for(sources: list[Source]) -> Iterator[Task]:
+def tasks_for(sources: list[Source], skip: frozenset[Path] = frozenset()) -> Iterator[Task]:
     for index, src in enumerate(sources):
-        for rel_dir, names in walk(src.path):
+        for rel_dir, names in walk(src.path, skip):
             images = {os.path.splitext(n)[0] for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS}
             captions = {os.path.splitext(n)[0]: n for n in names if os.path.splitext(n)[1].lower() == src.caption_ext}
             for name in names:
@@ -223,14 +229,14 @@ def _inputs(cfg: Config) -> dict:
     for src in (cfg.effective(s) for s in cfg.sources):
         if not src.path.is_dir():
             raise DataError(f"source folder not found: {src.path}")
-        found[f"source:{src.path}"] = {"path": str(src.path), "fingerprint": listing_fingerprint(src.path),
+        found[f"source:{src.path}"] = {"path": str(src.path), "fingerprint": listing_fingerprint(src.path, cfg.own_folders()),
                                        "what": "files added, removed or modified"}
     return found
 
 
 def _build(cfg: Config, staging: Path) -> BuildResult:
     sources = [cfg.effective(s) for s in cfg.sources]
-    tasks = list(tasks_for(sources))
+    tasks = list(tasks_for(sources, cfg.own_folders()))
     reasons: Counter = Counter()
     tag_counts: Counter = Counter()
     first_by_sha: dict[str, tuple[str, str]] = {}

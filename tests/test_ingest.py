@@ -176,3 +176,13 @@ def test_read_caption_encodings():
     assert ingest.read_caption("ünï".encode("utf-16")) == ("ünï", "utf-16")
     assert ingest.read_caption("café".encode("cp1252")) == ("café", "cp1252")
     assert ingest.read_caption(b"\x81\x8d") == ("\x81\x8d", "latin-1")
+
+
+def test_work_folder_inside_a_source_is_not_ingested(tmp_path, runner):
+    make_dataset(tmp_path, count=3)
+    args = ["ingest", str(tmp_path), "--workdir", str(tmp_path / "work"), "--workers", "1"]
+    assert runner.invoke(app, args).exit_code == 0
+    again = runner.invoke(app, args)
+    assert "ingest: unchanged, skipped" in again.output  # its own output did not change its input
+    paths = [r["path"] for r in read_jsonl(tmp_path / "work" / "ingest" / "items.jsonl")]
+    assert len(paths) == 3 and not any(p.startswith("work") for p in paths)
