@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--modes", default="header,verify")
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--min-side", type=int, default=64)
     args = ap.parse_args()
     root = args.dir or Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     data = root / "data"
@@ -68,7 +69,7 @@ def main() -> None:
         out = root / f"out-{mode}"
         shutil.rmtree(out, ignore_errors=True)
         cfg = build(ingest.Config, {"sources": (str(data),), "output": out, "workers": args.workers,
-                                    "verify": mode == "verify", "min_side": 64}, "[ingest]")
+                                    "verify": mode == "verify", "min_side": args.min_side}, "[ingest]")
         t = time.perf_counter()
         m = ingest.run(cfg)
         dt = time.perf_counter() - t
