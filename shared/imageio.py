@@ -101,3 +101,33 @@ def open_upright(path: str) -> Image.Image:
     with Image.open(path) as im:
         im.load()
         return ImageOps.exif_transpose(im)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any mode as 8-bit RGB: 16/32-bit grey scaled (not clipped), transparency composited on white,
+    CMYK and palette converted."""
+    import numpy as np
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(grey / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "F":
+        grey = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(grey * 255.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_planned(path: str, resize: tuple[int, int], crop: tuple[int, int], bucket: tuple[int, int]):
+    """An image as the bucket plan says: upright RGB, resized (Lanczos) to `resize`, cropped at `crop` to
+    `bucket`. Returns uint8 HxWx3."""
+    import numpy as np
+
+    im = to_rgb(open_upright(path))
+    if im.size != tuple(resize):
+        im = im.resize(tuple(resize), Image.LANCZOS)
+    left, top = crop
+    return np.asarray(im.crop((left, top, left + bucket[0], top + bucket[1])))
