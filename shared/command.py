@@ -6,6 +6,7 @@ the dataclass default while a flag wins over both. A PipelineError becomes one l
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -30,7 +31,7 @@ def config_option() -> Any:
 def _cli_annotation(tp: Any, meta: dict) -> Any:
     if meta.get("from_cli") is not None or typing.get_origin(tp) is tuple:
         return Optional[List[str]]
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
     return Optional[tp]
 

@@ -176,11 +176,6 @@ def fingerprinted(cfg: Any) -> dict:
     return {f.name: to_plain(getattr(cfg, f.name)) for f in fields(cfg) if f.metadata.get("fingerprint", True)}
 
 
-def field_help(cls: type, name: str) -> str:
-    f = {f.name: f for f in fields(cls)}[name]
-    return f.metadata.get("help", "")
-
-
 def default_of(f: dataclasses.Field) -> Any:
     if f.default is not MISSING:
         return f.default

@@ -102,13 +102,14 @@ def build_components(configs: dict[str, dict], seed: int = SEED) -> dict[str, An
     return built
 
 
-def save_folder(components: dict[str, Any], folder: Path) -> Path:
-    """Write a complete diffusers SDXL folder (safetensors weights), atomically."""
+def save_folder(components: dict[str, Any], folder: Path, replace: bool = True) -> Path:
+    """Write a complete diffusers SDXL folder (safetensors weights), atomically. With replace=False an
+    existing folder wins (several ranks may materialise the same builtin at once)."""
     from diffusers import EulerDiscreteScheduler
 
     from shared.clip_vocab import write_tokenizer
 
-    staging = folder.with_name(folder.name + ".staging")
+    staging = folder.with_name(f"{folder.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -125,8 +126,16 @@ def save_folder(components: dict[str, Any], folder: Path) -> Path:
              "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
     (staging / "model_index.json").write_text(json.dumps(index, indent=1))
     if folder.exists():
+        if not replace:
+            shutil.rmtree(staging)
+            return folder
         shutil.rmtree(folder)
-    os.replace(staging, folder)
+    try:
+        os.replace(staging, folder)
+    except OSError:  # another process put its copy in place first; the same seed made the same weights
+        if replace or not (folder / "model_index.json").exists():
+            raise
+        shutil.rmtree(staging)
     return folder
 
 
@@ -136,7 +145,7 @@ def builtin_folder(name: str) -> Path:
         raise PipelineError(f"builtin:{name} is not materialised on disk; only builtin:tiny is")
     folder = cache_dir() / f"builtin-tiny-v{BUILTIN_VERSION}"
     if not (folder / "model_index.json").exists():
-        save_folder(build_components(tiny_configs()), folder)
+        save_folder(build_components(tiny_configs()), folder, replace=False)
     return folder
 
 

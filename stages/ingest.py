@@ -7,6 +7,7 @@ without an image is rejected as `orphan_caption`. Headers only by default; `--ve
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing
 import os
 from collections import Counter
@@ -287,8 +288,6 @@ def _write_weighted(cfg: Config, partial: Path, final: Path, tag_counts: Counter
 
 
 def _tag_counts_json(counts: Counter) -> str:
-    import json
-
     ordered = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     return json.dumps(ordered, ensure_ascii=False, indent=1) + "\n"
 

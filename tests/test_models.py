@@ -80,3 +80,17 @@ def test_full_size_unet_parameter_count():
     with torch.device("meta"):
         unet = UNet2DConditionModel(**models.sdxl_configs()["unet"])
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+
+
+def test_two_processes_materialising_the_builtin_at_once(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = "from shared.models import builtin_folder; print(builtin_folder('tiny'))"
+    env = {**os.environ, "SDXL_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and outs[0] == outs[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"builtin-tiny-v{models.BUILTIN_VERSION}"]
