@@ -38,7 +38,12 @@ class Manifest:
         data = {k: getattr(self, k) for k in
                 ("stage", "version", "code_version", "config", "inputs", "fingerprint", "counts", "created")}
         data.update(self.extra)
-        return json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n"
+        text = json.dumps(data, indent=2, ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a non-UTF-8 path (surrogateescape) must stay valid JSON in UTF-8
+            text = json.dumps(data, indent=2, ensure_ascii=True)
+        return text + "\n"
 
     @classmethod
     def from_dict(cls, data: dict) -> "Manifest":

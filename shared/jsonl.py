@@ -22,7 +22,14 @@ class JsonlWriter:
         self.count = 0
 
     def write(self, row: dict) -> None:
-        self._fh.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
+        line = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            # a file name that is not valid UTF-8 arrives as lone surrogates (surrogateescape); escaped as
+            # \udcXX the row stays valid UTF-8 JSON and reads back to the very same path string
+            line = json.dumps(row, ensure_ascii=True, separators=(",", ":"))
+        self._fh.write(line + "\n")
         self.count += 1
 
     def close(self) -> None:

@@ -186,3 +186,19 @@ def test_work_folder_inside_a_source_is_not_ingested(tmp_path, runner):
     assert "ingest: unchanged, skipped" in again.output  # its own output did not change its input
     paths = [r["path"] for r in read_jsonl(tmp_path / "work" / "ingest" / "items.jsonl")]
     assert len(paths) == 3 and not any(p.startswith("work") for p in paths)
+
+
+def test_file_names_that_are_not_utf8(tmp_path):
+    import os
+
+    src = tmp_path / "src"
+    src.mkdir()
+    raw = os.path.join(os.fsencode(src), b"caf\xe9 1.png")
+    noise_image(300, 300, 3).save(open(raw, "wb"), "PNG")
+    with open(os.path.join(os.fsencode(src), b"caf\xe9 1.txt"), "wb") as fh:
+        fh.write(b"a, b")
+    _, items, rejected = run_ingest(src, tmp_path / "out")
+    assert not rejected and len(items) == 1
+    row = next(iter(items.values()))
+    assert row["tags"] == ["a", "b"]
+    assert Path(row["source"], row["path"]).is_file()   # the stored path opens the very file
