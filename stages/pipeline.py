@@ -43,6 +43,6 @@ def demo(workdir: Path, images: int, seed: int, force: bool = False) -> list:
     }
     manifests = run_all(None, force=force, overrides=overrides)
     ingested, bucketed = manifests[0], manifests[1]
-    say(f"demo: ingested {ingested.counts['out']} of {ingested.counts['in']} files; "
+    say(f"demo: {ingested.counts['out']} images accepted ({ingested.counts['in']} files with captions); "
         f"{bucketed.counts['out']} items planned into {bucketed.extra.get('buckets_used')} buckets")
     return manifests

@@ -92,6 +92,6 @@ def test_commit_replaces_old_output_atomically(tmp_path):
 def test_demo_runs_and_is_idempotent(tmp_path, runner):
     first = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--images", "24"])
     assert first.exit_code == 0, first.output
-    assert "demo: ingested 24 of 48 files" in first.output
+    assert "demo: 24 images accepted (48 files with captions)" in first.output
     again = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--images", "24"])
     assert "ingest: unchanged, skipped" in again.output and "bucket: unchanged, skipped" in again.output
