@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from shared.errors import InputError
+from shared.jsonl import dumps_utf8
 
 MANIFEST = "manifest.json"
 PACKAGE_VERSION = "0.1.0"
@@ -38,12 +39,7 @@ class Manifest:
         data = {k: getattr(self, k) for k in
                 ("stage", "version", "code_version", "config", "inputs", "fingerprint", "counts", "created")}
         data.update(self.extra)
-        text = json.dumps(data, indent=2, ensure_ascii=False)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # a non-UTF-8 path (surrogateescape) must stay valid JSON in UTF-8
-            text = json.dumps(data, indent=2, ensure_ascii=True)
-        return text + "\n"
+        return dumps_utf8(data, indent=2) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict) -> "Manifest":

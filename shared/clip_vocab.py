@@ -68,11 +68,3 @@ def write_tokenizer(folder: Path, pad_token: str) -> Path:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
     return folder
 
-
-def clip_tokenizers(folder: Path):
-    """SDXL's (tokenizer, tokenizer_2), written as tokenizer folders under `folder` and loaded from there."""
-    from transformers import CLIPTokenizer
-
-    first = write_tokenizer(folder / "tokenizer", "<|endoftext|>")
-    second = write_tokenizer(folder / "tokenizer_2", "!")
-    return CLIPTokenizer.from_pretrained(first), CLIPTokenizer.from_pretrained(second)

@@ -109,12 +109,10 @@ def to_rgb(im: Image.Image) -> Image.Image:
     CMYK and palette converted."""
     import numpy as np
 
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        grey = np.asarray(im, dtype=np.float64)
-        return Image.fromarray(np.clip(np.rint(grey / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if im.mode == "F":
-        grey = np.asarray(im, dtype=np.float64)
-        return Image.fromarray(np.clip(np.rint(grey * 255.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+    grey_scale = {"I;16": 1 / 257, "I;16B": 1 / 257, "I;16L": 1 / 257, "I": 1 / 257, "F": 255.0}.get(im.mode)
+    if grey_scale is not None:  # 16-bit ints span 0..65535, floats 0..1
+        grey = np.rint(np.asarray(im, dtype=np.float64) * grey_scale)
+        return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L").convert("RGB")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -13,6 +13,18 @@ def read_jsonl(path: Path) -> Iterator[dict]:
                 yield json.loads(line)
 
 
+def dumps_utf8(obj: object, **kw) -> str:
+    """JSON that is always valid UTF-8: readable non-ASCII where possible; a file name that is not valid
+    UTF-8 arrives as lone surrogates (surrogateescape) and is then escaped as \\udcXX, which reads back to the
+    very same path string."""
+    text = json.dumps(obj, ensure_ascii=False, **kw)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, ensure_ascii=True, **kw)
+    return text
+
+
 class JsonlWriter:
     """Appends rows to a JSON Lines file; use as a context manager."""
 
@@ -22,14 +34,7 @@ class JsonlWriter:
         self.count = 0
 
     def write(self, row: dict) -> None:
-        line = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
-        try:
-            line.encode("utf-8")
-        except UnicodeEncodeError:
-            # a file name that is not valid UTF-8 arrives as lone surrogates (surrogateescape); escaped as
-            # \udcXX the row stays valid UTF-8 JSON and reads back to the very same path string
-            line = json.dumps(row, ensure_ascii=True, separators=(",", ":"))
-        self._fh.write(line + "\n")
+        self._fh.write(dumps_utf8(row, separators=(",", ":")) + "\n")
         self.count += 1
 
     def close(self) -> None:

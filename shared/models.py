@@ -86,8 +86,13 @@ def scheduler_config() -> dict:
                 prediction_type="epsilon", timestep_spacing="leading", steps_offset=1)
 
 
-def build_components(configs: dict[str, dict], seed: int = SEED) -> dict[str, Any]:
-    """Random-init models from configs, each from its own fixed seed (same weights on every machine)."""
+MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def build_components(configs: dict[str, dict], names: tuple[str, ...] = MODEL_PARTS,
+                     seed: int = SEED) -> dict[str, Any]:
+    """Random-init models from configs, each from its own fixed seed (same weights on every machine,
+    whichever subset is built)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -96,8 +101,8 @@ def build_components(configs: dict[str, dict], seed: int = SEED) -> dict[str, An
               "text_encoder": lambda c: CLIPTextModel(CLIPTextConfig(**c)),
               "text_encoder_2": lambda c: CLIPTextModelWithProjection(CLIPTextConfig(**c))}
     built = {}
-    for offset, name in enumerate(("unet", "vae", "text_encoder", "text_encoder_2")):
-        torch.manual_seed(seed + offset)
+    for name in names:
+        torch.manual_seed(seed + MODEL_PARTS.index(name))
         built[name] = makers[name](configs[name]).eval()
     return built
 
@@ -112,7 +117,7 @@ def save_folder(components: dict[str, Any], folder: Path, replace: bool = True) 
     staging = folder.with_name(f"{folder.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in MODEL_PARTS:
         components[name].save_pretrained(staging / name, safe_serialization=True)
     write_tokenizer(staging / "tokenizer", "<|endoftext|>")
     write_tokenizer(staging / "tokenizer_2", "!")
@@ -152,7 +157,7 @@ def builtin_folder(name: str) -> Path:
 def load_model(spec: str, parts: tuple[str, ...] = COMPONENTS, dtype: Any = None) -> SDXLModel:
     """Load `spec` (builtin:tiny | builtin:sdxl-random | a diffusers SDXL folder) with the asked parts."""
     if spec == "builtin:sdxl-random":
-        model = SDXLModel(spec, **{k: v for k, v in build_components(sdxl_configs()).items() if k in parts})
+        model = SDXLModel(spec, **build_components(sdxl_configs(), tuple(p for p in MODEL_PARTS if p in parts)))
         if "tokenizer" in parts or "tokenizer_2" in parts:
             tiny = load_folder(builtin_folder("tiny"), ("tokenizer", "tokenizer_2"), None)
             model.tokenizer, model.tokenizer_2 = tiny.tokenizer, tiny.tokenizer_2

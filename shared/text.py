@@ -49,10 +49,8 @@ def encode_caption(model: Any, caption: str, max_windows: int | None = None) -> 
     w1 = tokenize(model.tokenizer, caption, max_windows)
     w2 = tokenize(model.tokenizer_2, caption, max_windows)
     n = max(len(w1), len(w2))
-    w1 += token_windows([], model.tokenizer.bos_token_id, model.tokenizer.eos_token_id,
-                        model.tokenizer.pad_token_id) * (n - len(w1))
-    w2 += token_windows([], model.tokenizer_2.bos_token_id, model.tokenizer_2.eos_token_id,
-                        model.tokenizer_2.pad_token_id) * (n - len(w2))
+    w1 += tokenize(model.tokenizer, "") * (n - len(w1))
+    w2 += tokenize(model.tokenizer_2, "") * (n - len(w2))
     with torch.no_grad():
         h1, _ = encode_windows(model.text_encoder, w1, with_pooled=False)
         h2, pooled = encode_windows(model.text_encoder_2, w2, with_pooled=True)

@@ -86,7 +86,7 @@ class Config:
     def own_folders(self) -> frozenset[Path]:
         """Folders the pipeline writes, never walked as data even when a source contains them."""
         out = self.out_dir.expanduser().resolve()
-        return frozenset({self.workdir.expanduser().resolve(), out, out.with_name(out.name + ".staging")})
+        return frozenset({self.workdir.expanduser().resolve(), out, artifacts.staging_dir(out)})
 
     def effective(self, src: Source) -> Source:
         """A source with every unset option filled from this table."""

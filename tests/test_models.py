@@ -47,6 +47,10 @@ def test_builtin_weights_are_deterministic():
     a = models.build_components(models.tiny_configs())["unet"].state_dict()
     b = models.build_components(models.tiny_configs())["unet"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    only_vae = models.build_components(models.tiny_configs(), ("vae",))
+    assert list(only_vae) == ["vae"]   # a subset builds only what is asked, with the same weights
+    full_vae = models.build_components(models.tiny_configs())["vae"].state_dict()
+    assert all(torch.equal(v, full_vae[k]) for k, v in only_vae["vae"].state_dict().items())
 
 
 def test_saved_folder_loads_through_the_same_path(tiny, tmp_path):
