@@ -75,6 +75,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def commit(staging: Path, out: Path, manifest: Manifest) -> None:
     """Write the manifest last, then move the staging folder into place (replacing an old output)."""
+    (staging / JOB).unlink(missing_ok=True)
     write_atomic(staging / MANIFEST, manifest.to_json())
     trash = _trash_dir(out)
     if trash.exists():
@@ -92,6 +93,34 @@ def fresh_staging(out: Path) -> Path:
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
+    return staging
+
+
+JOB = "job.json"
+
+
+def resumable_staging(out: Path, fingerprint: str, main: bool = True) -> Path:
+    """The staging folder of a stage that resumes: kept when it was started for the same fingerprint,
+    emptied otherwise. The main rank prepares it; other ranks wait until it is prepared for `fingerprint`."""
+    from shared.ranks import wait_for
+
+    staging = staging_dir(out)
+    job = staging / JOB
+
+    def prepared() -> bool:
+        try:
+            return json.loads(job.read_text(encoding="utf-8")).get("fingerprint") == fingerprint
+        except (OSError, ValueError):
+            return False
+
+    if not main:
+        wait_for(prepared, f"rank 0 to prepare {staging}")
+        return staging
+    if staging.exists() and not prepared():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    if not prepared():
+        write_atomic(job, json.dumps({"fingerprint": fingerprint, "started": now()}) + "\n")
     return staging
 
 

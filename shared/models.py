@@ -94,6 +94,8 @@ def build_components(configs: dict[str, dict], names: tuple[str, ...] = MODEL_PA
     """Random-init models from configs, each from its own fixed seed (same weights on every machine,
     whichever subset is built)."""
     import torch
+
+    quiet_libraries()
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -174,8 +176,20 @@ def load_model(spec: str, parts: tuple[str, ...] = COMPONENTS, dtype: Any = None
                         f"diffusers SDXL folder")
 
 
+def quiet_libraries() -> None:
+    """No download/loading progress bars or advice from diffusers and transformers: stages print their own."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_folder(folder: Path, parts: tuple[str, ...], dtype: Any, source: str | None = None) -> SDXLModel:
     """Load the asked components of a diffusers SDXL folder; a missing or wrong part is a one-line error."""
+    quiet_libraries()
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -200,3 +214,88 @@ def load_folder(folder: Path, parts: tuple[str, ...], dtype: Any, source: str | 
     if model.unet is not None and model.unet.config.get("addition_embed_type") != "text_time":
         raise PipelineError(f"{folder / 'unet'}: not an SDXL UNet (no text_time conditioning)")
     return model
+
+
+def _file_hash(path: Path) -> str:
+    """sha256 of a file, cached by (path, size, mtime) in the cache folder: a 5 GB UNet is hashed once."""
+    import hashlib
+
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    cache = cache_dir() / "file-hashes.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+    known[key] = h.hexdigest()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known))
+    os.replace(tmp, cache)
+    return known[key]
+
+
+def component_identity(folder: Path) -> str:
+    """A hash of a component folder's files (configs, weights, vocabularies)."""
+    import hashlib
+
+    if not folder.is_dir():
+        raise PipelineError(f"{folder}: missing; a diffusers SDXL folder needs {', '.join(COMPONENTS)}")
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode("utf-8", "surrogateescape"))
+        h.update(_file_hash(f).encode())
+    return h.hexdigest()[:16]
+
+
+def model_identity(spec: str, parts: tuple[str, ...], vae: str | None = None) -> dict[str, str]:
+    """Per component, what identifies its weights: a builtin's name and version, or a hash of the files.
+    Stages record it so that outputs made with other weights are never mixed up with these."""
+    if spec.startswith("builtin:"):
+        if spec not in ("builtin:tiny", "builtin:sdxl-random"):
+            raise PipelineError(f"--model {spec}: unknown builtin; expected builtin:tiny or builtin:sdxl-random")
+        ident = {p: f"{spec}@v{BUILTIN_VERSION}" for p in parts}
+    else:
+        folder = Path(spec).expanduser()
+        if folder.is_file():
+            raise PipelineError(f"{folder}: single-file SDXL checkpoints are not supported yet; "
+                                f"convert it to a diffusers folder first")
+        if not folder.is_dir():
+            raise PipelineError(f"--model {spec}: not found; expected builtin:tiny, builtin:sdxl-random or a "
+                                f"diffusers SDXL folder")
+        ident = {p: component_identity(folder / p) for p in parts}
+    if vae is not None and "vae" in parts:
+        ident["vae"] = component_identity(Path(vae).expanduser())
+    return ident
+
+
+def load_vae(folder: str | Path) -> Any:
+    """A standalone diffusers AutoencoderKL folder (e.g. an fp16-fixed SDXL VAE)."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(folder).expanduser()
+    try:
+        return AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval()
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise PipelineError(f"{folder}: cannot load a VAE (expected a diffusers AutoencoderKL folder with "
+                            f"config.json and safetensors weights; {str(e).splitlines()[0][:160]})") from None
+
+
+def tiny_clip() -> Any:
+    """`builtin:tiny`'s stand-in for CLIP ViT-L/14: a small random-init CLIPModel from a fixed seed."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(SEED + 10)
+    config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                         num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                           num_hidden_layers=2, image_size=64, patch_size=16),
+                        projection_dim=32)
+    return CLIPModel(config).eval()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from shared import artifacts
+from shared import artifacts, ranks
 from shared.artifacts import Manifest
 from shared.config import fingerprinted, to_plain
 from shared.log import say
@@ -31,8 +31,8 @@ class Stage:
     code_modules: tuple[str, ...]
     out_dir: Callable[[Any], Path]
     inputs: Callable[[Any], dict]
-    build: Callable[[Any, Path], BuildResult]
-    resumable: bool = False
+    build: Callable[[Any, Path], BuildResult | None]
+    resumable: bool = False  # keeps its staging folder across crashes (build resumes from what is there)
 
 
 @dataclass
@@ -84,22 +84,29 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def execute(stage: Stage, cfg: Any, force: bool = False) -> Manifest:
-    """Run `stage` unless its output is up to date; return the manifest of the (new or kept) output."""
+def execute(stage: Stage, cfg: Any, force: bool = False) -> Manifest | None:
+    """Run `stage` unless its output is up to date; return the manifest of the (new or kept) output.
+
+    Under a multi-process launcher every rank calls this; only rank 0 speaks and commits (a ranked stage's
+    build returns None on the other ranks, which then return None)."""
+    main = ranks.current().main
     decision = decide(stage, cfg)
     if not decision.reasons and not force:
-        say(f"{stage.name}: unchanged, skipped (fingerprint {decision.fingerprint[:12]}; --force reruns it)")
+        if main:
+            say(f"{stage.name}: unchanged, skipped (fingerprint {decision.fingerprint[:12]}; --force reruns it)")
         assert decision.previous is not None
         return decision.previous
-    say(f"{stage.name}: runs: " + ("--force" if not decision.reasons else "; ".join(decision.reasons)))
+    if main:
+        say(f"{stage.name}: runs: " + ("--force" if not decision.reasons else "; ".join(decision.reasons)))
     out = stage.out_dir(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     if stage.resumable:
-        staging = artifacts.staging_dir(out)
-        staging.mkdir(exist_ok=True)
+        staging = artifacts.resumable_staging(out, decision.fingerprint, main)
     else:
         staging = artifacts.fresh_staging(out)
     result = stage.build(cfg, staging)
+    if result is None:
+        return None
     manifest = Manifest(stage=stage.name, version=stage.version, code_version=decision.code_version,
                         config=to_plain(cfg), inputs=decision.inputs, fingerprint=decision.fingerprint,
                         counts=result.counts, created=artifacts.now(), extra=result.extra)

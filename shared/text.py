@@ -27,34 +27,50 @@ def tokenize(tokenizer: Any, caption: str, max_windows: int | None = None) -> li
     return token_windows(ids, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, max_windows)
 
 
-def encode_windows(encoder: Any, windows: list[list[int]], with_pooled: bool) -> tuple[Any, Any]:
-    """Penultimate hidden states of all windows joined along the sequence ([n*77, d]); and, for the
-    projection encoder, the first window's pooled projection ([d_proj])."""
-    import torch
-
-    ids = torch.tensor(windows, dtype=torch.long, device=encoder.device)
-    out = encoder(ids, output_hidden_states=True)
-    hidden = out.hidden_states[-2]
-    pooled = out.text_embeds[0] if with_pooled else None
-    return hidden.reshape(-1, hidden.shape[-1]), pooled
-
-
-def encode_caption(model: Any, caption: str, max_windows: int | None = None) -> tuple[Any, Any]:
-    """(hidden [n*77, d1+d2], pooled [d_proj]) for one caption with both SDXL text encoders.
+def tokenize_pair(model: Any, caption: str, max_windows: int | None = None) -> tuple[list, list, bool]:
+    """Windows of both tokenizers for one caption (equal counts), and whether `max_windows` cut it short.
 
     Both tokenizers window the same text; should they disagree on the window count (they share a vocabulary,
     so only an odd tokenizer would), the shorter is padded with its empty window."""
-    import torch
-
-    w1 = tokenize(model.tokenizer, caption, max_windows)
-    w2 = tokenize(model.tokenizer_2, caption, max_windows)
+    w1 = tokenize(model.tokenizer, caption)
+    w2 = tokenize(model.tokenizer_2, caption)
     n = max(len(w1), len(w2))
     w1 += tokenize(model.tokenizer, "") * (n - len(w1))
     w2 += tokenize(model.tokenizer_2, "") * (n - len(w2))
+    cut = max_windows is not None and n > max_windows
+    return (w1[:max_windows], w2[:max_windows], cut) if cut else (w1, w2, False)
+
+
+def encode_captions(model: Any, captions: list[str], max_windows: int | None = None) -> list[dict]:
+    """Several captions at once: all their windows go through each encoder as one batch (windows are
+    independent, so batching does not change any window's states). Per caption: `hidden` [n*77, d1+d2],
+    `pooled` [d_proj], `ids` [2, n*77] (both tokenizers), `windows` n, `truncated`."""
+    import torch
+
+    pairs = [tokenize_pair(model, c, max_windows) for c in captions]
+    flat1 = [w for w1, _, _ in pairs for w in w1]
+    flat2 = [w for _, w2, _ in pairs for w in w2]
     with torch.no_grad():
-        h1, _ = encode_windows(model.text_encoder, w1, with_pooled=False)
-        h2, pooled = encode_windows(model.text_encoder_2, w2, with_pooled=True)
-    return torch.cat([h1, h2], dim=-1), pooled
+        ids1 = torch.tensor(flat1, dtype=torch.long, device=model.text_encoder.device)
+        ids2 = torch.tensor(flat2, dtype=torch.long, device=model.text_encoder_2.device)
+        h1 = model.text_encoder(ids1, output_hidden_states=True).hidden_states[-2]
+        out2 = model.text_encoder_2(ids2, output_hidden_states=True)
+        h2, pooled = out2.hidden_states[-2], out2.text_embeds
+    hidden = torch.cat([h1, h2.to(h1.device, h1.dtype)], dim=-1)
+    results, start = [], 0
+    for w1, w2, cut in pairs:
+        n = len(w1)
+        results.append({"hidden": hidden[start:start + n].reshape(n * 77, -1), "pooled": pooled[start],
+                        "ids": torch.tensor([sum(w1, []), sum(w2, [])], dtype=torch.int32),
+                        "windows": n, "truncated": cut})
+        start += n
+    return results
+
+
+def encode_caption(model: Any, caption: str, max_windows: int | None = None) -> tuple[Any, Any]:
+    """(hidden [n*77, d1+d2], pooled [d_proj]) for one caption with both SDXL text encoders."""
+    (one,) = encode_captions(model, [caption], max_windows)
+    return one["hidden"], one["pooled"]
 
 
 def time_ids(original_hw: tuple[int, int], crop_top_left: tuple[int, int], target_hw: tuple[int, int]) -> list[float]:

@@ -13,10 +13,10 @@ from shared.config import load_toml, resolve
 from shared.errors import ConfigError
 from shared.log import say
 from shared.synthetic import generate_dataset
-from stages import bucket, ingest
+from stages import bucket, encode, ingest
 
 #: (pipeline.toml table, stage module) in execution order
-STAGES: list[tuple[str, ModuleType]] = [("ingest", ingest), ("bucket", bucket)]
+STAGES: list[tuple[str, ModuleType]] = [("ingest", ingest), ("bucket", bucket), ("encode", encode)]
 
 
 def run_all(config_path: Path | None, force: bool = False, overrides: dict[str, dict] | None = None) -> list:
@@ -40,6 +40,7 @@ def demo(workdir: Path, images: int, seed: int, force: bool = False) -> list:
         "ingest": {"sources": (str(data),), "min_side": 128, "workdir": workdir},
         "bucket": {"max_area": 256 * 256, "min_side": 128, "max_side": 512, "max_upscale": 4.0,
                    "min_bucket_items": 4, "workdir": workdir},
+        "encode": {"model": "builtin:tiny", "caption_variants": 2, "flip": True, "format": "both", "workdir": workdir},
     }
     manifests = run_all(None, force=force, overrides=overrides)
     ingested, bucketed = manifests[0], manifests[1]

@@ -1,0 +1,172 @@
+"""Decoding planned crops in batches, overlapped with the encoder: a DALI pipeline or PIL in worker processes.
+
+Both paths compute the bucket plan's geometry: the upright image (EXIF orientation applied), resized with a
+Lanczos filter (antialiased when shrinking) to the plan's `resize`, cropped at the plan's `crop` to the bucket.
+They yield uint8 tensors [B, H, W, 3], pinned when headed for a GPU.
+
+DALI's graph is the same on CPU and GPU; only the decoder's device differs ("cpu" or "mixed"). Items DALI does
+not decode as PIL does (transparency composited on white, palettes, 16-bit grey, CMYK, GIF, AVIF) go through
+PIL in either path, so the geometry and the colours agree per item whichever decoder runs.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from shared.errors import ConfigError, DataError
+from shared.imageio import load_planned
+
+#: what DALI decodes exactly as the PIL path does (anything else goes through PIL)
+DALI_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF"}
+DALI_MODES = {"RGB", "L"}
+
+
+def item_path(item: dict) -> str:
+    return str(Path(item["source"]) / item["path"])
+
+
+def dali_available() -> bool:
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+def resolve_decoder(name: str) -> str:
+    """`auto` -> dali when installed, else pil; an explicit dali without DALI is a config error."""
+    if name == "auto":
+        return "dali" if dali_available() else "pil"
+    if name == "dali" and not dali_available():
+        raise ConfigError("decoder dali: nvidia-dali is not installed (pip install 'sdxl-stages[dali]'), "
+                          "or use --decoder pil")
+    return name
+
+
+def dali_can_decode(item: dict) -> bool:
+    return item.get("format") in DALI_FORMATS and item.get("mode") in DALI_MODES and item.get("frames", 1) == 1
+
+
+def pil_batch(items: Sequence[dict]) -> np.ndarray:
+    """One batch (all of one bucket) through PIL: uint8 [B, H, W, 3]."""
+    out = []
+    for item in items:
+        try:
+            out.append(load_planned(item_path(item), tuple(item["resize"]), tuple(item["crop"]),
+                                    tuple(item["bucket"])))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{item_path(item)}: cannot decode ({e}); it changed since ingest? rerun ingest") from None
+    return np.stack(out)
+
+
+class _PilBatches:
+    """Map-style dataset: index -> a whole decoded batch (so workers decode batches, not single images)."""
+
+    def __init__(self, batches: Sequence[Sequence[dict]]):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> Any:
+        import torch
+
+        return torch.from_numpy(pil_batch(self.batches[i]))
+
+
+def pil_batches(batches: Sequence[Sequence[dict]], workers: int, pin: bool) -> Iterator[Any]:
+    """Decoded batches in order, `workers` processes decoding ahead (0 = in this process)."""
+    import torch
+
+    if workers == 0:
+        for b in batches:
+            yield torch.from_numpy(pil_batch(b))
+        return
+    loader = torch.utils.data.DataLoader(_PilBatches(batches), batch_size=None, shuffle=False,
+                                         num_workers=workers, pin_memory=pin, prefetch_factor=2,
+                                         multiprocessing_context="spawn" if pin else None)
+    yield from loader
+
+
+def dali_batches(batches: Sequence[Sequence[dict]], batch_size: int, threads: int, gpu: int | None) -> Iterator[Any]:
+    """Decoded batches in order through a DALI pipeline (decoder on GPU `gpu` with "mixed", else CPU).
+    DALI runs ahead of the consumer (its prefetch queue); items DALI cannot match are decoded by PIL."""
+    import torch
+
+    plan: list[tuple[list[int], list[dict]]] = []
+    feed: list[list[dict]] = []
+    for b in batches:
+        via_dali = [i for i, item in enumerate(b) if dali_can_decode(item)]
+        plan.append((via_dali, list(b)))
+        if via_dali:
+            feed.append([b[i] for i in via_dali])
+    outputs = _run_dali(feed, batch_size, threads, gpu)
+    for via_dali, items in plan:
+        decoded = next(outputs) if via_dali else None
+        if len(via_dali) == len(items):
+            yield decoded
+            continue
+        rest = [i for i in range(len(items)) if i not in set(via_dali)]
+        pil = torch.from_numpy(pil_batch([items[i] for i in rest]))
+        if decoded is not None:
+            pil = pil.to(decoded.device)
+        merged = torch.empty((len(items),) + tuple(pil.shape[1:]), dtype=torch.uint8, device=pil.device)
+        merged[rest] = pil
+        if via_dali:
+            merged[via_dali] = decoded
+        yield merged
+
+
+class _Feeder:
+    """DALI external source: per call, the next batch's file bytes, resize [h, w], crop start [x, y] and
+    crop shape [w, h]."""
+
+    def __init__(self, batches: list[list[dict]]):
+        self.batches = batches
+        self.i = 0
+
+    def __iter__(self) -> "_Feeder":
+        self.i = 0
+        return self
+
+    def __next__(self) -> tuple:
+        if self.i >= len(self.batches):
+            raise StopIteration
+        b = self.batches[self.i]
+        self.i += 1
+        data = []
+        for item in b:
+            try:
+                data.append(np.fromfile(item_path(item), dtype=np.uint8))
+            except OSError as e:
+                raise DataError(f"{item_path(item)}: cannot read ({e}); it changed since ingest? rerun ingest") from None
+        return (data,
+                [np.array([it["resize"][1], it["resize"][0]], np.float32) for it in b],
+                [np.array(it["crop"], np.int32) for it in b],
+                [np.array(it["bucket"], np.int32) for it in b])
+
+
+def _run_dali(feed: list[list[dict]], batch_size: int, threads: int, gpu: int | None) -> Iterator[Any]:
+    import torch
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=max(1, threads), device_id=gpu, prefetch_queue_depth=2,
+                  exec_dynamic=True)
+    def graph():  # identical on CPU and GPU but for the decoder's device
+        data, size, start, shape = fn.external_source(source=_Feeder(feed), num_outputs=4, batch=True,
+                                                      dtype=[types.UINT8, types.FLOAT, types.INT32, types.INT32])
+        image = fn.decoders.image(data, device="mixed" if gpu is not None else "cpu", output_type=types.RGB)
+        image = fn.resize(image, size=size, interp_type=types.INTERP_LANCZOS3, antialias=True)
+        return fn.slice(image, start=start, shape=shape, axis_names="WH")
+
+    pipe = graph()
+    pipe.build()
+    for _ in range(len(feed)):
+        try:
+            (out,) = pipe.run()
+        except RuntimeError as e:
+            raise DataError(f"DALI could not decode a batch ({str(e).splitlines()[0][:200]}); "
+                            f"use --decoder pil to find the file") from None
+        if gpu is not None:
+            yield torch.from_dlpack(out.as_tensor()).clone()  # DALI reuses its buffers
+        else:
+            yield torch.from_numpy(np.stack([np.asarray(out[i]) for i in range(len(out))]))

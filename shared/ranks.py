@@ -1,0 +1,61 @@
+"""Which process this is among several launched by `torchrun` / `accelerate launch` (RANK, WORLD_SIZE,
+LOCAL_RANK), and file-based coordination between them.
+
+Stages that split work across ranks coordinate through files in their staging folder (markers written
+atomically), not through a process group: nothing hangs on a collective timeout during a day-long encode, and
+ranks on different machines need only a shared file system.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from shared.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, index: int) -> bool:
+        """Round-robin ownership of work unit `index` (the same on every rank)."""
+        return index % self.world == self.rank
+
+
+def current() -> Rank:
+    def read(name: str, default: int) -> int:
+        value = os.environ.get(name)
+        if value in (None, ""):
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} in the environment is not an integer") from None
+
+    world = read("WORLD_SIZE", 1)
+    rank = read("RANK", 0)
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} WORLD_SIZE={world} in the environment are inconsistent")
+    return Rank(rank, world, read("LOCAL_RANK", rank))
+
+
+def wait_for(condition: Callable[[], bool], what: str, poll: float = 0.5, timeout: float | None = None) -> None:
+    """Block until `condition()` holds (another rank's file appeared); `timeout` seconds at most."""
+    start = time.monotonic()
+    while not condition():
+        if timeout is not None and time.monotonic() - start > timeout:
+            raise TimeoutError(f"gave up waiting for {what} after {timeout:.0f} s")
+        time.sleep(poll)
+
+
+def exists(path: Path) -> Callable[[], bool]:
+    return lambda: Path(path).exists()
