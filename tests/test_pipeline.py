@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_config(tmp_path: Path, max_area: int = 1048576) -> Path:
     cfg = tmp_path / "pipeline.toml"
-    cfg.write_text(f"[pipeline]\nworkdir = '{tmp_path / 'w'}'\n[ingest]\nsources = ['{tmp_path / 'src'}']\n"
-                   f"workers = 1\n[bucket]\nmax_area = {max_area}\n")
+    cfg.write_text(f"[pipeline]\nworkdir = '{tmp_path / 'w'}'\nmodel = 'builtin:tiny'\n[ingest]\n"
+                   f"sources = ['{tmp_path / 'src'}']\nworkers = 1\n[bucket]\nmax_area = {max_area}\n"
+                   f"[encode]\nworkers = 0\n")
     return cfg
 
 
@@ -33,6 +34,7 @@ def test_run_skips_unchanged_and_says_why_it_reruns(tmp_path, runner):
     changed = runner.invoke(app, ["run", "--config", str(write_config(tmp_path, 786432))])
     assert "ingest: unchanged, skipped" in changed.output
     assert "bucket: runs: config changed: max_area 1048576 -> 786432" in changed.output
+    assert "encode: runs: input changed: bucket" in changed.output
     save(noise_image(300, 300, 50), tmp_path / "src" / "more.png")
     grown = runner.invoke(app, ["run", "--config", str(write_config(tmp_path, 786432))])
     assert "ingest: runs: input changed" in grown.output and "bucket: runs: input changed: ingest" in grown.output
