@@ -16,7 +16,7 @@ from typing import Any
 from shared.errors import PipelineError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-BUILTIN_VERSION = 1  # bump when a builtin's architecture or seed changes
+BUILTIN_VERSION = 2  # bump when a builtin's architecture or seed changes
 SEED = 20240601
 
 
@@ -48,13 +48,13 @@ def tiny_configs() -> dict[str, dict]:
                      layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
                      use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-                     transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=6 * 8 + 32,
-                     cross_attention_dim=32 + 32, norm_num_groups=16),
+                     transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=6 * 8 + 48,
+                     cross_attention_dim=32 + 48, norm_num_groups=16),
         "vae": dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32),
                     layers_per_block=1, norm_num_groups=16, sample_size=256, scaling_factor=0.13025,
                     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
         "text_encoder": dict(text, hidden_act="quick_gelu"),
-        "text_encoder_2": dict(text, hidden_act="gelu"),
+        "text_encoder_2": dict(text, hidden_size=48, intermediate_size=96, projection_dim=48, hidden_act="gelu"),
     }
 
 
@@ -87,6 +87,13 @@ def scheduler_config() -> dict:
 
 
 MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+MODEL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
+               "force_zeros_for_empty_prompt": True,
+               "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+               "text_encoder": ["transformers", "CLIPTextModel"],
+               "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+               "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+               "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
 
 
 def build_components(configs: dict[str, dict], names: tuple[str, ...] = MODEL_PARTS,
@@ -124,14 +131,7 @@ def save_folder(components: dict[str, Any], folder: Path, replace: bool = True) 
     write_tokenizer(staging / "tokenizer", "<|endoftext|>")
     write_tokenizer(staging / "tokenizer_2", "!")
     EulerDiscreteScheduler(**scheduler_config()).save_pretrained(staging / "scheduler")
-    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
-             "force_zeros_for_empty_prompt": True,
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModel"],
-             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-             "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
-    (staging / "model_index.json").write_text(json.dumps(index, indent=1))
+    (staging / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=1))
     if folder.exists():
         if not replace:
             shutil.rmtree(staging)
@@ -157,7 +157,8 @@ def builtin_folder(name: str) -> Path:
 
 
 def load_model(spec: str, parts: tuple[str, ...] = COMPONENTS, dtype: Any = None) -> SDXLModel:
-    """Load `spec` (builtin:tiny | builtin:sdxl-random | a diffusers SDXL folder) with the asked parts."""
+    """Load `spec` (builtin:tiny | builtin:sdxl-random | a diffusers SDXL folder | a single-file SDXL
+    .safetensors) with the asked parts."""
     if spec == "builtin:sdxl-random":
         model = SDXLModel(spec, **build_components(sdxl_configs(), tuple(p for p in MODEL_PARTS if p in parts)))
         if "tokenizer" in parts or "tokenizer_2" in parts:
@@ -170,10 +171,86 @@ def load_model(spec: str, parts: tuple[str, ...] = COMPONENTS, dtype: Any = None
     if path.is_dir():
         return load_folder(path, parts, dtype)
     if path.is_file():
-        raise PipelineError(f"{path}: single-file SDXL checkpoints are not supported yet; "
-                            f"convert it to a diffusers folder first")
-    raise PipelineError(f"--model {spec}: not found; expected builtin:tiny, builtin:sdxl-random or a "
-                        f"diffusers SDXL folder")
+        return load_single_file(path, parts, dtype)
+    raise PipelineError(f"--model {spec}: not found; expected builtin:tiny, builtin:sdxl-random, a diffusers "
+                        f"SDXL folder or a single-file SDXL .safetensors checkpoint")
+
+
+UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+OPEN_CLIP_KEY = "conditioner.embedders.1.model.ln_final.weight"
+
+
+def single_file_config(path: Path) -> Path:
+    """The diffusers config folder that describes a single-file SDXL checkpoint: SDXL 1.0's, or the tiny
+    builtin's (told apart by the UNet's first convolution). Anything else is a one-line error."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            width = f.get_slice(UNET_CONV_IN).get_shape()[0] if UNET_CONV_IN in keys else None
+    except Exception as e:  # safetensors raises its own error types for non-safetensors files
+        raise PipelineError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0][:120]})") from None
+    if width is None or OPEN_CLIP_KEY not in keys:
+        raise PipelineError(f"{path}: not a single-file SDXL checkpoint (expected {UNET_CONV_IN} and the OpenCLIP "
+                            f"text encoder under conditioner.embedders.1)")
+    if width == tiny_configs()["unet"]["block_out_channels"][0]:
+        return builtin_folder("tiny")
+    if width == 320:
+        return config_folder()
+    raise PipelineError(f"{path}: a UNet whose first block is {width} wide is not SDXL (320)")
+
+
+def config_folder() -> Path:
+    """A diffusers SDXL 1.0 folder with configs, tokenizers and scheduler but no weights (made once, offline):
+    what diffusers' single-file loader needs to interpret an SDXL checkpoint without downloading."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    from shared.clip_vocab import write_tokenizer
+
+    folder = cache_dir() / f"sdxl-config-v{BUILTIN_VERSION}"
+    if (folder / "model_index.json").exists():
+        return folder
+    quiet_libraries()
+    staging = folder.with_name(f"{folder.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    configs = sdxl_configs()
+    with init_empty_weights():
+        UNet2DConditionModel(**configs["unet"]).save_config(staging / "unet")
+        AutoencoderKL(**configs["vae"]).save_config(staging / "vae")
+    CLIPTextConfig(**configs["text_encoder"]).save_pretrained(staging / "text_encoder")
+    CLIPTextConfig(**configs["text_encoder_2"]).save_pretrained(staging / "text_encoder_2")
+    write_tokenizer(staging / "tokenizer", "<|endoftext|>")
+    write_tokenizer(staging / "tokenizer_2", "!")
+    EulerDiscreteScheduler(**scheduler_config()).save_pretrained(staging / "scheduler")
+    (staging / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=1))
+    try:
+        os.replace(staging, folder)
+    except OSError:  # another process made it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def load_single_file(path: Path, parts: tuple[str, ...], dtype: Any) -> SDXLModel:
+    """A single-file (SGM layout) SDXL checkpoint through diffusers' own single-file loader, offline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    config = single_file_config(path)
+    quiet_libraries()
+    skip = {name: None for name in MODEL_PARTS if name not in parts}
+    kw = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
+                                                          **skip, **kw)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise PipelineError(f"{path}: cannot load as single-file SDXL ({str(e).splitlines()[0][:200]})") from None
+    model = SDXLModel(str(path))
+    for name in parts:
+        part = getattr(pipe, name)
+        setattr(model, name, part.eval() if hasattr(part, "eval") else part)
+    return model
 
 
 def quiet_libraries() -> None:
@@ -264,12 +341,13 @@ def model_identity(spec: str, parts: tuple[str, ...], vae: str | None = None) ->
     else:
         folder = Path(spec).expanduser()
         if folder.is_file():
-            raise PipelineError(f"{folder}: single-file SDXL checkpoints are not supported yet; "
-                                f"convert it to a diffusers folder first")
-        if not folder.is_dir():
-            raise PipelineError(f"--model {spec}: not found; expected builtin:tiny, builtin:sdxl-random or a "
-                                f"diffusers SDXL folder")
-        ident = {p: component_identity(folder / p) for p in parts}
+            single_file_config(folder)  # a clear error now for a file that is not SDXL
+            ident = {p: "file:" + _file_hash(folder)[:16] for p in parts}
+        elif folder.is_dir():
+            ident = {p: component_identity(folder / p) for p in parts}
+        else:
+            raise PipelineError(f"--model {spec}: not found; expected builtin:tiny, builtin:sdxl-random, a "
+                                f"diffusers SDXL folder or a single-file SDXL .safetensors checkpoint")
     if vae is not None and "vae" in parts:
         ident["vae"] = component_identity(Path(vae).expanduser())
     return ident

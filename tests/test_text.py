@@ -22,9 +22,9 @@ def test_long_caption_is_windowed_and_each_window_encoded_alone(tiny):
     caption = ", ".join(f"tag{i}" for i in range(60))  # well over 75 tokens
     hidden, pooled = text.encode_caption(tiny, caption)
     n = len(text.tokenize(tiny.tokenizer, caption))
-    assert n >= 2 and hidden.shape == (n * 77, 64) and pooled.shape == (32,)
+    assert n >= 2 and hidden.shape == (n * 77, 80) and pooled.shape == (48,)
     first_only, pooled_1 = text.encode_caption(tiny, caption, max_windows=1)
-    assert first_only.shape == (77, 64)
+    assert first_only.shape == (77, 80)
     assert torch.allclose(hidden[:77], first_only, atol=1e-6)   # window 1 does not see window 2
     assert torch.allclose(pooled, pooled_1, atol=1e-6)           # pooled comes from the first window
 
