@@ -1,0 +1,135 @@
+"""The training objective as small pure functions: schedules, sigmas, timestep sampling, targets, weights.
+
+k-diffusion's σ view throughout: x_σ = x0 + σ·ε, fed to the UNet as x_σ / sqrt(σ² + 1); σ = sqrt((1 − ᾱ)/ᾱ),
+SNR = 1/σ². Sources: Lin et al. 2023 (zero terminal SNR), Ossa et al. 2024 / NovelAI V3 (σ_max ≈ 20000 as a
+practical infinity), Karras et al. 2022 (sigma ladder), Hang et al. 2023 (min-SNR-γ), Esser et al. 2024 / SD3
+(rectified flow, logit-normal timesteps, resolution shift).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+NOVELAI_SIGMA_MAX = 20000.0
+
+
+def scaled_linear_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """SDXL's schedule: betas = linspace(sqrt(beta_start), sqrt(beta_end), steps)², ᾱ = cumprod(1 − β)."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023: shift and scale sqrt(ᾱ) so the last step is 0 (SNR 0) and the first is unchanged."""
+    root = alphas_cumprod.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    return root ** 2
+
+
+def sigmas(alphas_cumprod: torch.Tensor, sigma_max: float | None = None) -> torch.Tensor:
+    """σ per step; an infinite σ (ᾱ = 0 after zero-terminal-SNR rescaling) becomes `sigma_max` when given
+    (NovelAI: 20000)."""
+    s = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+    if sigma_max is not None:
+        s = torch.where(torch.isfinite(s), s.clamp(max=sigma_max), torch.full_like(s, sigma_max))
+    return s
+
+
+def schedule(kind: str, steps: int = 1000) -> torch.Tensor:
+    """Training sigmas per step for `kind`: `sdxl` (scaled linear, σ 0.0292 … 14.6), `ztsnr` (rescaled to zero
+    terminal SNR, last σ = ∞) or `novelai` (zero terminal SNR with the last σ set to 20000)."""
+    ac = scaled_linear_alphas_cumprod(steps)
+    if kind == "sdxl":
+        return sigmas(ac)
+    ac = rescale_zero_terminal_snr(ac)
+    if kind == "ztsnr":
+        return sigmas(ac)
+    if kind == "novelai":
+        return sigmas(ac, NOVELAI_SIGMA_MAX)
+    raise ValueError(f"unknown schedule {kind!r}")
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """σ_i = (σ_max^(1/ρ) + i/(n−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, i = 0 … n−1 (descending)."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def resolution_scale(height: int, width: int, base: int = 1024) -> float:
+    """Resolution-aware σ factor: sqrt(H·W)/base (double the side, double σ)."""
+    return math.sqrt(height * width) / base
+
+
+def sample_timesteps(batch: int, steps: int, mode: str, generator: torch.Generator, mean: float = 0.0,
+                     std: float = 1.0) -> torch.Tensor:
+    """Step indices in [0, steps): uniform, or logit-normal (t = sigmoid(u), u ~ N(mean, std²), index ⌊t·steps⌋)."""
+    if mode == "uniform":
+        return torch.randint(0, steps, (batch,), generator=generator)
+    if mode == "logit_normal":
+        t = torch.sigmoid(torch.randn(batch, generator=generator, dtype=torch.float64) * std + mean)
+        return (t * steps).long().clamp(0, steps - 1)
+    raise ValueError(f"unknown timestep sampling {mode!r}")
+
+
+def offset_noise(shape: tuple, offset: float, generator: torch.Generator, dtype=torch.float32) -> torch.Tensor:
+    """ε + offset·n, n ~ N(0, 1) of shape [B, C, 1, 1] (one shift of mean colour per sample and channel)."""
+    noise = torch.randn(shape, generator=generator, dtype=dtype)
+    if offset:
+        noise = noise + offset * torch.randn(shape[:2] + (1,) * (len(shape) - 2), generator=generator, dtype=dtype)
+    return noise
+
+
+def _col(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return sigma.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def model_input(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """(x0 + σ·ε) / sqrt(σ² + 1): the UNet's input (equal to sqrt(ᾱ)·x0 + sqrt(1 − ᾱ)·ε)."""
+    s = _col(sigma, x0)
+    return (x0 + s * noise) / (s ** 2 + 1).sqrt()
+
+
+def target(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, prediction: str) -> torch.Tensor:
+    """ε for epsilon prediction; v = α·ε − s·x0 with α = 1/sqrt(1+σ²), s = σ/sqrt(1+σ²) for v-prediction."""
+    if prediction == "epsilon":
+        return noise
+    if prediction == "v_prediction":
+        s = _col(sigma, x0)
+        norm = (s ** 2 + 1).sqrt()
+        return noise / norm - s / norm * x0
+    raise ValueError(f"unknown prediction type {prediction!r}")
+
+
+def snr(sigma: torch.Tensor) -> torch.Tensor:
+    """1/σ² (0 at σ = ∞)."""
+    return 1.0 / sigma.double() ** 2
+
+
+def min_snr_weight(sigma: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """min-SNR-γ loss weight per sample: ε: min(SNR, γ)/SNR; v: min(SNR, γ)/(SNR + 1); x0: min(SNR, γ).
+    The ε weight is written as 1 where SNR ≤ γ, so it stays finite (= 1) at SNR 0."""
+    r = snr(sigma)
+    clipped = r.clamp(max=gamma)
+    if prediction == "epsilon":
+        w = torch.where(r <= gamma, torch.ones_like(r), gamma / r)
+    elif prediction == "v_prediction":
+        w = clipped / (r + 1)
+    elif prediction == "sample":
+        w = clipped
+    else:
+        raise ValueError(f"unknown prediction type {prediction!r}")
+    return w.float()
+
+
+def flow_input(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rectified flow: x_t = (1 − t)·x0 + t·ε and its target ε − x0."""
+    tt = _col(t, x0)
+    return (1 - tt) * x0 + tt * noise, noise - x0
+
+
+def flow_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's resolution shift: t' = shift·t / (1 + (shift − 1)·t)."""
+    return shift * t / (1 + (shift - 1) * t)

@@ -1,0 +1,81 @@
+"""The objective's pure functions against values computed by hand (numbers in the comments)."""
+import math
+
+import pytest
+import torch
+
+from stages.train import objective as obj
+
+
+def test_sdxl_schedule_ends():
+    s = obj.schedule("sdxl")
+    # t=0: ᾱ = 1 − 0.00085 -> σ = sqrt(0.00085 / 0.99915) = 0.029167
+    assert s[0].item() == pytest.approx(math.sqrt(0.00085 / 0.99915), rel=1e-9)
+    assert s[0].item() == pytest.approx(0.0292, abs=1e-4) and s[-1].item() == pytest.approx(14.61, abs=0.01)
+    assert torch.all(s[1:] > s[:-1])
+
+
+def test_zero_terminal_snr_and_novelai_sigma():
+    ac = obj.scaled_linear_alphas_cumprod()
+    z = obj.rescale_zero_terminal_snr(ac)
+    assert z[-1].item() == 0.0 and z[0].item() == pytest.approx(ac[0].item(), rel=1e-12)
+    assert math.isinf(obj.schedule("ztsnr")[-1].item())
+    nai = obj.schedule("novelai")
+    assert nai[-1].item() == 20000.0 and nai[0].item() == pytest.approx(0.0292, abs=1e-4)
+    assert torch.all(torch.isfinite(nai)) and torch.all(nai[1:] > nai[:-1])
+
+
+def test_karras_by_hand():
+    k = obj.karras_sigmas(3, 0.0292, 14.6, rho=7.0)
+    mid = ((14.6 ** (1 / 7) + 0.0292 ** (1 / 7)) / 2) ** 7  # i = 1 of 3: halfway in σ^(1/ρ)
+    assert k.tolist() == pytest.approx([14.6, mid, 0.0292], rel=1e-12)
+    assert mid == pytest.approx(1.2736, abs=1e-4)  # (1.46672 + 0.60363)/2 = 1.03518; ^7 = 1.2736
+
+
+def test_min_snr_weights_by_hand():
+    sigma = torch.tensor([1 / math.sqrt(10), 1 / math.sqrt(2), float("inf")], dtype=torch.float64)  # SNR 10, 2, 0
+    assert obj.min_snr_weight(sigma, 5, "epsilon").tolist() == pytest.approx([0.5, 1.0, 1.0])
+    assert obj.min_snr_weight(sigma, 5, "v_prediction").tolist() == pytest.approx([5 / 11, 2 / 3, 0.0])
+    assert obj.min_snr_weight(sigma, 5, "sample").tolist() == pytest.approx([5.0, 2.0, 0.0])
+
+
+def test_targets_and_input_by_hand():
+    x0, eps = torch.full((1, 1, 1, 1), 2.0), torch.full((1, 1, 1, 1), -1.0)
+    one = torch.tensor([1.0])
+    # σ = 1: α = s = 1/√2; v = (ε − x0)/√2 = -3/√2; input (x0 + ε)/√2 = 1/√2
+    assert obj.target(x0, eps, one, "v_prediction").item() == pytest.approx(-3 / math.sqrt(2))
+    assert obj.target(x0, eps, one, "epsilon").item() == -1.0
+    assert obj.model_input(x0, eps, one).item() == pytest.approx(1 / math.sqrt(2))
+    # VP form: sqrt(ᾱ)·x0 + sqrt(1 − ᾱ)·ε with ᾱ = 1/(1 + σ²)
+    ac = obj.scaled_linear_alphas_cumprod()[500]
+    sigma = ((1 - ac) / ac).sqrt().float().view(1)
+    assert obj.model_input(x0, eps, sigma).item() == pytest.approx((ac.sqrt() * 2 - (1 - ac).sqrt()).item(), rel=1e-5)
+    # σ = 20000: the input is almost pure noise and v almost −x0
+    big = torch.tensor([20000.0])
+    assert obj.model_input(x0, eps, big).item() == pytest.approx(-1.0, abs=1e-3)
+    assert obj.target(x0, eps, big, "v_prediction").item() == pytest.approx(-2.0, abs=1e-3)
+
+
+def test_timestep_sampling():
+    g = torch.Generator().manual_seed(0)
+    u = obj.sample_timesteps(20000, 1000, "uniform", g)
+    assert u.min() >= 0 and u.max() <= 999 and abs(u.float().mean().item() - 499.5) < 10
+    ln = obj.sample_timesteps(20000, 1000, "logit_normal", g)
+    # logit-normal (0, 1) is symmetric about 0.5 and concentrated mid-range: P(0.25 < t < 0.75) = P(|u| < ln 3) ≈ 0.73
+    assert abs(ln.float().mean().item() - 499.5) < 10
+    assert ((ln >= 250) & (ln < 750)).float().mean().item() == pytest.approx(0.73, abs=0.02)
+
+
+def test_noise_offset_is_per_sample_and_channel():
+    base = obj.offset_noise((2, 4, 8, 8), 0.0, torch.Generator().manual_seed(1))
+    shifted = obj.offset_noise((2, 4, 8, 8), 0.1, torch.Generator().manual_seed(1))
+    d = shifted - base
+    assert torch.allclose(d, d[:, :, :1, :1].expand_as(d), atol=1e-6) and d.abs().max() > 0.01
+
+
+def test_flow_matching():
+    x0, eps = torch.full((1, 1, 1, 1), 2.0), torch.full((1, 1, 1, 1), -1.0)
+    xt, tgt = obj.flow_input(x0, eps, torch.tensor([0.25]))
+    assert xt.item() == pytest.approx(0.75 * 2 + 0.25 * -1) and tgt.item() == -3.0
+    assert obj.flow_shift(torch.tensor([0.5]), 3.0).item() == pytest.approx(0.75)
+    assert obj.resolution_scale(2048, 2048) == 2.0
