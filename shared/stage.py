@@ -99,6 +99,10 @@ def execute(stage: Stage, cfg: Any, force: bool = False) -> Manifest | None:
     if main:
         say(f"{stage.name}: runs: " + ("--force" if not decision.reasons else "; ".join(decision.reasons)))
     out = stage.out_dir(cfg)
+    if not main and not stage.resumable:  # a single-process stage under a launcher: rank 0 runs it, others wait
+        ranks.wait_for(lambda: getattr(artifacts.read_manifest(out), "fingerprint", None) == decision.fingerprint,
+                       f"rank 0 to finish {stage.name}")
+        return artifacts.read_manifest(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if stage.resumable:
         staging = artifacts.resumable_staging(out, decision.fingerprint, main)

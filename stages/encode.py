@@ -362,7 +362,6 @@ def _finish_shard(cfg: Config, staging: Path, shard: Shard, samples: list[dict],
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(final.name + ".partial")
         record.update(shards.write_tar(tmp, samples))
-        record["samples"] = len(samples)
     if cfg.zarr:
         _zarr_write(cfg, staging, shard, samples)
     if cfg.wds:
@@ -524,8 +523,7 @@ def _finish(cfg: Config, staging: Path, plan: list[Shard], enc: Encoders, n_item
         warn(f"{truncated} captions (counting variants) were longer than max_windows = {cfg.max_windows} windows "
              f"({cfg.max_windows * 75} tokens) and were cut")
     say(table(["bucket", "samples", "shards"], [[k, v["samples"], len(v["shards"])] for k, v in buckets.items()]))
-    extra: dict[str, Any] = {"shards": len(plan), "truncated_captions": truncated,
-                             "model_components": models.model_identity(cfg.model, PARTS, cfg.vae)}
+    extra: dict[str, Any] = {"shards": len(plan), "truncated_captions": truncated}
     if cfg.clip:
         extra["clip"] = _clip_summary(plan, records)
     for f in ("done", "ready"):

@@ -43,7 +43,8 @@ def demo(workdir: Path, images: int, seed: int, force: bool = False) -> list:
         "encode": {"model": "builtin:tiny", "caption_variants": 2, "flip": True, "format": "both", "workdir": workdir},
     }
     manifests = run_all(None, force=force, overrides=overrides)
-    ingested, bucketed = manifests[0], manifests[1]
+    ingested, bucketed, encoded = manifests[0], manifests[1], manifests[2]
     say(f"demo: {ingested.counts['out']} images accepted ({ingested.counts['in']} files with captions); "
-        f"{bucketed.counts['out']} items planned into {bucketed.extra.get('buckets_used')} buckets")
+        f"{bucketed.counts['out']} items planned into {bucketed.extra.get('buckets_used')} buckets; "
+        f"{encoded.counts['out']} encoded into {encoded.extra.get('shards')} shards ({workdir / 'encode'})")
     return manifests
