@@ -105,7 +105,7 @@ def dali_batches(batches: Sequence[Sequence[dict]], batch_size: int, threads: in
         if len(via_dali) == len(items):
             yield decoded
             continue
-        rest = [i for i in range(len(items)) if i not in set(via_dali)]
+        rest = sorted(set(range(len(items))) - set(via_dali))
         pil = torch.from_numpy(pil_batch([items[i] for i in rest]))
         if decoded is not None:
             pil = pil.to(decoded.device)

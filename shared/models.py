@@ -116,22 +116,27 @@ def build_components(configs: dict[str, dict], names: tuple[str, ...] = MODEL_PA
     return built
 
 
-def save_folder(components: dict[str, Any], folder: Path, replace: bool = True) -> Path:
-    """Write a complete diffusers SDXL folder (safetensors weights), atomically. With replace=False an
-    existing folder wins (several ranks may materialise the same builtin at once)."""
+def _write_pipeline_files(folder: Path) -> None:
+    """What a diffusers SDXL folder holds besides the four models: tokenizers, scheduler, model_index.json."""
     from diffusers import EulerDiscreteScheduler
 
     from shared.clip_vocab import write_tokenizer
 
+    write_tokenizer(folder / "tokenizer", "<|endoftext|>")
+    write_tokenizer(folder / "tokenizer_2", "!")
+    EulerDiscreteScheduler(**scheduler_config()).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=1))
+
+
+def save_folder(components: dict[str, Any], folder: Path, replace: bool = True) -> Path:
+    """Write a complete diffusers SDXL folder (safetensors weights), atomically. With replace=False an
+    existing folder wins (several ranks may materialise the same builtin at once)."""
     staging = folder.with_name(f"{folder.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for name in MODEL_PARTS:
         components[name].save_pretrained(staging / name, safe_serialization=True)
-    write_tokenizer(staging / "tokenizer", "<|endoftext|>")
-    write_tokenizer(staging / "tokenizer_2", "!")
-    EulerDiscreteScheduler(**scheduler_config()).save_pretrained(staging / "scheduler")
-    (staging / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=1))
+    _write_pipeline_files(staging)
     if folder.exists():
         if not replace:
             shutil.rmtree(staging)
@@ -205,10 +210,8 @@ def config_folder() -> Path:
     """A diffusers SDXL 1.0 folder with configs, tokenizers and scheduler but no weights (made once, offline):
     what diffusers' single-file loader needs to interpret an SDXL checkpoint without downloading."""
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig
-
-    from shared.clip_vocab import write_tokenizer
 
     folder = cache_dir() / f"sdxl-config-v{BUILTIN_VERSION}"
     if (folder / "model_index.json").exists():
@@ -222,10 +225,7 @@ def config_folder() -> Path:
         AutoencoderKL(**configs["vae"]).save_config(staging / "vae")
     CLIPTextConfig(**configs["text_encoder"]).save_pretrained(staging / "text_encoder")
     CLIPTextConfig(**configs["text_encoder_2"]).save_pretrained(staging / "text_encoder_2")
-    write_tokenizer(staging / "tokenizer", "<|endoftext|>")
-    write_tokenizer(staging / "tokenizer_2", "!")
-    EulerDiscreteScheduler(**scheduler_config()).save_pretrained(staging / "scheduler")
-    (staging / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=1))
+    _write_pipeline_files(staging)
     try:
         os.replace(staging, folder)
     except OSError:  # another process made it first
@@ -295,7 +295,7 @@ def load_folder(folder: Path, parts: tuple[str, ...], dtype: Any, source: str | 
 
 def _file_hash(path: Path) -> str:
     """sha256 of a file, cached by (path, size, mtime) in the cache folder: a 5 GB UNet is hashed once."""
-    import hashlib
+    from shared.artifacts import sha256_file
 
     st = path.stat()
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
@@ -306,11 +306,7 @@ def _file_hash(path: Path) -> str:
         known = {}
     if key in known:
         return known[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    known[key] = h.hexdigest()
+    known[key] = sha256_file(path)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(known))

@@ -10,7 +10,6 @@ store's maximum and come with their valid lengths.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -20,6 +19,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from shared.artifacts import sha256_file
 from shared.errors import DataError
 
 
@@ -65,15 +65,7 @@ def write_tar(path: Path, samples: list[dict[str, Any]]) -> dict:
                     tar.addfile(*_member(name, data))
         fh.flush()
         os.fsync(fh.fileno())
-    return {"samples": len(samples), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return {"samples": len(samples), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def decode_member(field: str, data: bytes) -> Any:

@@ -210,6 +210,19 @@ class Encoders:
                                   f"({str(e).splitlines()[0][:160]})") from None
         self.clip.to(self.device)
 
+    @property
+    def latent_channels(self) -> int:
+        return self.model.vae.config.latent_channels
+
+    @property
+    def te_dim(self) -> int:
+        """Width of the concatenated penultimate states (2048 on SDXL)."""
+        return self.model.text_encoder.config.hidden_size + self.model.text_encoder_2.config.hidden_size
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.model.text_encoder_2.config.projection_dim
+
     def latents(self, pixels: Any, ids: list[str], flipped: bool = False) -> Any:
         """Scaled latents of uint8 [B, H, W, 3] pixels; NaN/inf is an error naming the fix."""
         import torch
@@ -379,23 +392,21 @@ def _inputs(cfg: Config) -> dict:
     manifest = artifacts.require_input(cfg.input, "bucket",
                                        BUCKET_VERSIONS, f"sdxl bucket --out {cfg.input}")
     identity = models.model_identity(cfg.model, PARTS, cfg.vae)
+    decoder = resolve_decoder(cfg.decoder)
     return {"bucket": {"path": str(cfg.input), "fingerprint": manifest.fingerprint,
                        "what": "bucket plan changed"},
             "model": {"name": cfg.model, "vae": cfg.vae, "components": identity,
                       "fingerprint": artifacts.hash_json(identity), "what": f"weights of {cfg.model}"},
-            "decoder": {"name": resolve_decoder(cfg.decoder), "fingerprint": resolve_decoder(cfg.decoder),
-                        "what": f"decoder is now {resolve_decoder(cfg.decoder)}"}}
+            "decoder": {"name": decoder, "fingerprint": decoder, "what": f"decoder is now {decoder}"}}
 
 
 def _specs(cfg: Config, enc: Encoders, bucket: tuple[int, int], count: int) -> dict:
     """zarr arrays of one bucket group: {name: (shape, dtype)}."""
     store = cfg.storage_dtype
     v, length = 1 + cfg.caption_variants, cfg.max_windows * 77
-    m = enc.model
-    te_dim = m.text_encoder.config.hidden_size + m.text_encoder_2.config.hidden_size
-    lat = (m.vae.config.latent_channels, bucket[1] // 8, bucket[0] // 8)
-    specs = {"latent": ((count,) + lat, store), "te": ((count, v, length, te_dim), store),
-             "te_windows": ((count, v), "int16"), "pooled": ((count, v, m.text_encoder_2.config.projection_dim), store),
+    lat = (enc.latent_channels, bucket[1] // 8, bucket[0] // 8)
+    specs = {"latent": ((count,) + lat, store), "te": ((count, v, length, enc.te_dim), store),
+             "te_windows": ((count, v), "int16"), "pooled": ((count, v, enc.pooled_dim), store),
              "time_ids": ((count, 6), "float32"), "time_ids_flip": ((count, 6), "float32"),
              "tag_weight": ((count,), "float32"), "repeats": ((count,), "int32")}
     if cfg.flip:
@@ -511,12 +522,10 @@ def _finish(cfg: Config, staging: Path, plan: list[Shard], enc: Encoders, n_item
         b["samples"] += r["samples"]
         b["shards"].append({k: r[k] for k in ("name", "shard", "first", "samples", "bytes", "sha256",
                                               "content_sha256") if k in r})
-    m = enc.model
     index = {"format": cfg.format, "samples": sum(r["samples"] for r in records), "variants": 1 + cfg.caption_variants,
              "flip": cfg.flip, "token_ids": cfg.token_ids, "clip": cfg.clip, "storage_dtype": cfg.storage_dtype,
-             "max_windows": cfg.max_windows, "latent_channels": m.vae.config.latent_channels,
-             "scaling_factor": enc.scale, "te_dim": m.text_encoder.config.hidden_size + m.text_encoder_2.config.hidden_size,
-             "pooled_dim": m.text_encoder_2.config.projection_dim, "buckets": list(buckets.values())}
+             "max_windows": cfg.max_windows, "latent_channels": enc.latent_channels, "scaling_factor": enc.scale,
+             "te_dim": enc.te_dim, "pooled_dim": enc.pooled_dim, "buckets": list(buckets.values())}
     artifacts.write_atomic(staging / "index.json", json.dumps(index, indent=1) + "\n")
     truncated = sum(r["truncated_captions"] for r in records)
     if truncated:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared import models, shards
+from shared import artifacts, models, shards
 from shared.config import resolve
 from shared.errors import ConfigError, DataError
 from shared.imageio import load_planned
@@ -73,7 +73,7 @@ def test_every_planned_item_is_stored_once_in_both_formats(encoded):
         assert len(keys) == b["samples"] == sum(s["samples"] for s in b["shards"])
         for s in b["shards"]:
             tar = out / s["name"]
-            assert tar.stat().st_size == s["bytes"] and shards.file_sha256(tar) == s["sha256"]
+            assert tar.stat().st_size == s["bytes"] and artifacts.sha256_file(tar) == s["sha256"]
         for k, key in enumerate(keys):
             sample = found[key]
             assert np.array_equal(group["latent"][k], sample["latent.npy"])
