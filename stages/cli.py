@@ -8,13 +8,14 @@ import typer
 
 from shared.command import config_option, fail, stage_command
 from shared.errors import PipelineError
-from stages import bucket, encode, ingest, pipeline
+from stages import bucket, encode, ingest, pipeline, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="sdxl stages: a staged, offline pipeline for fine-tuning Stable Diffusion XL.")
 app.command("ingest")(stage_command(ingest.Config, "ingest", ingest.run, ingest.__doc__ or ""))
 app.command("bucket")(stage_command(bucket.Config, "bucket", bucket.run, bucket.__doc__ or ""))
 app.command("encode")(stage_command(encode.Config, "encode", encode.run, encode.__doc__ or ""))
+app.command("train")(stage_command(train.Config, "train", train.run, train.__doc__ or ""))
 
 
 @app.command("run")

@@ -28,7 +28,7 @@ from shared.log import progress, say, table, warn
 from shared.stage import BuildResult, Stage, execute
 from shared.text import encode_captions, time_ids
 
-VERSION = 1
+VERSION = 2  # 2: index.json holds per-shard repeats and the tag frequency
 BUCKET_VERSIONS = (1,)
 KNOWN_TABLES.add("encode")
 PIPELINE_KEYS.add("model")
@@ -363,11 +363,21 @@ def _zarr_write(cfg: Config, staging: Path, shard: Shard, samples: list[dict]) -
         g["clip_similarity"][lo:hi] = np.array([s["json"]["clip_similarity"] for s in samples], np.float32)
 
 
+def _tag_counts(tag_lists: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for tags in tag_lists:
+        for t in tags:
+            counts[t] = counts.get(t, 0) + 1
+    return counts
+
+
 def _finish_shard(cfg: Config, staging: Path, shard: Shard, samples: list[dict], truncated: int) -> None:
     """Tar to a temporary name, zarr rows, rename, then the marker: a marker means the shard is complete."""
     record = {"name": shard.name if cfg.wds else None, "bucket": list(shard.bucket), "shard": shard.index,
               "first": shard.first, "samples": len(samples), "content_sha256": _content_hash(samples),
-              "truncated_captions": truncated, "keys": [s["__key__"] for s in samples]}
+              "truncated_captions": truncated, "keys": [s["__key__"] for s in samples],
+              "repeats": [int(s["json"]["repeats"]) for s in samples],
+              "tags": _tag_counts(s["json"]["tags"] for s in samples)}
     if cfg.clip:
         record["clip_similarity"] = [s["json"]["clip_similarity"] for s in samples]
     final = staging / shard.name
@@ -520,12 +530,17 @@ def _finish(cfg: Config, staging: Path, plan: list[Shard], enc: Encoders, n_item
     for s, r in zip(plan, records):
         b = buckets.setdefault(s.group, {"bucket": list(s.bucket), "samples": 0, "shards": []})
         b["samples"] += r["samples"]
-        b["shards"].append({k: r[k] for k in ("name", "shard", "first", "samples", "bytes", "sha256",
+        b["shards"].append({k: r[k] for k in ("name", "shard", "first", "samples", "repeats", "bytes", "sha256",
                                               "content_sha256") if k in r})
+    tags: dict[str, int] = {}
+    for r in records:
+        for t, n in r["tags"].items():
+            tags[t] = tags.get(t, 0) + n
     index = {"format": cfg.format, "samples": sum(r["samples"] for r in records), "variants": 1 + cfg.caption_variants,
              "flip": cfg.flip, "token_ids": cfg.token_ids, "clip": cfg.clip, "storage_dtype": cfg.storage_dtype,
              "max_windows": cfg.max_windows, "latent_channels": enc.latent_channels, "scaling_factor": enc.scale,
-             "te_dim": enc.te_dim, "pooled_dim": enc.pooled_dim, "buckets": list(buckets.values())}
+             "te_dim": enc.te_dim, "pooled_dim": enc.pooled_dim, "buckets": list(buckets.values()),
+             "tag_frequency": dict(sorted(tags.items(), key=lambda kv: (-kv[1], kv[0])))}
     artifacts.write_atomic(staging / "index.json", json.dumps(index, indent=1) + "\n")
     truncated = sum(r["truncated_captions"] for r in records)
     if truncated:

@@ -13,10 +13,11 @@ from shared.config import load_toml, resolve
 from shared.errors import ConfigError
 from shared.log import say
 from shared.synthetic import generate_dataset
-from stages import bucket, encode, ingest
+from stages import bucket, encode, ingest, train
 
 #: (pipeline.toml table, stage module) in execution order
-STAGES: list[tuple[str, ModuleType]] = [("ingest", ingest), ("bucket", bucket), ("encode", encode)]
+STAGES: list[tuple[str, ModuleType]] = [("ingest", ingest), ("bucket", bucket), ("encode", encode),
+                                          ("train", train)]
 
 
 def run_all(config_path: Path | None, force: bool = False, overrides: dict[str, dict] | None = None) -> list:

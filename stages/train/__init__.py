@@ -1,1 +1,95 @@
-"""`sdxl train` (issue 5, being built): the objective's pure functions are in `objective.py`."""
+"""`sdxl train`: stream encode's shards and train the UNet (LoRA or full), with exact resume.
+
+Reads `<in>` (encode's output: index.json, empty/, tar shards or zarr; or the tar shards from --shards URLs),
+refuses shards encoded with another VAE / text encoders than the model's, and writes into `<out>.staging/`:
+`checkpoints/step-NNNNNN/` (weights, EMA, optimizer, RNG, loader position; newest K kept) and `logs/`
+(metrics.jsonl, TensorBoard). When the last step is done the folder becomes `<out>` with its manifest. A
+rerun of an unfinished run continues from its newest checkpoint (--resume auto). Under `torchrun` /
+`accelerate launch` every process runs this command; rank 0 logs and saves.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from shared import artifacts, models, ranks
+from shared.artifacts import Manifest
+from shared.config import PIPELINE_KEYS
+from shared.errors import ConfigError, InputError
+from shared.log import say, warn
+from shared.stage import Stage, decide, execute
+from stages.train import checkpoint as ckpt
+from stages.train import loop
+from stages.train.config import Config
+
+__all__ = ["Config", "run", "STAGE"]
+VERSION = 1
+PIPELINE_KEYS.add("model")
+ENCODERS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def _inputs(cfg: Config) -> dict:
+    manifest = artifacts.require_input(cfg.input, "encode", (2,), f"sdxl encode --out {cfg.input}")
+    encoded = manifest.inputs.get("model", {})
+    ours = models.model_identity(cfg.model, ENCODERS)
+    theirs = encoded.get("components", {})
+    differ = [p for p in ENCODERS if theirs.get(p) != ours.get(p)]
+    if differ and not cfg.allow_encoder_mismatch:
+        raise InputError(f"{cfg.input}: the shards were encoded with {encoded.get('name')} (vae "
+                         f"{theirs.get('vae')}, text encoders {theirs.get('text_encoder')}), but the model being "
+                         f"trained is {cfg.model} (vae {ours['vae']}, text encoders {ours['text_encoder']}); "
+                         f"differs in: {', '.join(differ)}. Re-encode with --model {cfg.model}, or pass "
+                         f"--allow-encoder-mismatch")
+    unet = models.model_identity(cfg.model, ("unet",))
+    world = ranks.current().world
+    return {"encode": {"path": str(cfg.input), "fingerprint": manifest.fingerprint, "what": "encode output changed"},
+            "model": {"name": cfg.model, "components": unet, "fingerprint": artifacts.hash_json(unet),
+                      "what": f"UNet weights of {cfg.model}"},
+            "world": {"fingerprint": f"{world} processes", "what": f"now {world} processes"}}
+
+
+def _build(cfg: Config, staging: Path):
+    return loop.build(cfg, staging, _inputs(cfg))
+
+
+STAGE = Stage(name="train", version=VERSION,
+              code_modules=("stages.train.loop", "stages.train.step", "stages.train.data", "stages.train.model",
+                            "stages.train.objective", "stages.train.checkpoint", "shared.lora"),
+              out_dir=lambda cfg: cfg.output, inputs=_inputs, build=_build, resumable=True)
+
+
+def _adopt_unfinished(cfg: Config, fingerprint: str, record: dict) -> None:
+    """An unfinished run started with another fingerprint: keep its checkpoints and continue (when nothing
+    that changes the training differs, or --force-resume), or set it aside (--resume never / PATH); never
+    delete it silently."""
+    staging = artifacts.staging_dir(cfg.output)
+    try:
+        started = json.loads((staging / artifacts.JOB).read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError):
+        started = None
+    found = ckpt.complete(staging / "checkpoints")
+    if started == fingerprint or not found:
+        return
+    if cfg.resume != "auto":
+        aside = staging.with_name(f"{cfg.output.name}.unfinished-{artifacts.now().replace(':', '')}")
+        staging.rename(aside)
+        say(f"train: set the unfinished run aside (--resume {cfg.resume}): {aside}")
+        return
+    diff = ckpt.differences(ckpt.read_manifest(found[-1]), record)
+    if diff and not cfg.force_resume:
+        raise ConfigError(f"{staging} holds an unfinished run (newest checkpoint {found[-1].name}) whose config "
+                          f"differs: {'; '.join(diff)}. Pass --force-resume to continue it with the new settings, "
+                          f"or --resume never to set it aside and start over")
+    if diff:
+        warn(f"continuing {found[-1]} with changed settings: {'; '.join(diff)}")
+    artifacts.write_atomic(staging / artifacts.JOB, json.dumps({"fingerprint": fingerprint,
+                                                               "started": artifacts.now()}) + "\n")
+
+
+def run(cfg: Config, force: bool = False) -> Manifest | None:
+    """Train; rank 0 returns the manifest (the output is skipped when up to date)."""
+    if ranks.current().main:
+        decision = decide(STAGE, cfg)
+        if decision.reasons or force:
+            _adopt_unfinished(cfg, decision.fingerprint, loop.record(cfg, decision.inputs))
+    return execute(STAGE, cfg, force)

@@ -63,15 +63,21 @@ def resolution_scale(height: int, width: int, base: int = 1024) -> float:
     return math.sqrt(height * width) / base
 
 
+def sample_u(batch: int, mode: str, generator: torch.Generator, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """Continuous t in [0, 1): uniform, or logit-normal (t = sigmoid(u), u ~ N(mean, std²))."""
+    if mode == "uniform":
+        return torch.rand(batch, generator=generator, dtype=torch.float64)
+    if mode == "logit_normal":
+        return torch.sigmoid(torch.randn(batch, generator=generator, dtype=torch.float64) * std + mean)
+    raise ValueError(f"unknown timestep sampling {mode!r}")
+
+
 def sample_timesteps(batch: int, steps: int, mode: str, generator: torch.Generator, mean: float = 0.0,
                      std: float = 1.0) -> torch.Tensor:
     """Step indices in [0, steps): uniform, or logit-normal (t = sigmoid(u), u ~ N(mean, std²), index ⌊t·steps⌋)."""
     if mode == "uniform":
         return torch.randint(0, steps, (batch,), generator=generator)
-    if mode == "logit_normal":
-        t = torch.sigmoid(torch.randn(batch, generator=generator, dtype=torch.float64) * std + mean)
-        return (t * steps).long().clamp(0, steps - 1)
-    raise ValueError(f"unknown timestep sampling {mode!r}")
+    return (sample_u(batch, mode, generator, mean, std) * steps).long().clamp(0, steps - 1)
 
 
 def offset_noise(shape: tuple, offset: float, generator: torch.Generator, dtype=torch.float32) -> torch.Tensor:
@@ -86,10 +92,17 @@ def _col(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return sigma.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
 
+def _alpha_s(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """α = 1/sqrt(1+σ²) and s = σ/sqrt(1+σ²), written so that σ = ∞ gives α = 0, s = 1."""
+    sigma = sigma.double()
+    alpha = 1.0 / (sigma ** 2 + 1).sqrt()
+    return alpha, (1.0 - alpha ** 2).sqrt()
+
+
 def model_input(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """(x0 + σ·ε) / sqrt(σ² + 1): the UNet's input (equal to sqrt(ᾱ)·x0 + sqrt(1 − ᾱ)·ε)."""
-    s = _col(sigma, x0)
-    return (x0 + s * noise) / (s ** 2 + 1).sqrt()
+    """(x0 + σ·ε) / sqrt(σ² + 1) = α·x0 + s·ε: the UNet's input (equal to sqrt(ᾱ)·x0 + sqrt(1 − ᾱ)·ε)."""
+    alpha, s = _alpha_s(sigma)
+    return _col(alpha, x0) * x0 + _col(s, x0) * noise
 
 
 def target(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, prediction: str) -> torch.Tensor:
@@ -97,9 +110,8 @@ def target(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, predictio
     if prediction == "epsilon":
         return noise
     if prediction == "v_prediction":
-        s = _col(sigma, x0)
-        norm = (s ** 2 + 1).sqrt()
-        return noise / norm - s / norm * x0
+        alpha, s = _alpha_s(sigma)
+        return _col(alpha, x0) * noise - _col(s, x0) * x0
     raise ValueError(f"unknown prediction type {prediction!r}")
 
 
@@ -133,3 +145,19 @@ def flow_input(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[
 def flow_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
     """SD3's resolution shift: t' = shift·t / (1 + (shift − 1)·t)."""
     return shift * t / (1 + (shift - 1) * t)
+
+
+def learning_rate(step: int, peak: float, total: int, warmup: int, kind: str) -> float:
+    """The learning rate at optimizer step `step` (0-based): linear warmup to `peak` over `warmup` steps, then
+    constant, cosine to 0, or linear to 0 at `total`."""
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    if kind == "constant":
+        return peak
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    if kind == "cosine":
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return peak * (1.0 - progress)
+    raise ValueError(f"unknown lr schedule {kind!r}")

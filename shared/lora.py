@@ -1,0 +1,84 @@
+"""LoRA on the SDXL UNet through peft: which modules a preset targets, applying it, and its weights.
+
+Presets: `attn` targets the attention projections (to_q, to_k, to_v, to_out.0) of every transformer block;
+`attn+conv` adds the 3x3 and 1x1 convolutions of the ResNet blocks and the down/upsamplers (what kohya calls
+LoRA-C3Lier / LoCon). The weights are peft's own state dict (`…lora_A.weight`, `…lora_B.weight`, and
+`…lora_magnitude_vector` with DoRA), keyed by diffusers UNet module names, so train (checkpoints) and export
+(kohya / diffusers names) agree on one format.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from shared.errors import ConfigError
+
+PRESETS = ("attn", "attn+conv")
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+CONV = ("conv1", "conv2", "conv_shortcut")  # in ResnetBlock2D; plus downsamplers/upsamplers `.conv`
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    preset: str = "attn"
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    dora: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LoraSpec":
+        return cls(**json.loads(text))
+
+
+def target_modules(unet: Any, preset: str) -> list[str]:
+    """Full module names of the UNet that `preset` puts a LoRA on (sorted)."""
+    import torch
+
+    if preset not in PRESETS:
+        raise ConfigError(f"lora_preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    names = []
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".attn" in name and name.endswith(ATTENTION):
+            names.append(name)
+        elif preset == "attn+conv" and isinstance(module, torch.nn.Conv2d):
+            in_resnet = ".resnets." in name and name.rsplit(".", 1)[-1] in CONV
+            sampler = (".downsamplers." in name or ".upsamplers." in name) and name.endswith(".conv")
+            if in_resnet or sampler:
+                names.append(name)
+    return sorted(names)
+
+
+def apply_lora(unet: Any, spec: LoraSpec) -> None:
+    """Freeze the UNet and inject a LoRA adapter (peft) as `spec` says; only the LoRA weights train."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if spec.rank < 1 or spec.alpha <= 0 or not 0 <= spec.dropout < 1:
+        raise ConfigError("lora_rank must be >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1")
+    unet.requires_grad_(False)
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, use_dora=spec.dora,
+                        init_lora_weights=True, target_modules=target_modules(unet, spec.preset))
+    inject_adapter_in_model(config, unet, adapter_name="default")
+    for name, p in unet.named_parameters():
+        p.requires_grad_(".lora_" in name)
+
+
+def lora_state(unet: Any) -> dict:
+    """The adapter's weights in peft's saved form (no adapter name in the keys)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach() for k, v in get_peft_model_state_dict(unet, adapter_name="default").items()}
+
+
+def load_lora_state(unet: Any, state: dict) -> None:
+    """Load weights written by `lora_state` into a UNet that `apply_lora` prepared; every key must fit."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(unet, state, adapter_name="default")
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise ConfigError(f"LoRA weights do not fit this UNet (first unexpected key: {unexpected[0]})")

@@ -1,0 +1,126 @@
+"""`sdxl train`'s configuration: one frozen dataclass, every field documented (pipeline.toml `[train]`).
+
+Fields marked fingerprint=False do not change the trained weights (paths, logging, checkpoint cadence,
+kernels); every other field does, so a finished output is reused only when all of them are unchanged, and a
+checkpoint is resumed only by a config whose fingerprinted fields equal the checkpoint's (see checkpoint.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.config import KNOWN_TABLES, opt
+from shared.errors import ConfigError
+from shared.lora import PRESETS
+
+KNOWN_TABLES.add("train")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Config:
+    workdir: Path = opt(Path("work"), "Pipeline work folder; default parent of every stage's output.",
+                        pipeline=True, fingerprint=False)
+    input: Path | None = opt(None, "Encode output folder (its manifest, index.json and empty/ are read from "
+                                   "here) [default: <workdir>/encode].", flag="--in", fingerprint=False)
+    output: Path | None = opt(None, "Output folder [default: <workdir>/train].", flag="--out", fingerprint=False)
+    model: str | None = opt(None, "The model whose UNet is trained: builtin:tiny, builtin:sdxl-random, a "
+                                  "diffusers SDXL folder or a single-file checkpoint.", pipeline=True,
+                            fingerprint=False)
+    shards: tuple[str, ...] = opt((), "Read the tar shards from these URLs instead of <in>/shards (repeatable; "
+                                      "brace notation {000000..000031} and webdataset pipe: / http(s) URLs). "
+                                      "Each is matched to index.json by its last two path parts "
+                                      "(<bucket>/<NNNNNN>.tar).", fingerprint=False)
+    source: str = opt("auto", "Read tar shards or the zarr store (auto: tar when encode wrote them).",
+                      choices=("auto", "wds", "zarr"), fingerprint=False)
+    allow_encoder_mismatch: bool = opt(False, "Train even though the shards were encoded with another VAE or "
+                                              "text encoders than the model's.", fingerprint=False)
+    method: str = opt("lora", "Train a LoRA on the UNet, or fine-tune the whole UNet.", choices=("lora", "full"))
+    lora_preset: str = opt("attn", "LoRA targets: attention projections, or those plus the ResNet and "
+                                   "down/upsampler convolutions.", choices=PRESETS)
+    lora_rank: int = opt(16, "LoRA rank (network dim).")
+    lora_alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank.")
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.")
+    dora: bool = opt(False, "DoRA: weight-decomposed LoRA (a learned magnitude per output channel).")
+    prediction: str = opt("epsilon", "What the UNet predicts: noise, v (needed with zero-terminal-SNR), or "
+                                     "the rectified-flow velocity ε − x0.", choices=("epsilon", "v_prediction", "flow"))
+    schedule: str = opt("sdxl", "Noise schedule: SDXL's scaled linear (σ 0.029 … 14.6), zero terminal SNR, or "
+                                "NovelAI's (zero terminal SNR with σ_max 20000).", choices=("sdxl", "ztsnr", "novelai"))
+    timesteps: str = opt("uniform", "Timestep sampling.", choices=("uniform", "logit_normal"))
+    logit_mean: float = opt(0.0, "Mean of the logit-normal timestep distribution.")
+    logit_std: float = opt(1.0, "Standard deviation of the logit-normal timestep distribution.")
+    flow_shift: float = opt(1.0, "Rectified flow only: SD3's timestep shift (> 1 puts more weight on noise).")
+    min_snr_gamma: float = opt(0.0, "min-SNR-γ loss weighting (5 is usual); 0 = off.")
+    noise_offset: float = opt(0.0, "Noise offset (0.03–0.1 typical); 0 = off.")
+    tag_weighting: bool = opt(True, "Weight each sample's loss by its tag-frequency weight from ingest.")
+    caption_dropout: float = opt(0.0, "Probability of training a sample with the empty caption's embedding.")
+    flip_rate: float = opt(0.5, "Probability of using the flipped latent (when encode stored latent_flip).")
+    batch_size: int = opt(4, "Samples per micro-batch per process (one bucket per batch).")
+    accumulate: int = opt(1, "Micro-batches accumulated per optimizer step.")
+    max_steps: int = opt(0, "Optimizer steps to train; 0 = `epochs` epochs.")
+    epochs: int = opt(1, "Epochs to train when max_steps is 0.")
+    learning_rate: float = opt(1e-4, "Peak learning rate.")
+    lr_schedule: str = opt("constant", "Learning-rate schedule after warmup.", choices=("constant", "cosine", "linear"))
+    warmup_steps: int = opt(0, "Linear warmup steps from 0 to the peak learning rate.")
+    adam_beta1: float = opt(0.9, "AdamW β1.")
+    adam_beta2: float = opt(0.999, "AdamW β2.")
+    adam_eps: float = opt(1e-8, "AdamW ε.")
+    weight_decay: float = opt(0.01, "AdamW decoupled weight decay.")
+    max_grad_norm: float = opt(1.0, "Clip the gradient's global norm to this; 0 = no clipping.")
+    weights_dtype: str = opt("float32", "dtype of the UNet's weights (LoRA weights stay float32).", choices=DTYPES)
+    mixed_precision: str = opt("no", "Autocast the forward pass: no, bf16, or fp16 (with a gradient scaler).",
+                               choices=("no", "bf16", "fp16"))
+    ema_decay: float = opt(0.0, "Keep an exponential moving average of the trained weights (e.g. 0.999); 0 = off.")
+    shuffle_buffer: int = opt(256, "Samples in the shuffle buffer (1 = stream order).")
+    seed: int = opt(0, "Seed of shard order, shuffling, noise, timesteps, caption and flip choices.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, slower).",
+                                       fingerprint=False)
+    tf32: bool = opt(True, "Allow TF32 matmuls on NVIDIA GPUs.", fingerprint=False)
+    checkpoint_every: int = opt(500, "Save a checkpoint every N optimizer steps (and always at the end).",
+                                fingerprint=False)
+    keep_checkpoints: int = opt(3, "Keep the newest K checkpoints.", fingerprint=False)
+    resume: str = opt("auto", "auto (continue an unfinished run of this config from its newest checkpoint), "
+                              "never (set an unfinished run aside and start over), or a checkpoint / train "
+                              "output folder to start from.", fingerprint=False)
+    force_resume: bool = opt(False, "Resume even from a checkpoint made with a config that changes the training "
+                                    "(the differences are printed).", fingerprint=False)
+    max_bad_steps: int = opt(5, "Stop after this many optimizer steps in a row with a NaN/inf loss or "
+                                "gradient (each is skipped and counted).", fingerprint=False)
+    eval_samples: int = opt(8, "Samples in the fixed evaluation set (loss on fixed noise and timesteps, at the "
+                               "start, at each checkpoint and at the end); 0 = off.", fingerprint=False)
+    log_every: int = opt(10, "Write metrics every N optimizer steps.", fingerprint=False)
+    tensorboard: bool = opt(True, "Write TensorBoard scalars to <out>/logs/tensorboard.", fingerprint=False)
+    wandb: bool = opt(False, "Also log to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline "
+                             "works without an account).", fingerprint=False)
+    wandb_project: str = opt("sdxl-stages", "WandB project name.", fingerprint=False)
+    comment: str = opt("", "Free-text training comment (kept in the manifest and exported LoRA metadata).",
+                       fingerprint=False)
+    prefetch: int = opt(4, "Batches read ahead by the loader thread.", fingerprint=False)
+    device: str = opt("auto", "auto (the launcher's LOCAL_RANK GPU when CUDA is present), cpu or cuda.",
+                      choices=("auto", "cpu", "cuda"), fingerprint=False)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("train needs a model: --model builtin:tiny | builtin:sdxl-random | FOLDER | FILE "
+                              "(or `model` in [pipeline])")
+        positive = ("batch_size", "accumulate", "epochs", "shuffle_buffer", "checkpoint_every", "keep_checkpoints",
+                    "max_bad_steps", "log_every", "prefetch")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+        if self.max_steps < 0 or self.warmup_steps < 0 or self.eval_samples < 0:
+            raise ConfigError("max_steps, warmup_steps and eval_samples must be >= 0")
+        for name in ("caption_dropout", "flip_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be within [0, 1]")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("ema_decay must be within [0, 1)")
+        if self.learning_rate <= 0 or self.logit_std <= 0 or self.flow_shift <= 0:
+            raise ConfigError("learning_rate, logit_std and flow_shift must be > 0")
+        if self.prediction == "epsilon" and self.schedule != "sdxl":
+            raise ConfigError(f"schedule {self.schedule} reaches zero SNR, where epsilon prediction is trivial "
+                              f"(the input is the noise); use --prediction v_prediction")
+        if self.prediction == "flow" and self.min_snr_gamma:
+            raise ConfigError("min_snr_gamma applies to epsilon / v prediction, not to flow")
+        object.__setattr__(self, "input", self.input or self.workdir / "encode")
+        object.__setattr__(self, "output", self.output or self.workdir / "train")

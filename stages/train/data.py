@@ -1,0 +1,295 @@
+"""Streaming encode's shards into bucket-homogeneous batches, the same way on every rank and on every resume.
+
+An epoch's batches are *planned* from index.json alone (no data read): the shards are shuffled with the
+epoch's seed and dealt round-robin to the ranks (disjoint shards per rank); each rank's stream of (shard,
+sample) references — every sample `repeats` times — passes a seeded shuffle buffer, and references are
+gathered per bucket until a bucket has `batch_size` of them, which makes a batch. Buckets therefore interleave
+in proportion to their size. Every rank can count every rank's full batches from the index, so all ranks
+take the same number of steps (the smallest count; the rest of an epoch is dropped and counted), and uneven
+data cannot hang DDP. A position is just (epoch, batch): resuming re-plans and reads only the shards that
+still hold needed samples. The reader then streams each shard once, front to back, keeping a sample only
+until its last planned use — memory stays near the shuffle buffer.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import random
+import re
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from shared import artifacts, shards
+from shared.errors import ConfigError, DataError, InputError
+
+Ref = tuple[int, int]  # (shard number, sample index within the shard)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    number: int
+    group: str                  # "WxH"
+    name: str | None            # tar path relative to the encode folder
+    first: int                  # row of its first sample within the bucket (zarr)
+    repeats: tuple[int, ...]    # per sample
+
+    @property
+    def samples(self) -> int:
+        return len(self.repeats)
+
+
+def read_index(folder: Path) -> tuple[dict, list[ShardInfo]]:
+    index = json.loads((Path(folder) / "index.json").read_text(encoding="utf-8"))
+    infos = []
+    for b in index["buckets"]:
+        group = f"{b['bucket'][0]}x{b['bucket'][1]}"
+        for s in b["shards"]:
+            infos.append(ShardInfo(len(infos), group, s.get("name"), s["first"], tuple(s["repeats"])))
+    return index, infos
+
+
+def expand_urls(patterns: tuple[str, ...]) -> list[str]:
+    """Shard URLs from patterns in brace notation (webdataset's own expansion)."""
+    import braceexpand
+
+    return [u for p in patterns for u in braceexpand.braceexpand(p)]
+
+
+SHARD_NAME = re.compile(r"(\d+x\d+)/(\d+)\.tar")
+
+
+def match_urls(infos: list[ShardInfo], urls: list[str]) -> dict[int, str]:
+    """shard number -> URL, matched by the `<bucket WxH>/<NNNNNN>.tar` part of the URL (its last occurrence, so
+    `pipe:aws s3 cp s3://b/enc/shards/1024x1024/000003.tar -` works)."""
+    by_name = {i.name.split("/", 1)[1]: i.number for i in infos if i.name}
+    out: dict[int, str] = {}
+    for url in urls:
+        found = SHARD_NAME.findall(url.replace("\\", "/"))
+        tail = f"{found[-1][0]}/{found[-1][1]}.tar" if found else None
+        if tail not in by_name:
+            raise ConfigError(f"shard URL {url!r}: names no shard of index.json (expected a "
+                              f"<bucket WxH>/<NNNNNN>.tar path in it, e.g. {next(iter(by_name), '?')})")
+        out[by_name[tail]] = url
+    return out
+
+
+def select(infos: list[ShardInfo], urls: dict[int, str]) -> tuple[list[ShardInfo], dict[int, str]]:
+    """Only the shards given by URL, renumbered 0..n-1 (the plan indexes shards by number)."""
+    chosen = [i for i in infos if i.number in urls]
+    renumbered = [ShardInfo(k, i.group, i.name, i.first, i.repeats) for k, i in enumerate(chosen)]
+    return renumbered, {k: urls[i.number] for k, i in enumerate(chosen)}
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _shard_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(f"{seed}:shards:{epoch}").shuffle(order)
+    return order
+
+
+def rank_shards(infos: list[ShardInfo], rank: int, world: int, seed: int, epoch: int) -> list[ShardInfo]:
+    """The shards rank `rank` reads in epoch `epoch`, in reading order (disjoint across ranks)."""
+    return [infos[i] for i in _shard_order(len(infos), seed, epoch)[rank::world]]
+
+
+def count_batches(infos: list[ShardInfo], rank: int, world: int, seed: int, epoch: int, batch: int) -> int:
+    """Full batches rank `rank` can make in `epoch` (from the index alone)."""
+    per_bucket: Counter = Counter()
+    for s in rank_shards(infos, rank, world, seed, epoch):
+        per_bucket[s.group] += sum(s.repeats)
+    return sum(n // batch for n in per_bucket.values())
+
+
+def epoch_plan(infos: list[ShardInfo], rank: int, world: int, seed: int, epoch: int, batch: int,
+               buffer: int) -> list[tuple[Ref, ...]]:
+    """This rank's batches of epoch `epoch`, in order; each batch holds references of one bucket."""
+    rng = random.Random(f"{seed}:buffer:{epoch}:{rank}")
+    held: list[Ref] = []
+    stream: list[Ref] = []
+    for s in rank_shards(infos, rank, world, seed, epoch):
+        for j, r in enumerate(s.repeats):
+            for _ in range(r):
+                held.append((s.number, j))
+                if len(held) >= buffer:
+                    k = rng.randrange(len(held))
+                    held[k], held[-1] = held[-1], held[k]
+                    stream.append(held.pop())
+    rng.shuffle(held)
+    stream.extend(held)
+    pending: dict[str, list[Ref]] = {}
+    batches = []
+    for ref in stream:
+        group = pending.setdefault(infos[ref[0]].group, [])
+        group.append(ref)
+        if len(group) == batch:
+            batches.append(tuple(group))
+            group.clear()
+    return batches
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many optimizer steps each epoch has (the same on every rank) and where a global step falls."""
+    steps: tuple[int, ...]      # per epoch
+    accumulate: int
+
+    @classmethod
+    def make(cls, infos: list[ShardInfo], world: int, seed: int, batch: int, accumulate: int, epochs: int,
+             max_steps: int) -> "Schedule":
+        out: list[int] = []
+        while (max_steps and sum(out) < max_steps) or (not max_steps and len(out) < epochs):
+            e = len(out)
+            n = min(count_batches(infos, r, world, seed, e, batch) for r in range(world)) // accumulate
+            if n == 0:
+                raise InputError(f"an epoch has no full step: some rank gets fewer than batch_size x accumulate "
+                                 f"= {batch * accumulate} samples of any bucket from its shards ({len(infos)} "
+                                 f"shards over {world} ranks); lower batch_size or encode with smaller shards")
+            out.append(n)
+            if len(out) > 100000:
+                raise ConfigError("max_steps needs more than 100000 epochs")
+        if max_steps:
+            out[-1] -= sum(out) - max_steps
+        return cls(tuple(out), accumulate)
+
+    @property
+    def total(self) -> int:
+        return sum(self.steps)
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, step within the epoch) of global optimizer step `step`."""
+        for e, n in enumerate(self.steps):
+            if step < n:
+                return e, step
+            step -= n
+        return len(self.steps), 0
+
+
+# ---------------------------------------------------------------- reading
+
+
+class ShardReader:
+    """Samples of one shard, in stored order, as {latent, latent_flip, te, windows, pooled, time_ids, ...}."""
+
+    def __init__(self, folder: Path, infos: list[ShardInfo], source: str, urls: dict[int, str]):
+        self.folder, self.infos, self.source, self.urls = Path(folder), infos, source, urls
+        self.store = shards.open_store(self.folder / "zarr", mode="r") if source == "zarr" else None
+
+    def __call__(self, number: int) -> Iterator[tuple[int, dict]]:
+        info = self.infos[number]
+        if self.store is not None:
+            yield from self._zarr(info)
+            return
+        url = self.urls.get(number) or str(self.folder / str(info.name))
+        count = 0
+        for j, raw in enumerate(_tar_samples(url)):
+            yield j, _from_tar(raw)
+            count += 1
+        if count != info.samples:
+            raise DataError(f"{url}: {count} samples, but index.json says {info.samples}; the shard is "
+                            f"incomplete or not this encode's (re-encode, or check --shards)")
+
+    def _zarr(self, info: ShardInfo) -> Iterator[tuple[int, dict]]:
+        g = self.store[info.group]
+        for j in range(info.samples):
+            row = info.first + j
+            windows = np.asarray(g["te_windows"][row]).astype(int)
+            n = int(windows.max()) * 77
+            yield j, {"key": g.attrs["keys"][row], "latent": g["latent"][row],
+                      "latent_flip": g["latent_flip"][row] if "latent_flip" in g else None,
+                      "te": g["te"][row][:, :n], "windows": windows, "pooled": g["pooled"][row],
+                      "time_ids": g["time_ids"][row], "time_ids_flip": g["time_ids_flip"][row],
+                      "tag_weight": float(g["tag_weight"][row])}
+
+
+def _tar_samples(url: str) -> Iterator[dict]:
+    from webdataset.tariterators import tarfile_samples
+
+    try:
+        yield from tarfile_samples([{"url": url}])
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{url}: unreadable shard ({e})") from None
+
+
+def _from_tar(raw: dict) -> dict:
+    def npy(name: str) -> Any:
+        return shards.decode_member(name, raw[name]) if name in raw else None
+
+    meta = shards.decode_member("json", raw["json"])
+    return {"key": raw["__key__"], "latent": npy("latent.npy"), "latent_flip": npy("latent_flip.npy"),
+            "te": npy("te.npy"), "windows": np.asarray(meta["windows"], int), "pooled": npy("pooled.npy"),
+            "time_ids": np.asarray(meta["time_ids"], np.float32),
+            "time_ids_flip": np.asarray(meta["time_ids_flip"], np.float32),
+            "tag_weight": float(meta.get("tag_weight", 1.0))}
+
+
+def stream_batches(plan: list[tuple[Ref, ...]], read: Callable[[int], Iterator[tuple[int, dict]]]
+                   ) -> Iterator[list[dict]]:
+    """The planned batches' samples; each shard is read once, a sample kept until its last planned use."""
+    need = Counter(ref for batch in plan for ref in batch)
+    cache: dict[Ref, dict] = {}
+    open_shards: dict[int, Iterator[tuple[int, dict]]] = {}
+    for batch in plan:
+        out = []
+        for ref in batch:
+            if ref not in cache:
+                _read_until(ref, need, cache, open_shards, read)
+            out.append(cache[ref])
+            need[ref] -= 1
+            if need[ref] == 0:
+                del cache[ref]
+        yield out
+
+
+def _read_until(ref: Ref, need: Counter, cache: dict, open_shards: dict, read: Callable) -> None:
+    number = ref[0]
+    it = open_shards.get(number) or open_shards.setdefault(number, read(number))
+    for j, sample in it:
+        if need[(number, j)] > 0:
+            cache[(number, j)] = sample
+        if j == ref[1]:
+            return
+    raise DataError(f"shard {number} ended before its sample {ref[1]}; re-encode")
+
+
+def prefetch(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Run `items` in a thread `depth` ahead (reading and decoding overlap the training step)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in items:
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        item = q.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def load_empty(folder: Path) -> dict:
+    """The empty caption's cached embedding (caption dropout, and padding of shorter captions)."""
+    folder = Path(folder) / "empty"
+    try:
+        return {"te": np.load(folder / "te.npy", allow_pickle=False),
+                "pooled": np.load(folder / "pooled.npy", allow_pickle=False)}
+    except OSError as e:
+        raise InputError(f"{folder}: missing the empty caption's embedding ({e}); re-encode") from None
+
+
+def require_encode(folder: Path) -> artifacts.Manifest:
+    return artifacts.require_input(folder, "encode", (2,), f"sdxl encode --out {folder}")

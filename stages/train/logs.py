@@ -1,0 +1,116 @@
+"""Training logs on the main rank: a progress bar, `logs/metrics.jsonl`, TensorBoard scalars, and WandB when
+asked for. Loss is also binned by timestep position (10 bins), since a mean over random timesteps hides which
+noise levels improve."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ConfigError
+from shared.log import warn
+
+BINS = 10
+
+
+class TrainLog:
+    def __init__(self, cfg: Any, folder: Path, total: int, start: int, batch_per_step: int):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.metrics = folder / "metrics.jsonl"
+        _truncate_after(self.metrics, start)
+        self.batch_per_step = batch_per_step
+        self.bar = _bar(total, start)
+        self.tb = _tensorboard(folder / "tensorboard") if cfg.tensorboard else None
+        self.wandb = _wandb(cfg, folder) if cfg.wandb else None
+        self.clock, self.clock_step = time.monotonic(), start
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+
+    def write(self, step: int, values: dict[str, float], bins: list[float | None]) -> None:
+        now = time.monotonic()
+        rate = (step - self.clock_step) / max(now - self.clock, 1e-9)
+        self.clock, self.clock_step = now, step
+        row = dict(values, step=step, samples_per_s=round(rate * self.batch_per_step, 3),
+                   steps_per_s=round(rate, 4))
+        for i, v in enumerate(bins):
+            if v is not None:
+                row[f"loss_t{i * 100 // BINS:02d}"] = v
+        with open(self.metrics, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
+                                 samples_s=f"{row['samples_per_s']:.1f}")
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                tag = f"loss_by_timestep/{k[6:]}" if k.startswith("loss_t") else f"train/{k}"
+                self.tb.add_scalar(tag, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def note(self, step: int, name: str, value: float) -> None:
+        with open(self.metrics, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, name: value}) + "\n")
+        if self.tb is not None:
+            self.tb.add_scalar(f"eval/{name}", value, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"eval/{name}": value}, step=step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """A resumed run rewrites the metrics of steps after its checkpoint (they are trained again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:
+            continue
+    path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+
+
+def _bar(total: int, start: int) -> Any:
+    from tqdm import tqdm
+
+    forced = os.environ.get("SDXL_PROGRESS")
+    disable = (forced == "0") if forced is not None else None
+    return tqdm(total=total, initial=start, desc="train", unit="step", disable=disable, dynamic_ncols=True,
+                smoothing=0.1, file=sys.stderr)
+
+
+def _tensorboard(folder: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warn("tensorboard is not installed; TensorBoard logging is off (pip install tensorboard)")
+        return None
+    return SummaryWriter(log_dir=str(folder))
+
+
+def _wandb(cfg: Any, folder: Path) -> Any:
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("--wandb: the wandb package is not installed (pip install wandb)") from None
+    from shared.config import to_plain
+
+    return wandb.init(project=cfg.wandb_project, dir=str(folder), config=to_plain(cfg), resume="allow")

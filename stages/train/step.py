@@ -1,0 +1,133 @@
+"""One training batch: per-sample random choices, the noised input, the UNet call, the weighted loss.
+
+Every random choice of a sample (caption variant, caption dropout, flip, timestep, noise) comes from a
+generator seeded by (seed, step, micro-batch, sample id, occurrence): the same sample at the same step gets
+the same draws whichever rank holds it and however the batch is split, and a resumed run needs no generator
+state to reproduce them.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.train import objective as obj
+
+EVAL_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor      # [B, C, h, w] float32 (scaled)
+    noise: torch.Tensor        # [B, C, h, w]
+    u: torch.Tensor            # [B] float64 in [0, 1): timestep position
+    te: torch.Tensor           # [B, L, D]
+    pooled: torch.Tensor       # [B, P]
+    time_ids: torch.Tensor     # [B, 6]
+    tag_weight: torch.Tensor   # [B]
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(**{k: v.to(device, non_blocking=True) for k, v in vars(self).items()})
+
+
+def sample_generator(seed: int, step: int, micro: int, key: str, occurrence: int) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{step}:{micro}:{key}:{occurrence}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _padded(te: np.ndarray, length: int, empty_te: np.ndarray) -> np.ndarray:
+    """Caption states padded to `length` rows with the empty caption's 77-row window (what a shorter caption's
+    missing windows would encode to), as kohya / A1111 pad long prompts."""
+    missing = (length - te.shape[0]) // 77
+    return np.concatenate([te] + [empty_te] * missing) if missing else te
+
+
+def assemble(samples: list[dict], cfg: Any, step: int, micro: int, empty: dict) -> Batch:
+    """A batch of one bucket's samples with this step's draws."""
+    chosen, latents, noise, u, time_ids = [], [], [], [], []
+    seen: dict[str, int] = {}
+    for s in samples:
+        occurrence = seen.get(s["key"], 0)
+        seen[s["key"]] = occurrence + 1
+        g = sample_generator(cfg.seed, step, micro, s["key"], occurrence)
+        v = int(torch.randint(0, s["te"].shape[0], (1,), generator=g))
+        drop = float(torch.rand(1, generator=g)) < cfg.caption_dropout
+        flip = float(torch.rand(1, generator=g)) < cfg.flip_rate and s["latent_flip"] is not None
+        u.append(obj.sample_u(1, cfg.timesteps, g, cfg.logit_mean, cfg.logit_std))
+        lat = s["latent_flip"] if flip else s["latent"]
+        noise.append(obj.offset_noise((1,) + tuple(lat.shape), cfg.noise_offset, g))
+        latents.append(torch.from_numpy(np.asarray(lat, np.float32)))
+        time_ids.append(s["time_ids_flip"] if flip else s["time_ids"])
+        if drop:
+            chosen.append((empty["te"], empty["pooled"]))
+        else:
+            chosen.append((s["te"][v][:int(s["windows"][v]) * 77], s["pooled"][v]))
+    length = max(te.shape[0] for te, _ in chosen)
+    te = np.stack([_padded(t, length, empty["te"]) for t, _ in chosen]).astype(np.float32)
+    return Batch(latents=torch.stack(latents), noise=torch.cat(noise), u=torch.cat(u), te=torch.from_numpy(te),
+                 pooled=torch.from_numpy(np.stack([p for _, p in chosen]).astype(np.float32)),
+                 time_ids=torch.from_numpy(np.stack(time_ids).astype(np.float32)),
+                 tag_weight=torch.tensor([float(s["tag_weight"]) for s in samples], dtype=torch.float32))
+
+
+def noised(batch: Batch, cfg: Any, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(UNet input, UNet timestep, target, σ or t per sample) for the batch's draws."""
+    x0 = batch.latents
+    if cfg.prediction == "flow":
+        t = obj.flow_shift(batch.u, cfg.flow_shift)
+        x, tgt = obj.flow_input(x0, batch.noise, t)
+        return x, (t * 1000).float(), tgt, t
+    steps = len(sigmas)
+    index = (batch.u * steps).long().clamp(0, steps - 1)
+    sigma = sigmas.to(index.device)[index]
+    return (obj.model_input(x0, batch.noise, sigma), index, obj.target(x0, batch.noise, sigma, cfg.prediction),
+            sigma)
+
+
+def predict(unet: Any, x: torch.Tensor, timestep: torch.Tensor, batch: Batch, cfg: Any) -> torch.Tensor:
+    dtype = getattr(torch, cfg.weights_dtype)
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        return unet(x.to(dtype), timestep, encoder_hidden_states=batch.te.to(dtype),
+                    added_cond_kwargs={"text_embeds": batch.pooled.to(dtype), "time_ids": batch.time_ids.to(dtype)}
+                    ).sample
+
+
+def loss(unet: Any, batch: Batch, cfg: Any, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean weighted loss, per-sample unweighted loss, per-sample timestep position in [0, 1])."""
+    x, timestep, tgt, level = noised(batch, cfg, sigmas)
+    pred = predict(unet, x, timestep, batch, cfg)
+    per = ((pred.float() - tgt.float()) ** 2).mean(dim=tuple(range(1, pred.ndim)))
+    weight = torch.ones_like(per)
+    if cfg.tag_weighting:
+        weight = weight * batch.tag_weight
+    if cfg.min_snr_gamma and cfg.prediction != "flow":
+        weight = weight * obj.min_snr_weight(level, cfg.min_snr_gamma, cfg.prediction).to(per.device)
+    return (per * weight).mean(), per.detach(), batch.u.detach()
+
+
+@torch.no_grad()
+def evaluate(unet: Any, samples: list[dict], cfg: Any, sigmas: torch.Tensor, device: torch.device) -> float:
+    """Mean unweighted loss of fixed samples at fixed timestep positions (10 % … 90 %) with fixed noise: a
+    number comparable across the run (caption as written, no flip, no dropout)."""
+    was_training = unet.training
+    unet.eval()
+    total = []
+    k = len(EVAL_FRACTIONS)
+    for s in samples:
+        lat = torch.from_numpy(np.asarray(s["latent"], np.float32))
+        te = torch.from_numpy(np.asarray(s["te"][0][:int(s["windows"][0]) * 77], np.float32))
+        g = sample_generator(cfg.seed, -1, 0, s["key"], 0)
+        batch = Batch(latents=lat.expand(k, *lat.shape).clone(), noise=torch.randn((k,) + tuple(lat.shape), generator=g),
+                      u=torch.tensor(EVAL_FRACTIONS, dtype=torch.float64), te=te.expand(k, -1, -1).clone(),
+                      pooled=torch.from_numpy(np.asarray(s["pooled"][0], np.float32)).expand(k, -1).clone(),
+                      time_ids=torch.from_numpy(np.asarray(s["time_ids"], np.float32)).expand(k, -1).clone(),
+                      tag_weight=torch.ones(k)).to(device)
+        x, timestep, tgt, _ = noised(batch, cfg, sigmas)
+        pred = predict(unet, x, timestep, batch, cfg)
+        total.append(((pred.float() - tgt.float()) ** 2).mean().item())
+    unet.train(was_training)
+    return float(np.mean(total)) if total else float("nan")
