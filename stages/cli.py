@@ -32,10 +32,11 @@ def run_command(config: Optional[Path] = config_option(),
 def demo_command(workdir: Path = typer.Option(Path("demo"), help="Folder for the synthetic data and outputs."),
                  images: int = typer.Option(64, min=8, help="Number of synthetic images."),
                  seed: int = typer.Option(0, help="Seed of the synthetic dataset."),
+                 steps: int = typer.Option(200, min=1, help="LoRA training steps."),
                  force: bool = typer.Option(False, "--force", help="Rerun every stage.")) -> None:
     """Synthetic captioned images through the whole pipeline on the built-in tiny model."""
     try:
-        pipeline.demo(workdir, images, seed, force=force)
+        pipeline.demo(workdir, images, seed, force=force, steps=steps)
     except PipelineError as e:
         raise fail(e) from None
 

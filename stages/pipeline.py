@@ -33,7 +33,7 @@ def run_all(config_path: Path | None, force: bool = False, overrides: dict[str, 
     return manifests
 
 
-def demo(workdir: Path, images: int, seed: int, force: bool = False) -> list:
+def demo(workdir: Path, images: int, seed: int, force: bool = False, steps: int = 200) -> list:
     """Synthetic captioned images through every stage, at a size a CPU handles in minutes."""
     data = generate_dataset(workdir / "data", count=images, seed=seed)
     say(f"demo: {images} synthetic images in {data}")
@@ -42,10 +42,17 @@ def demo(workdir: Path, images: int, seed: int, force: bool = False) -> list:
         "bucket": {"max_area": 256 * 256, "min_side": 128, "max_side": 512, "max_upscale": 4.0,
                    "min_bucket_items": 4, "workdir": workdir},
         "encode": {"model": "builtin:tiny", "caption_variants": 2, "flip": True, "format": "both", "workdir": workdir},
+        "train": {"model": "builtin:tiny", "method": "lora", "lora_preset": "attn+conv", "lora_rank": 32,
+                  "lora_alpha": 32.0, "learning_rate": 3e-3, "batch_size": 8, "max_steps": steps,
+                  "checkpoint_every": 100, "caption_dropout": 0.1, "workdir": workdir},
     }
     manifests = run_all(None, force=force, overrides=overrides)
-    ingested, bucketed, encoded = manifests[0], manifests[1], manifests[2]
+    ingested, bucketed, encoded, trained = manifests
     say(f"demo: {ingested.counts['out']} images accepted ({ingested.counts['in']} files with captions); "
         f"{bucketed.counts['out']} items planned into {bucketed.extra.get('buckets_used')} buckets; "
-        f"{encoded.counts['out']} encoded into {encoded.extra.get('shards')} shards ({workdir / 'encode'})")
+        f"{encoded.counts['out']} encoded into {encoded.extra.get('shards')} shards ({workdir / 'encode'}); "
+        f"{trained.extra['steps']} LoRA steps trained ({workdir / 'train'})")
+    (first_step, first), (last_step, last) = trained.extra["eval_loss"]["first"], trained.extra["eval_loss"]["last"]
+    say(f"demo: loss on the fixed evaluation set (same samples, timesteps and noise): {first:.4f} at step "
+        f"{first_step} -> {last:.4f} at step {last_step} ({100 * (1 - last / first):.0f}% lower)")
     return manifests

@@ -1,6 +1,7 @@
 """`sdxl run` decisions, the artifact contract under crashes, and the demo."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ def write_config(tmp_path: Path, max_area: int = 1048576) -> Path:
     cfg = tmp_path / "pipeline.toml"
     cfg.write_text(f"[pipeline]\nworkdir = '{tmp_path / 'w'}'\nmodel = 'builtin:tiny'\n[ingest]\n"
                    f"sources = ['{tmp_path / 'src'}']\nworkers = 1\n[bucket]\nmax_area = {max_area}\n"
-                   f"[encode]\nworkers = 0\n")
+                   f"[encode]\nworkers = 0\n[train]\nbatch_size = 1\nmax_steps = 2\neval_samples = 1\n")
     return cfg
 
 
@@ -29,8 +30,10 @@ def test_run_skips_unchanged_and_says_why_it_reruns(tmp_path, runner):
     assert first.exit_code == 0, first.output
     assert "ingest: runs: no previous output" in first.output
     assert "bucket: runs: no previous output" in first.output
+    assert "train: runs: no previous output" in first.output
     again = runner.invoke(app, ["run", "--config", str(write_config(tmp_path))])
     assert "ingest: unchanged, skipped" in again.output and "bucket: unchanged, skipped" in again.output
+    assert "encode: unchanged, skipped" in again.output and "train: unchanged, skipped" in again.output
     changed = runner.invoke(app, ["run", "--config", str(write_config(tmp_path, 786432))])
     assert "ingest: unchanged, skipped" in changed.output
     assert "bucket: runs: config changed: max_area 1048576 -> 786432" in changed.output
@@ -91,9 +94,27 @@ def test_commit_replaces_old_output_atomically(tmp_path):
         artifacts.require_input(out, "ingest", [2], "sdxl ingest")
 
 
+def test_new_train_settings_reuse_encode_output_untouched(tmp_path, runner):
+    make_dataset(tmp_path / "src", count=6)
+    cfg = write_config(tmp_path)
+    assert runner.invoke(app, ["run", "--config", str(cfg)]).exit_code == 0
+    encode_out = tmp_path / "w" / "encode"
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in encode_out.rglob("*") if p.is_file()}
+    cfg.write_text(cfg.read_text() + "learning_rate = 0.0005\n")
+    second = runner.invoke(app, ["run", "--config", str(cfg)])
+    assert second.exit_code == 0, second.output
+    assert "encode: unchanged, skipped" in second.output
+    assert "train: runs: config changed: learning_rate 0.0001 -> 0.0005" in second.output
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in encode_out.rglob("*") if p.is_file()} == before
+
+
 def test_demo_runs_and_is_idempotent(tmp_path, runner):
-    first = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--images", "24"])
+    args = ["demo", "--workdir", str(tmp_path / "demo"), "--images", "24", "--steps", "20"]
+    first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     assert "demo: 24 images accepted (48 files with captions)" in first.output
-    again = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--images", "24"])
+    line = next(x for x in first.output.splitlines() if x.startswith("demo: loss on the fixed evaluation set"))
+    start, end = (float(v) for v in re.findall(r"(\d+\.\d+) at step", line))
+    assert end < start, line
+    again = runner.invoke(app, args)
     assert "ingest: unchanged, skipped" in again.output and "bucket: unchanged, skipped" in again.output
