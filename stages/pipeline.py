@@ -13,11 +13,11 @@ from shared.config import load_toml, resolve
 from shared.errors import ConfigError
 from shared.log import say
 from shared.synthetic import generate_dataset
-from stages import bucket, encode, ingest, train
+from stages import bucket, encode, export, ingest, train
 
 #: (pipeline.toml table, stage module) in execution order
 STAGES: list[tuple[str, ModuleType]] = [("ingest", ingest), ("bucket", bucket), ("encode", encode),
-                                          ("train", train)]
+                                          ("train", train), ("export", export)]
 
 
 def run_all(config_path: Path | None, force: bool = False, overrides: dict[str, dict] | None = None) -> list:
@@ -45,13 +45,15 @@ def demo(workdir: Path, images: int, seed: int, force: bool = False, steps: int 
         "train": {"model": "builtin:tiny", "method": "lora", "lora_preset": "attn+conv", "lora_rank": 32,
                   "lora_alpha": 32.0, "learning_rate": 3e-3, "batch_size": 8, "max_steps": steps,
                   "checkpoint_every": 100, "caption_dropout": 0.1, "workdir": workdir},
+        "export": {"format": ("kohya", "peft"), "workdir": workdir},
     }
     manifests = run_all(None, force=force, overrides=overrides)
-    ingested, bucketed, encoded, trained = manifests
+    ingested, bucketed, encoded, trained, exported = manifests
     say(f"demo: {ingested.counts['out']} images accepted ({ingested.counts['in']} files with captions); "
         f"{bucketed.counts['out']} items planned into {bucketed.extra.get('buckets_used')} buckets; "
         f"{encoded.counts['out']} encoded into {encoded.extra.get('shards')} shards ({workdir / 'encode'}); "
-        f"{trained.extra['steps']} LoRA steps trained ({workdir / 'train'})")
+        f"{trained.extra['steps']} LoRA steps trained ({workdir / 'train'}); exported as kohya and peft LoRA, "
+        f"each loaded back through diffusers and verified ({workdir / 'export'})")
     (first_step, first), (last_step, last) = trained.extra["eval_loss"]["first"], trained.extra["eval_loss"]["last"]
     say(f"demo: loss on the fixed evaluation set (same samples, timesteps and noise): {first:.4f} at step "
         f"{first_step} -> {last:.4f} at step {last_step} ({100 * (1 - last / first):.0f}% lower)")

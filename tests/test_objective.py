@@ -79,3 +79,41 @@ def test_flow_matching():
     assert xt.item() == pytest.approx(0.75 * 2 + 0.25 * -1) and tgt.item() == -3.0
     assert obj.flow_shift(torch.tensor([0.5]), 3.0).item() == pytest.approx(0.75)
     assert obj.resolution_scale(2048, 2048) == 2.0
+
+
+def test_infinite_sigma_is_pure_noise_and_v_is_minus_x0():
+    """Zero terminal SNR without a σ_max cap: σ = ∞ must give input ε and v target −x0, not NaN."""
+    x0, eps = torch.full((1, 1, 1, 1), 2.0), torch.full((1, 1, 1, 1), -1.0)
+    inf = torch.tensor([float("inf")])
+    assert obj.model_input(x0, eps, inf).item() == -1.0
+    assert obj.target(x0, eps, inf, "v_prediction").item() == -2.0
+    assert obj.min_snr_weight(inf, 5.0, "v_prediction").item() == 0.0
+
+
+def test_training_loss_applies_min_snr_and_tag_weights():
+    """stages.train.step.loss = mean(per-sample MSE × tag weight × min-SNR weight), checked by hand."""
+    from types import SimpleNamespace
+
+    from stages.train import step as S
+
+    class Echo(torch.nn.Module):  # predicts its input, so the per-sample MSE is |input − target|² by hand
+        def forward(self, x, t, encoder_hidden_states=None, added_cond_kwargs=None):
+            return SimpleNamespace(sample=x)
+
+    cfg = SimpleNamespace(prediction="epsilon", flow_shift=1.0, weights_dtype="float32", mixed_precision="no",
+                          tag_weighting=True, min_snr_gamma=5.0, method="lora")
+    sigmas = obj.schedule("sdxl")
+    x0, eps = torch.full((2, 1, 1, 1), 0.5), torch.full((2, 1, 1, 1), 1.0)
+    u = torch.tensor([0.0, 0.999], dtype=torch.float64)  # steps 0 and 999
+    batch = S.Batch(latents=x0, noise=eps, u=u, te=torch.zeros(2, 77, 4), pooled=torch.zeros(2, 4),
+                    time_ids=torch.zeros(2, 6), tag_weight=torch.tensor([2.0, 0.5]))
+    loss, per, _ = S.loss(Echo(), batch, cfg, sigmas.float())
+    want_per, want = [], 0.0
+    for k, (i, tw) in enumerate([(0, 2.0), (999, 0.5)]):
+        s = sigmas[i].item()
+        x = (0.5 + s * 1.0) / (s * s + 1) ** 0.5
+        want_per.append((x - 1.0) ** 2)
+        snr = 1 / s ** 2
+        want += want_per[-1] * tw * (5.0 / snr if snr > 5.0 else 1.0) / 2
+    assert per.tolist() == pytest.approx(want_per, rel=1e-5)
+    assert loss.item() == pytest.approx(want, rel=1e-5)

@@ -45,7 +45,7 @@ def _padded(te: np.ndarray, length: int, empty_te: np.ndarray) -> np.ndarray:
     return np.concatenate([te] + [empty_te] * missing) if missing else te
 
 
-def assemble(samples: list[dict], cfg: Any, step: int, micro: int, empty: dict) -> Batch:
+def assemble(samples: list[dict], step: int, micro: int, empty: dict, cfg: Any) -> Batch:
     """A batch of one bucket's samples with this step's draws."""
     chosen, latents, noise, u, time_ids = [], [], [], [], []
     seen: dict[str, int] = {}

@@ -1,0 +1,247 @@
+"""One export: rebuild the trained model, write each asked format, verify it, record it for the manifest."""
+from __future__ import annotations
+
+import gc
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared import artifacts, kohya, models
+from shared.errors import ConfigError
+from shared.log import say
+from shared.stage import BuildResult
+from stages.export import formats, source, verify
+from stages.export.formats import LORA_FORMATS, MODEL_FORMATS
+from stages.export.verify import VerificationError
+
+
+def formats_for(cfg: Any, method: str) -> tuple[str, ...]:
+    """The formats to write for a training of `method` (lora | full)."""
+    chosen = cfg.format or (LORA_FORMATS if method == "lora" else ("single-file",))
+    lora_only = [f for f in chosen if f in LORA_FORMATS]
+    if method == "full" and lora_only:
+        raise ConfigError(f"--format {lora_only[0]}: a LoRA format, but {cfg.input} is a full fine-tune; use "
+                          f"--format diffusers or single-file")
+    return chosen
+
+
+@dataclass
+class Job:
+    """What every format writer and verifier of one export needs."""
+    cfg: Any
+    ckpt: source.Checkpoint
+    weights: dict
+    model: models.SDXLModel | None   # dropped once references are taken and full-model files written
+    unet_config: Any
+    out: Path
+    device: str
+    info: dict
+    provenance: dict
+
+    def parts(self, names: tuple[str, ...]) -> dict[str, Any]:
+        return {n: getattr(self.model, n) for n in names if getattr(self.model, n, None) is not None}
+
+
+def _device(choice: str) -> str:
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda: no CUDA device here; use --device cpu")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice
+
+
+def _info(cfg: Any, ckpt: source.Checkpoint) -> dict:
+    """What kohya metadata and the single file's modelspec record, from the checkpoint and the training."""
+    train = ckpt.train.config if ckpt.train else {}
+    extra = ckpt.train.extra if ckpt.train else {}
+    spec = ckpt.spec
+    lora = {"rank": spec.rank, "alpha": spec.alpha, "dropout": spec.dropout, "preset": spec.preset,
+            "dora": spec.dora} if spec else {}
+    comment = cfg.comment if cfg.comment is not None else extra.get("comment", train.get("comment"))
+    return {**lora, "name": cfg.name, "base_model": Path(ckpt.base).name if not ckpt.base.startswith("builtin:")
+            else ckpt.base, "resolution": extra.get("resolution"), "steps": ckpt.step,
+            "epoch": ckpt.meta.get("epoch"), "tag_frequency": extra.get("tag_frequency"),
+            "buckets": extra.get("buckets"), "comment": comment,
+            "finished": ckpt.train.created if ckpt.train else None,
+            **{k: train.get(k) for k in ("max_steps", "learning_rate", "batch_size", "seed", "prediction",
+                                         "schedule", "min_snr_gamma", "noise_offset")}}
+
+
+def _provenance(ckpt: source.Checkpoint) -> dict:
+    train = ckpt.train
+    return {"exported_by": f"sdxl-stages {artifacts.PACKAGE_VERSION}", "base_model": ckpt.base,
+            "train_fingerprint": train.fingerprint if train else None,
+            "encode_fingerprint": (train.inputs.get("encode") or {}).get("fingerprint") if train else None,
+            "model_fingerprint": (train.inputs.get("model") or {}).get("fingerprint") if train else None,
+            "checkpoint": {"weights": ckpt.kind, "step": ckpt.step, "fingerprint": ckpt.meta.get("fingerprint")}}
+
+
+def _record(job: Job, fmt: str, path: Path, check: tuple[float, float] | None) -> dict:
+    """What the manifest says of one written format: file, sha256 (of a folder: of its files' hashes), size,
+    and the verification (largest |Δ| after reload, and what rounding to the dtype changed)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{f.relative_to(path)}:{artifacts.sha256_file(f)}\n".encode())
+        digest = h.hexdigest()
+    else:
+        digest = artifacts.sha256_file(path)
+    diff, rounding = check if check is not None else (None, None)
+    shown = "not verified" if check is None else f"verified: max |Δ| {diff:.2e} after reload; rounding to " \
+                                                  f"{job.cfg.dtype} moved outputs by {rounding:.2e}"
+    say(f"export: {fmt}: {path.relative_to(job.out)} ({shown})")
+    return {"file": str(path.relative_to(job.out)), "sha256": digest, "bytes": sum(f.stat().st_size for f in files),
+            "verified": check is not None, "max_abs_diff": diff, "rounding_abs_diff": rounding,
+            "tolerance": job.cfg.tolerance}
+
+
+def _check_kohya_names(job: Job, path: Path, expected: dict[str, set[str]]) -> dict:
+    """The file's modules are exactly the trained ones, and each is a module of real SDXL (see docstring)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        found = kohya.modules(f.keys())
+    config = job.unet_config
+    wanted = {kohya.module_name(c, m, config) for c, mods in expected.items() for m in mods}
+    if found != wanted:
+        raise VerificationError(f"{path.name}: holds {len(found)} modules, trained {len(wanted)} (first "
+                                f"difference: {sorted(found ^ wanted)[0]})")
+    unet = {n for n in found if n.startswith(kohya.PREFIX["unet"])}
+    if kohya.is_full_size(config):
+        problems = sorted(unet - set(kohya.full_size_names(job.ckpt.spec.preset)))
+    else:
+        problems = kohya.full_size_problems(job.ckpt.spec.preset)
+    problems += sorted(found - unet - kohya.full_size_te_names())
+    if problems:
+        raise VerificationError(f"{path.name}: {len(problems)} names are not modules of full-size SDXL "
+                                f"(first: {problems[0]})")
+    return {"modules": len(found), "full_size_layout": "file" if kohya.is_full_size(config) else "preset"}
+
+
+def _lora_components(job: Job) -> dict[str, set[str]]:
+    """Per component of the trained model, the modules that carry a LoRA (empty components left out)."""
+    found = {c: verify.lora_modules(m) for c, m in job.parts(source.COMPONENTS).items()}
+    return {c: mods for c, mods in found.items() if mods}
+
+
+@dataclass
+class Reference:
+    outputs: dict     # probe outputs of the trained model rounded to the export dtype ({} without --verify)
+    rounding: float   # how far that rounding moved them from the float32 model's
+
+
+def lora_reference(job: Job, inputs: dict) -> tuple[dict[str, set[str]], Reference]:
+    """The LoRA-carrying modules per component, and the reference a LoRA file of the export dtype must meet."""
+    expected = _lora_components(job)
+    if not job.cfg.verify:
+        return expected, Reference({}, 0.0)
+    parts = job.parts(tuple(expected))
+    exact = verify.outputs(parts, inputs, job.device)
+    with verify.rounded(parts, formats.torch_dtype(job.cfg.dtype)):
+        ref = verify.outputs(parts, inputs, job.device)
+    return expected, Reference(ref, verify.difference(ref, exact)[0])
+
+
+def export_loras(job: Job, chosen: list[str], inputs: dict, expected: dict[str, set[str]], ref: Reference) -> dict:
+    """kohya and/or peft files from the LoRA weights; each loaded back into the base model and compared."""
+    cfg, spec = job.cfg, job.ckpt.spec
+    pipe = verify.base_pipeline(job.ckpt.base) if cfg.verify else None
+    where = formats.paths(job.out, cfg.name)
+    records = {}
+    for fmt in chosen:
+        path = where[fmt]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "kohya":
+            formats.write_kohya(path, job.weights, spec.alpha, job.unet_config, job.info, job.provenance, cfg.dtype)
+            names = _check_kohya_names(job, path, expected)
+        else:
+            formats.write_peft(path, job.weights, spec.alpha, job.provenance, cfg.dtype)
+        check = None
+        if pipe is not None:
+            check = (verify.verify_lora(pipe, path, fmt, expected, inputs, ref.outputs, cfg.tolerance, job.device),
+                     ref.rounding)
+        records[fmt] = _record(job, fmt, path, check)
+        if fmt == "kohya":
+            records[fmt]["names"] = names
+    del pipe
+    gc.collect()
+    return records
+
+
+def _merge(job: Job, parts: dict, inputs: dict) -> Reference:
+    """Fold a LoRA into the base weights at merge_scale, checking the merge against the unmerged model; then
+    round every weight to the export dtype, for good."""
+    touched = list(_lora_components(job)) if job.ckpt.method == "lora" else []
+    for component in touched:
+        formats.scale_lora(parts[component], job.cfg.merge_scale)
+    exact = verify.outputs(parts, inputs, job.device) if job.cfg.verify else {}
+    for component in touched:
+        formats.merge_lora(parts[component], 1.0)
+    if job.cfg.verify and touched:
+        verify.compare(f"the LoRA merged at scale {job.cfg.merge_scale:g}", verify.outputs(parts, inputs, job.device),
+                       exact, job.cfg.tolerance)
+    verify.round_weights(parts, formats.torch_dtype(job.cfg.dtype))
+    if not job.cfg.verify:
+        return Reference({}, 0.0)
+    ref = verify.outputs(parts, inputs, job.device)
+    for module in parts.values():
+        module.to("cpu")
+    return Reference(ref, verify.difference(ref, exact)[0])
+
+
+def write_models(job: Job, chosen: list[str], inputs: dict) -> tuple[dict[str, Path], Reference]:
+    """The diffusers folder and/or single file of the whole model (a LoRA folded in at merge_scale)."""
+    ref = _merge(job, job.parts(("unet", "text_encoder", "text_encoder_2", "vae")), inputs)
+    train = job.ckpt.train.config if job.ckpt.train else {}
+    where = formats.paths(job.out, job.cfg.name)
+    for fmt in chosen:
+        if fmt == "diffusers":
+            formats.write_diffusers(where[fmt], job.model, job.cfg.dtype, train.get("prediction"),
+                                    train.get("schedule"), job.provenance)
+        else:
+            formats.write_single_file(where[fmt], job.model, job.cfg.dtype, job.info, job.provenance)
+    return {fmt: where[fmt] for fmt in chosen}, ref
+
+
+def verify_models(job: Job, written: dict[str, Path], inputs: dict, ref: Reference) -> dict:
+    """Each full-model file loaded back (one at a time) and compared with the rounded merged model."""
+    records = {}
+    for fmt, path in written.items():
+        check = None
+        if ref.outputs:
+            loader = verify.verify_diffusers if fmt == "diffusers" else verify.verify_single_file
+            check = (loader(path, inputs, ref.outputs, job.cfg.tolerance, job.device), ref.rounding)
+        records[fmt] = _record(job, fmt, path, check)
+        gc.collect()
+    return records
+
+
+def build(cfg: Any, staging: Path) -> BuildResult:
+    """The stage's build. Only one full model is held at a time: references are taken and full-model files
+    written from the trained model, which is then dropped before anything is loaded back."""
+    ckpt = source.locate(cfg.input, cfg.weights, cfg.model)
+    chosen = formats_for(cfg, ckpt.method)
+    loras, wholes = [f for f in chosen if f in LORA_FORMATS], [f for f in chosen if f in MODEL_FORMATS]
+    weights = source.load_weights(ckpt)
+    model = source.trained_model(ckpt, weights, models.COMPONENTS if wholes else source.COMPONENTS)
+    if ckpt.method == "full":
+        weights = {}  # now inside the model; a second full UNet is not kept
+    job = Job(cfg, ckpt, weights, model, model.unet.config, staging, _device(cfg.device), _info(cfg, ckpt),
+              _provenance(ckpt))
+    inputs = verify.probe(model.unet.config)
+    records = {}
+    with verify.exact_math():
+        expected, lora_ref = lora_reference(job, inputs) if loras else ({}, None)
+        written, model_ref = write_models(job, wholes, inputs) if wholes else ({}, None)
+        job.model = model = None
+        gc.collect()
+        if wholes:
+            records.update(verify_models(job, written, inputs, model_ref))
+        if loras:
+            records.update(export_loras(job, loras, inputs, expected, lora_ref))
+    extra = {"formats": {f: records[f] for f in chosen}, "method": ckpt.method, "base_model": ckpt.base,
+             "weights": {"kind": ckpt.kind, "step": ckpt.step, "checkpoint": str(ckpt.folder),
+                         "file": ckpt.file.name}, "dtype": cfg.dtype, "provenance": job.provenance}
+    return BuildResult({"in": 1, "out": len(records), "dropped": {}}, extra)

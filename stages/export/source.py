@@ -1,0 +1,179 @@
+"""What export reads: a finished training's chosen checkpoint (or one checkpoint folder given directly), its
+weights by component, and the trained model rebuilt from the base model in float32."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared import artifacts, models
+from shared.artifacts import Manifest
+from shared.errors import ConfigError, InputError
+from shared.lora import LoraSpec, apply_lora, load_lora_state
+
+TRAIN_VERSIONS = (1,)
+CHECKPOINT_STAGE = "train-checkpoint"
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+WEIGHTS = re.compile(r"^(final|ema|step-(\d+))$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    folder: Path
+    file: Path                 # weights.safetensors or ema.safetensors
+    kind: str                  # final | ema | step-N | checkpoint (a folder given as --in)
+    meta: dict                 # the checkpoint's own manifest
+    train: Manifest | None     # the finished training's manifest (None for a checkpoint given directly)
+    base: str                  # base model spec
+
+    @property
+    def method(self) -> str:
+        return self.meta["method"]
+
+    @property
+    def spec(self) -> LoraSpec | None:
+        return LoraSpec(**self.meta["lora"]) if self.meta.get("lora") else None
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    def fingerprint(self) -> str:
+        """Checkpoints are written atomically and never rewritten, so their manifest identifies the weights."""
+        return artifacts.hash_json({"train": self.train.fingerprint if self.train else None,
+                                    "checkpoint": self.meta.get("fingerprint"), "step": self.step,
+                                    "file": self.file.name, "bytes": self.file.stat().st_size})
+
+
+def _read_checkpoint_meta(folder: Path) -> dict | None:
+    try:
+        meta = json.loads((folder / artifacts.MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("stage") == CHECKPOINT_STAGE else None
+
+
+def _checkpoints(folder: Path) -> list[str]:
+    return sorted(p.name for p in (folder / "checkpoints").glob("step-*") if p.is_dir())
+
+
+def _finished_training(folder: Path) -> Manifest:
+    fix = f"sdxl train --out {folder}"
+    staging = artifacts.staging_dir(folder)
+    try:
+        return artifacts.require_input(folder, "train", TRAIN_VERSIONS, fix)
+    except InputError as e:
+        found = _checkpoints(staging) if not folder.exists() and staging.exists() else []
+        if found:
+            raise InputError(f"{e}; or export one of its checkpoints with --in "
+                             f"{staging / 'checkpoints' / found[-1]}") from None
+        raise
+
+
+def _pick(folder: Path, train: Manifest, weights: str) -> tuple[Path, str]:
+    """The checkpoint folder and weights file that `weights` (final | ema | step-N) names."""
+    match = WEIGHTS.match(weights)
+    if match is None:
+        raise ConfigError(f"weights {weights!r}: expected final, ema or step-N (e.g. step-500)")
+    if match.group(2) is None:
+        final = train.extra.get("final_checkpoint")
+        if not final:
+            raise InputError(f"{folder}: the train manifest names no final_checkpoint; rerun sdxl train")
+        ckpt = folder / final
+        return ckpt, ckpt / ("ema.safetensors" if weights == "ema" else "weights.safetensors")
+    ckpt = folder / "checkpoints" / f"step-{int(match.group(2)):06d}"
+    if not ckpt.is_dir():
+        have = ", ".join(_checkpoints(folder)) or "none"
+        raise InputError(f"{ckpt}: no such checkpoint (kept: {have}); pick one of them with --weights step-N")
+    return ckpt, ckpt / "weights.safetensors"
+
+
+def locate(input: Path, weights: str, model: str | None) -> Checkpoint:
+    """The checkpoint to export. `input` is a finished training folder, or one checkpoint folder (allowed
+    even inside an unfinished training's staging folder; then `weights` may be final or ema only)."""
+    input = Path(input)
+    direct = _read_checkpoint_meta(input)
+    if direct is not None:
+        if weights not in ("final", "ema"):
+            raise ConfigError(f"--weights {weights}: --in {input} is one checkpoint already; give the folder of "
+                              f"the checkpoint you want as --in instead")
+        folder, train = input, None
+        file = input / ("ema.safetensors" if weights == "ema" else "weights.safetensors")
+        kind = "checkpoint" if weights == "final" else "ema"
+    else:
+        train = _finished_training(input)
+        folder, file = _pick(input, train, weights)
+        kind = weights
+        direct = _read_checkpoint_meta(folder)
+        if direct is None:
+            raise InputError(f"{folder}: no readable checkpoint manifest; the training output is damaged, rerun "
+                             f"sdxl train --out {input}")
+    if not file.is_file():
+        why = "the training kept no EMA (ema_decay = 0)" if file.name == "ema.safetensors" else "it is missing"
+        raise InputError(f"{file}: not found ({why}); choose other --weights")
+    if direct.get("method") not in ("lora", "full"):
+        raise InputError(f"{folder}: checkpoint method {direct.get('method')!r} is neither lora nor full")
+    base = model or direct.get("model") or (train.config.get("model") if train else None)
+    if not base:
+        raise ConfigError("no base model recorded; give it with --model")
+    return Checkpoint(folder, file, kind, direct, train, base)
+
+
+def load_weights(ckpt: Checkpoint) -> dict[str, dict]:
+    """The checkpoint's tensors split by component prefix (`unet.`, `text_encoder.`, `text_encoder_2.`)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, dict] = {}
+    for key, value in load_file(str(ckpt.file)).items():
+        component, _, rest = key.partition(".")
+        if component not in COMPONENTS or not rest:
+            raise InputError(f"{ckpt.file}: unexpected weight {key!r} (expected unet.*, text_encoder.* or "
+                             f"text_encoder_2.*)")
+        out.setdefault(component, {})[rest] = value.float()
+    if "unet" not in out and ckpt.method == "full":
+        raise InputError(f"{ckpt.file}: a full fine-tune checkpoint without UNet weights")
+    return out
+
+
+def _inject(model: Any, state: dict, alpha: float) -> None:
+    """A peft LoRA on a text encoder, shaped by its saved weights (rank from lora_A, DoRA when a magnitude is
+    there); its alpha is the UNet's, as kohya's single network_alpha."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    targets = sorted({k.split(".lora_")[0] for k in state})
+    rank = next(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight"))
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
+                        use_dora=any("magnitude" in k for k in state))
+    inject_adapter_in_model(config, model, adapter_name="default")
+    result = set_peft_model_state_dict(model, state, adapter_name="default")
+    if getattr(result, "unexpected_keys", None):
+        raise InputError(f"text-encoder LoRA weights do not fit the base model ({result.unexpected_keys[0]})")
+
+
+def trained_model(ckpt: Checkpoint, weights: dict[str, dict], parts: tuple[str, ...]) -> models.SDXLModel:
+    """The base model (float32) with the checkpoint applied: LoRA adapters through peft (unmerged), or the
+    fine-tuned UNet weights."""
+    import torch
+
+    model = models.load_model(ckpt.base, parts, dtype=torch.float32)
+    if ckpt.method == "full":
+        result = model.unet.load_state_dict(weights["unet"], strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            bad = (result.missing_keys or result.unexpected_keys)[0]
+            raise InputError(f"{ckpt.file}: the UNet weights do not fit {ckpt.base} ({bad}); give the base "
+                             f"model it was trained from with --model")
+        return model
+    spec = ckpt.spec
+    if spec is None:
+        raise InputError(f"{ckpt.folder}: a LoRA checkpoint whose manifest has no lora settings")
+    apply_lora(model.unet, spec)
+    try:
+        load_lora_state(model.unet, weights.get("unet", {}))
+    except ConfigError as e:
+        raise InputError(f"{ckpt.file}: {e}; give the base model it was trained from with --model") from None
+    for name in ("text_encoder", "text_encoder_2"):
+        if name in weights:
+            _inject(getattr(model, name), weights[name], spec.alpha)
+    return model

@@ -1,0 +1,88 @@
+"""Train loop overhead on builtin:tiny (CPU): the `train` stage's time per optimizer step against a bare torch
+loop (same UNet, same LoRA, same AdamW, the same batches held in memory, noise drawn in the loop).
+
+    PYTHONPATH=. .venv/bin/python tests/bench/bench_train.py --images 64 --steps 60
+
+The stage's per-step time is (t(2S) − t(S)) / S from two runs, which cancels its fixed costs (model load,
+planning, the first evaluation). Not a test: figures go into BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from shared.config import resolve
+from stages import pipeline, train
+from stages.train import data as D, model as M, objective, step as S
+
+
+def stage_seconds(work: Path, out: Path, steps: int, batch: int) -> float:
+    cfg = resolve(train.Config, "train", {}, {"workdir": work, "output": out, "model": "builtin:tiny",
+                                              "max_steps": steps, "batch_size": batch, "eval_samples": 0,
+                                              "checkpoint_every": 10 ** 6, "tensorboard": False})
+    start = time.perf_counter()
+    train.run(cfg, force=True)
+    return time.perf_counter() - start
+
+
+def bare_seconds_per_step(work: Path, steps: int, batch: int) -> float:
+    cfg = resolve(train.Config, "train", {}, {"workdir": work, "model": "builtin:tiny", "batch_size": batch})
+    index, infos = D.read_index(cfg.input)
+    reader = D.ShardReader(cfg.input, infos, "wds", {})
+    empty = D.load_empty(cfg.input)
+    plan = D.epoch_plan(infos, 0, 1, 0, 0, batch, 256)
+    batches = [S.assemble(s, 0, 0, empty, cfg) for s in D.stream_batches(plan, reader)]
+    unet = M.build_unet(cfg, torch.device("cpu"))
+    params = M.trainable(unet)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    sigmas = objective.schedule("sdxl").float()
+    g = torch.Generator().manual_seed(0)
+
+    def one(b: S.Batch) -> None:
+        t = torch.randint(0, 1000, (len(b.latents),), generator=g)
+        noise = torch.randn(b.latents.shape, generator=g)
+        s = sigmas[t].view(-1, 1, 1, 1)
+        x = (b.latents + s * noise) / (s ** 2 + 1).sqrt()
+        pred = unet(x, t, encoder_hidden_states=b.te, added_cond_kwargs={"text_embeds": b.pooled,
+                                                                          "time_ids": b.time_ids}).sample
+        torch.nn.functional.mse_loss(pred, noise).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for k in range(5):  # warm up
+        one(batches[k % len(batches)])
+    start = time.perf_counter()
+    for k in range(steps):
+        one(batches[k % len(batches)])
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=8)
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    try:
+        pipeline.demo(root, args.images, 0, steps=1)  # synthetic data through encode (and a 1-step train)
+        t1 = stage_seconds(root, root / "t", args.steps, args.batch)
+        t2 = stage_seconds(root, root / "t", 2 * args.steps, args.batch)
+        stage = (t2 - t1) / args.steps
+        bare = bare_seconds_per_step(root, args.steps, args.batch)
+        print(json.dumps({"steps": args.steps, "batch": args.batch, "stage_s_per_step": round(stage, 4),
+                          "bare_s_per_step": round(bare, 4), "overhead_ratio": round(stage / bare, 3),
+                          "stage_fixed_s": round(t1 - args.steps * stage, 2)}))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
