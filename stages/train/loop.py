@@ -302,9 +302,12 @@ def result(run: Run, started: float) -> BuildResult:
                            "history": evals},
              "tag_frequency": index.get("tag_frequency", {}), "resolution": buckets[0][:2] if buckets else None,
              "buckets": buckets, "comment": cfg.comment, "seconds": round(time.monotonic() - started, 1)}
-    samples = run.schedule.total * cfg.batch_size * cfg.accumulate * run.rank.world
+    per_step = cfg.batch_size * cfg.accumulate * run.rank.world
+    occurrences = sum(sum(i.repeats) for i in run.data.infos)
+    extra["epoch_samples"] = occurrences  # per epoch, counting repeats
+    extra["epoch_unused"] = occurrences - run.schedule.steps[0] * per_step  # first epoch's remainder, not trained
     return BuildResult({"in": index["samples"], "out": run.schedule.total, "dropped": {},
-                        "samples_trained": samples}, extra)
+                        "samples_trained": run.schedule.total * per_step}, extra)
 
 
 def eval_at_start(run: Run) -> None:
