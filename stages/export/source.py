@@ -2,19 +2,17 @@
 weights by component, and the trained model rebuilt from the base model in float32."""
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared import artifacts, models
+from shared import artifacts, checkpoints, models
 from shared.artifacts import Manifest
 from shared.errors import ConfigError, InputError
 from shared.lora import LoraSpec, apply_lora, load_lora_state
 
 TRAIN_VERSIONS = (1,)
-CHECKPOINT_STAGE = "train-checkpoint"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 WEIGHTS = re.compile(r"^(final|ema|step-(\d+))$")
 
@@ -47,16 +45,9 @@ class Checkpoint:
                                     "file": self.file.name, "bytes": self.file.stat().st_size})
 
 
-def _read_checkpoint_meta(folder: Path) -> dict | None:
-    try:
-        meta = json.loads((folder / artifacts.MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) and meta.get("stage") == CHECKPOINT_STAGE else None
-
-
 def _checkpoints(folder: Path) -> list[str]:
-    return sorted(p.name for p in (folder / "checkpoints").glob("step-*") if p.is_dir())
+    """Names of the finished checkpoints of a training folder (its own or its staging folder)."""
+    return [p.name for p in checkpoints.complete(folder / "checkpoints")]
 
 
 def _finished_training(folder: Path) -> Manifest:
@@ -94,7 +85,7 @@ def locate(input: Path, weights: str, model: str | None) -> Checkpoint:
     """The checkpoint to export. `input` is a finished training folder, or one checkpoint folder (allowed
     even inside an unfinished training's staging folder; then `weights` may be final or ema only)."""
     input = Path(input)
-    direct = _read_checkpoint_meta(input)
+    direct = checkpoints.manifest_or_none(input)
     if direct is not None:
         if weights not in ("final", "ema"):
             raise ConfigError(f"--weights {weights}: --in {input} is one checkpoint already; give the folder of "
@@ -106,7 +97,7 @@ def locate(input: Path, weights: str, model: str | None) -> Checkpoint:
         train = _finished_training(input)
         folder, file = _pick(input, train, weights)
         kind = weights
-        direct = _read_checkpoint_meta(folder)
+        direct = checkpoints.manifest_or_none(folder)
         if direct is None:
             raise InputError(f"{folder}: no readable checkpoint manifest; the training output is damaged, rerun "
                              f"sdxl train --out {input}")

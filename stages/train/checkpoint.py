@@ -19,32 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shared import artifacts
+# the folder contract itself is shared with export; re-exported here for the loop
+from shared.checkpoints import CHECKPOINT_STAGE, VERSION, complete, folder_name, read_manifest  # noqa: F401
 from shared.errors import ConfigError, InputError
-
-CHECKPOINT_STAGE = "train-checkpoint"
-VERSION = 1
-
-
-def folder_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def complete(root: Path) -> list[Path]:
-    """Finished checkpoints under `root` (manifest present), oldest first."""
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-                  and not p.name.endswith(".partial") and (p / "manifest.json").is_file())
-
-
-def read_manifest(folder: Path) -> dict:
-    try:
-        data = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise InputError(f"{folder}: not a finished checkpoint (no readable manifest.json)") from None
-    if data.get("stage") != CHECKPOINT_STAGE or data.get("version") != VERSION:
-        raise InputError(f"{folder}: not a train checkpoint of format version {VERSION}")
-    return data
 
 
 def resolve_resume(resume: str, staging: Path) -> Path | None:
