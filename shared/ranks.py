@@ -48,6 +48,18 @@ def current() -> Rank:
     return Rank(rank, world, read("LOCAL_RANK", rank))
 
 
+def device(choice: str, local: int = 0) -> str:
+    """The torch device for `--device auto|cpu|cuda`: auto takes a GPU when CUDA is present; a GPU is the
+    launcher's LOCAL_RANK one (modulo the visible count)."""
+    import torch
+
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
+    return f"cuda:{local % torch.cuda.device_count()}"
+
+
 def wait_for(condition: Callable[[], bool], what: str, poll: float = 0.5, timeout: float | None = None) -> None:
     """Block until `condition()` holds (another rank's file appeared); `timeout` seconds at most."""
     start = time.monotonic()

@@ -282,16 +282,6 @@ class Encoders:
         return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
 
 
-def _device(cfg: Config, rank: ranks.Rank) -> str:
-    import torch
-
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return "cpu"
-    if not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible")
-    return f"cuda:{rank.local % torch.cuda.device_count()}"
-
-
 # ---------------------------------------------------------------- one shard
 
 
@@ -501,7 +491,7 @@ def _build(cfg: Config, staging: Path) -> BuildResult | None:
     rank = ranks.current()
     items = list(read_jsonl(cfg.input / "plan.jsonl"))
     plan = layout(items, cfg.shard_samples)
-    enc = Encoders(cfg, _device(cfg, rank))
+    enc = Encoders(cfg, ranks.device(cfg.device, rank.local))
     if rank.main:
         _prepare(cfg, staging, plan, enc)
     else:

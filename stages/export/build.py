@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared import artifacts, kohya, models
+from shared import artifacts, kohya, models, ranks
 from shared.errors import ConfigError
 from shared.log import say
 from shared.stage import BuildResult
@@ -41,14 +41,6 @@ class Job:
 
     def parts(self, names: tuple[str, ...]) -> dict[str, Any]:
         return {n: getattr(self.model, n) for n in names if getattr(self.model, n, None) is not None}
-
-
-def _device(choice: str) -> str:
-    import torch
-
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda: no CUDA device here; use --device cpu")
-    return ("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice
 
 
 def _info(cfg: Any, ckpt: source.Checkpoint) -> dict:
@@ -228,7 +220,7 @@ def build(cfg: Any, staging: Path) -> BuildResult:
     model = source.trained_model(ckpt, weights, models.COMPONENTS if wholes else source.COMPONENTS)
     if ckpt.method == "full":
         weights = {}  # now inside the model; a second full UNet is not kept
-    job = Job(cfg, ckpt, weights, model, model.unet.config, staging, _device(cfg.device), _info(cfg, ckpt),
+    job = Job(cfg, ckpt, weights, model, model.unet.config, staging, ranks.device(cfg.device), _info(cfg, ckpt),
               _provenance(ckpt))
     inputs = verify.probe(model.unet.config)
     records = {}

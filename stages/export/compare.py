@@ -14,7 +14,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from shared import artifacts, models
+from shared import artifacts, models, ranks
 from shared.errors import InputError, PipelineError
 from stages.export.formats import PEFT_FILE
 
@@ -158,11 +158,9 @@ def compare(entries: list[str], prompts: list[str], seeds: list[int], out: Path,
             steps: int = 20, size: tuple[int, int] | None = None, guidance: float = 5.0, include_base: bool = True,
             device: str = "auto") -> Path:
     """Render every prompt x seed with every variant into one labelled grid PNG at `out`; returns `out`."""
-    import torch
-
     if not entries or not prompts or not seeds:
         raise InputError("compare needs at least one variant, one --prompt and one --seed")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = ranks.device(device)
     variants = [resolve(e) for e in entries]
     base = _base_of(variants, base)
     if include_base and base is not None and all(v.kind != "base" for v in variants):

@@ -328,7 +328,7 @@ def init_distributed(rank: ranks.Rank, device: torch.device) -> bool:
 
 def build(cfg: Any, staging: Path, inputs: dict) -> BuildResult | None:
     rank = ranks.current()
-    device = M.device_for(cfg, rank.local)
+    device = torch.device(ranks.device(cfg.device, rank.local))
     made_group = init_distributed(rank, device)
     started = time.monotonic()
     run = Run(cfg, staging, rank, device, record(cfg, inputs))

@@ -16,14 +16,6 @@ def lora_spec(cfg: Any) -> lora.LoraSpec:
     return lora.LoraSpec(cfg.lora_preset, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.dora)
 
 
-def device_for(cfg: Any, local_rank: int) -> torch.device:
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible")
-    return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
-
-
 def build_unet(cfg: Any, device: torch.device) -> Any:
     """The model's UNet prepared for training: LoRA injected (base frozen) or fully trainable, in
     `weights_dtype` (LoRA weights in float32), gradient checkpointing as asked, on `device`."""
