@@ -84,13 +84,14 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def execute(stage: Stage, cfg: Any, force: bool = False) -> Manifest | None:
+def execute(stage: Stage, cfg: Any, force: bool = False, decision: Decision | None = None) -> Manifest | None:
     """Run `stage` unless its output is up to date; return the manifest of the (new or kept) output.
+    `decision`: the caller's `decide(stage, cfg)`, when it already made it.
 
     Under a multi-process launcher every rank calls this; only rank 0 speaks and commits (a ranked stage's
     build returns None on the other ranks, which then return None)."""
     main = ranks.current().main
-    decision = decide(stage, cfg)
+    decision = decision or decide(stage, cfg)
     if not decision.reasons and not force:
         if main:
             say(f"{stage.name}: unchanged, skipped (fingerprint {decision.fingerprint[:12]}; --force reruns it)")

@@ -88,8 +88,7 @@ def _adopt_unfinished(cfg: Config, fingerprint: str, record: dict) -> None:
 
 def run(cfg: Config, force: bool = False) -> Manifest | None:
     """Train; rank 0 returns the manifest (the output is skipped when up to date)."""
-    if ranks.current().main:
-        decision = decide(STAGE, cfg)
-        if decision.reasons or force:
-            _adopt_unfinished(cfg, decision.fingerprint, loop.record(cfg, decision.inputs))
-    return execute(STAGE, cfg, force)
+    decision = decide(STAGE, cfg)
+    if ranks.current().main and (decision.reasons or force):
+        _adopt_unfinished(cfg, decision.fingerprint, loop.record(cfg, decision.inputs))
+    return execute(STAGE, cfg, force, decision)
