@@ -16,11 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from shared import integrity
 from shared.errors import InputError
+from shared.integrity import sha256_file  # noqa: F401  (one file hasher, re-exported)
 from shared.jsonl import dumps_utf8
 
 MANIFEST = "manifest.json"
+JOB = "job.json"
 PACKAGE_VERSION = "0.1.0"
+
+
+CORE = ("stage", "version", "code_version", "config", "inputs", "fingerprint", "counts", "created", "files",
+        "trees")
 
 
 @dataclass
@@ -34,21 +41,26 @@ class Manifest:
     counts: dict = field(default_factory=dict)
     created: str = ""
     extra: dict = field(default_factory=dict)
+    files: dict | None = None   # relative path -> {bytes, sha256, mtime_ns} (see shared/integrity.py)
+    trees: dict = field(default_factory=dict)  # bulky subfolder -> stamp (their own index holds the hashes)
 
     def to_json(self) -> str:
-        data = {k: getattr(self, k) for k in
-                ("stage", "version", "code_version", "config", "inputs", "fingerprint", "counts", "created")}
+        data = {k: getattr(self, k) for k in CORE if k not in ("files", "trees")}
         data.update(self.extra)
+        data.update(files=self.files, trees=self.trees)
         return dumps_utf8(data, indent=2) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict) -> "Manifest":
-        core = ("stage", "version", "code_version", "config", "inputs", "fingerprint", "counts", "created")
-        missing = [k for k in core[:6] if k not in data]
+        missing = [k for k in CORE[:6] if k not in data]
         if missing:
             raise KeyError(missing[0])
-        return cls(**{k: data[k] for k in core if k in data},
-                   extra={k: v for k, v in data.items() if k not in core})
+        return cls(**{k: data[k] for k in CORE if k in data},
+                   extra={k: v for k, v in data.items() if k not in CORE})
+
+    def verified(self, folder: Path, rel: str, fix: str) -> Path:
+        """`folder/rel` once checked against this manifest's record of it (see integrity.verified)."""
+        return integrity.verified(folder, rel, self.files, fix)
 
 
 def staging_dir(out: Path) -> Path:
@@ -73,9 +85,12 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def commit(staging: Path, out: Path, manifest: Manifest) -> None:
-    """Write the manifest last, then move the staging folder into place (replacing an old output)."""
+def commit(staging: Path, out: Path, manifest: Manifest, trees: tuple[str, ...] = (),
+           skip: tuple[str, ...] = ()) -> None:
+    """Record the files, write the manifest last, then move the staging folder into place (replacing an old
+    output of the same stage, which `outputs.check_target` made sure of before the stage began)."""
     (staging / JOB).unlink(missing_ok=True)
+    manifest.files, manifest.trees = integrity.record(staging, trees, skip)
     write_atomic(staging / MANIFEST, manifest.to_json())
     trash = _trash_dir(out)
     if trash.exists():
@@ -87,40 +102,39 @@ def commit(staging: Path, out: Path, manifest: Manifest) -> None:
         shutil.rmtree(trash)
 
 
-def fresh_staging(out: Path) -> Path:
-    """An empty staging folder for a stage that does not resume (leftovers of a crash are discarded)."""
+def fresh_staging(out: Path, stage: str = "?") -> Path:
+    """An empty staging folder for a stage that does not resume (leftovers of a crash are discarded); its
+    job.json says whose it is, so a later run knows it may replace it."""
     staging = staging_dir(out)
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
+    write_atomic(staging / JOB, json.dumps({"stage": stage, "started": now()}) + "\n")
     return staging
 
 
-JOB = "job.json"
+
+def read_job(staging: Path) -> dict:
+    try:
+        data = json.loads((staging / JOB).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
-def resumable_staging(out: Path, fingerprint: str, main: bool = True) -> Path:
-    """The staging folder of a stage that resumes: kept when it was started for the same fingerprint,
-    emptied otherwise. The main rank prepares it; other ranks wait until it is prepared for `fingerprint`."""
-    from shared.ranks import wait_for
+def write_job(staging: Path, stage: str, fingerprint: str, job: str) -> None:
+    write_atomic(staging / JOB, json.dumps({"stage": stage, "fingerprint": fingerprint, "job": job,
+                                            "started": now()}) + "\n")
 
+
+def resumable_staging(out: Path, stage: str, fingerprint: str, job: str) -> Path:
+    """The staging folder of a stage that resumes (made by the main rank): kept when it was started for the
+    same fingerprint, emptied otherwise; its job.json names this job, which the other ranks wait for."""
     staging = staging_dir(out)
-    job = staging / JOB
-
-    def prepared() -> bool:
-        try:
-            return json.loads(job.read_text(encoding="utf-8")).get("fingerprint") == fingerprint
-        except (OSError, ValueError):
-            return False
-
-    if not main:
-        wait_for(prepared, f"rank 0 to prepare {staging}")
-        return staging
-    if staging.exists() and not prepared():
+    if staging.exists() and read_job(staging).get("fingerprint") != fingerprint:
         shutil.rmtree(staging)
     staging.mkdir(parents=True, exist_ok=True)
-    if not prepared():
-        write_atomic(job, json.dumps({"fingerprint": fingerprint, "started": now()}) + "\n")
+    write_job(staging, stage, fingerprint, job)
     return staging
 
 
@@ -134,8 +148,12 @@ def read_manifest(folder: Path) -> Manifest | None:
 
 
 def require_input(folder: Path, stage: str, versions: Iterable[int], fix: str) -> Manifest:
-    """The finished output of `stage` at `folder`, or an InputError saying what to run (`fix`)."""
+    """The finished output of `stage` at `folder`, or an InputError. `fix` (the command that writes that
+    output) is proposed only where running it cannot replace anything but the stage's own output."""
     folder = Path(folder)
+    if folder.name.endswith(".staging"):
+        raise InputError(f"{folder}: the staging folder of an unfinished run, not a finished `{stage}` output; "
+                         f"give --in the folder without .staging once its run has finished")
     if not folder.exists():
         if staging_dir(folder).exists():
             raise InputError(f"{folder}: `{stage}` did not finish there (only {staging_dir(folder).name} "
@@ -143,9 +161,11 @@ def require_input(folder: Path, stage: str, versions: Iterable[int], fix: str) -
         raise InputError(f"{folder}: no `{stage}` output found; run: {fix}")
     manifest = read_manifest(folder)
     if manifest is None:
-        raise InputError(f"{folder}: no readable {MANIFEST}, so it is not a finished `{stage}` output; run: {fix}")
+        raise InputError(f"{folder}: no readable {MANIFEST}, so it is not a finished `{stage}` output; give --in "
+                         f"a folder that `sdxl {stage}` wrote")
     if manifest.stage != stage:
-        raise InputError(f"{folder}: holds `{manifest.stage}` output, expected `{stage}` output; run: {fix}")
+        raise InputError(f"{folder}: holds `{manifest.stage}` output, expected `{stage}` output; give --in a "
+                         f"folder that `sdxl {stage}` wrote")
     if manifest.version not in set(versions):
         raise InputError(f"{folder}: `{stage}` output of format version {manifest.version}, which this "
                          f"version of sdxl cannot read; rerun: {fix}")
@@ -172,11 +192,3 @@ def code_version(modules: Iterable[str]) -> str:
         h.update(name.encode())
         h.update(Path(spec.origin).read_bytes())
     return f"{PACKAGE_VERSION}+{h.hexdigest()[:12]}"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -1,26 +1,43 @@
 """A Typer command made from a stage's config dataclass, so each option is declared (and documented) once.
 
 Every CLI option defaults to None, meaning "not given", which is what lets a `pipeline.toml` value win over
-the dataclass default while a flag wins over both. A PipelineError becomes one line on stderr and exit 2.
+the dataclass default while a flag wins over both. A PipelineError, or an OSError naming a path (permission
+denied, a file where a folder is needed, a read-only or full disk), becomes one line on stderr and exit 2.
 """
 from __future__ import annotations
 
 import inspect
 import types
 import typing
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import typer
 
-from shared.config import default_of, load_toml, resolve
-from shared.errors import PipelineError
+from shared.config import Range, default_of, load_toml, resolve
+from shared.errors import PipelineError, os_error_line
 
 
-def fail(error: PipelineError) -> typer.Exit:
+def fail(error: PipelineError | str) -> typer.Exit:
     typer.echo(f"error: {error}", err=True)
     return typer.Exit(2)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """A PipelineError, or an OSError a user can fix (see errors.os_error_line), becomes one line on stderr and
+    exit 2; anything else propagates with its traceback (a bug)."""
+    try:
+        yield
+    except PipelineError as e:
+        raise fail(e) from None
+    except OSError as e:
+        line = os_error_line(e)
+        if line is None:
+            raise
+        raise fail(line) from None
 
 
 def config_option() -> Any:
@@ -36,11 +53,13 @@ def _cli_annotation(tp: Any, meta: dict) -> Any:
     return Optional[tp]
 
 
-def _help(f: Any) -> str:
+def _help(f: Any, tp: Any = None) -> str:
     meta = f.metadata
     text = meta.get("help", "")
     if meta.get("choices"):
         text += f" One of: {', '.join(map(str, meta['choices']))}."
+    if meta.get("range") is not None or tp in (float, Optional[float]):  # a float is at least finite
+        text += f" Range: {meta.get('range') or Range()}."
     default = default_of(f)
     if default not in (None, ()) and not meta.get("positional"):
         shown = str(default).lower() if isinstance(default, bool) else default
@@ -51,12 +70,12 @@ def _help(f: Any) -> str:
 def _parameter(f: Any, tp: Any) -> inspect.Parameter:
     meta = f.metadata
     if meta.get("positional"):
-        default = typer.Argument(None, help=_help(f), show_default=False)
+        default = typer.Argument(None, help=_help(f, tp), show_default=False)
     else:
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
         if tp is bool or typing.get_args(tp) == (bool, type(None)):
             flag = f"{flag}/--no-{flag[2:]}"
-        default = typer.Option(None, flag, help=_help(f), show_default=False)
+        default = typer.Option(None, flag, help=_help(f, tp), show_default=False)
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=_cli_annotation(tp, meta))
 
@@ -68,11 +87,9 @@ def stage_command(cls: type, table: str, run: Callable[..., Any], doc: str) -> C
 
     def command(**kwargs: Any) -> None:
         config_path, force = kwargs.pop("config"), kwargs.pop("force")
-        try:
+        with user_errors():
             cfg = resolve(cls, table, load_toml(config_path), _cli_values(cli_fields, kwargs))
             run(cfg, force=bool(force))
-        except PipelineError as e:
-            raise fail(e) from None
 
     params = [_parameter(f, hints[f.name]) for f in cli_fields]
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=config_option(),

@@ -6,6 +6,7 @@ Values resolve as CLI flag > the stage's `pipeline.toml` table > the `[pipeline]
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import MISSING, field, fields, is_dataclass
@@ -25,17 +26,68 @@ KNOWN_TABLES = {"pipeline"}
 PIPELINE_KEYS = {"workdir"}
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric option: a lower and an upper bound (None = unbounded), each inclusive
+    or not, and optionally a step. Floats must also be finite (no NaN, no ±inf), whatever the bounds."""
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+    multiple_of: int | None = None
+
+    def __str__(self) -> str:
+        if self.low is None and self.high is None and not self.multiple_of:
+            return "any finite number"
+        low = "(-inf" if self.low is None else ("[" if self.low_inclusive else "(") + _bound(self.low)
+        high = "inf)" if self.high is None else _bound(self.high) + ("]" if self.high_inclusive else ")")
+        step = f", a multiple of {self.multiple_of}" if self.multiple_of else ""
+        return f"{low}, {high}{step}"
+
+    def problem(self, value: float) -> str | None:
+        """Why `value` is refused (None: it is valid)."""
+        if isinstance(value, float) and not math.isfinite(value):
+            unbounded = self.low is None and self.high is None
+            return f"{value!r} is not a finite number" + ("" if unbounded else f"; valid: {self}")
+        below = self.low is not None and (value < self.low if self.low_inclusive else value <= self.low)
+        above = self.high is not None and (value > self.high if self.high_inclusive else value >= self.high)
+        if below or above:
+            return f"{value!r} is outside {self}"
+        if self.multiple_of and value % self.multiple_of:
+            return f"{value!r} is not a multiple of {self.multiple_of}; valid: {self}"
+        return None
+
+
+def _bound(x: float) -> str:
+    if isinstance(x, int) and x >= 2 ** 32 and x & (x - 1) == 0:
+        return f"2**{x.bit_length() - 1}"
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+#: the seeds' range: what every generator the stages seed accepts (torch's manual_seed takes 64 bits)
+SEED_RANGE = dict(ge=0, lt=2 ** 63)
+
+
 def opt(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None,
         fingerprint: bool = True, pipeline: bool = False, cli: bool = True,
-        positional: bool = False, from_cli: Callable | None = None) -> Any:
+        positional: bool = False, from_cli: Callable | None = None,
+        ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+        multiple_of: int | None = None, nonempty: bool = False) -> Any:
     """A documented config field.
 
     fingerprint: whether the value changes the stage's output (worker counts and paths do not).
     pipeline: the `[pipeline]` table supplies the value when the stage's table does not.
     cli: whether the field has a command-line flag (nested tables are TOML-only).
+    ge / gt / le / lt / multiple_of: the valid range of a number (checked by `build`, stated in --help).
+    nonempty: an empty string is refused.
     """
+    if ge is not None and gt is not None or le is not None and lt is not None:
+        raise TypeError("give one lower bound (ge or gt) and one upper bound (le or lt)")
+    bounded = any(b is not None for b in (ge, gt, le, lt, multiple_of))
+    valid = Range(low=gt if gt is not None else ge, high=lt if lt is not None else le, low_inclusive=gt is None,
+                  high_inclusive=lt is None, multiple_of=multiple_of) if bounded else None
     meta = dict(help=help, flag=flag, choices=choices, fingerprint=fingerprint, pipeline=pipeline,
-                cli=cli, positional=positional, from_cli=from_cli)
+                cli=cli, positional=positional, from_cli=from_cli, range=valid, nonempty=nonempty)
     if isinstance(default, (list, dict, set)):
         raise TypeError("use tuples for defaults of frozen configs")
     return field(default=default, metadata=meta)
@@ -93,15 +145,28 @@ def build(cls: type, values: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
-        f = known[name]
         kwargs[name] = coerce(value, hints[name], f"{where} {name}")
-        choices = f.metadata.get("choices")
-        if choices and kwargs[name] not in choices:
-            raise ConfigError(f"{where} {name}: {kwargs[name]!r} is not one of {', '.join(map(str, choices))}")
+        problem = value_problem(known[name], kwargs[name])
+        if problem:
+            raise ConfigError(f"{where} {name}: {problem}")
     try:
         return cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(f"{where} {e}") from None
+
+
+def value_problem(f: dataclasses.Field, value: Any) -> str | None:
+    """Why a coerced value is refused by its field's choices, range or non-emptiness (None: it is valid)."""
+    meta = f.metadata
+    if value is None:
+        return None
+    if meta.get("choices") and value not in meta["choices"]:
+        return f"{value!r} is not one of {', '.join(map(str, meta['choices']))}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (meta.get("range") or Range()).problem(value)
+    if meta.get("nonempty") and value == "":
+        return "must not be empty"
+    return None
 
 
 def coerce(value: Any, tp: Any, where: str) -> Any:
@@ -142,6 +207,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is Path:
         if not isinstance(value, (str, Path)):
             raise ConfigError(f"{where}: expected a path string, got {_kind(value)}")
+        if value == "":  # Path("") is the current folder: never what an empty value meant
+            raise ConfigError(f"{where}: expected a path, got an empty string")
         return Path(value)
     raise TypeError(f"unsupported config type {tp!r} at {where}")
 

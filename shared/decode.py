@@ -10,7 +10,9 @@ PIL in either path, so the geometry and the colours agree per item whichever dec
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import io
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -46,15 +48,30 @@ def dali_can_decode(item: dict) -> bool:
     return item.get("format") in DALI_FORMATS and item.get("mode") in DALI_MODES and item.get("frames", 1) == 1
 
 
+def recorded_bytes(item: dict) -> bytes:
+    """The image file's bytes, once checked to be what ingest recorded (size and sha256)."""
+    path = item_path(item)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e}); it changed since ingest? rerun ingest") from None
+    if len(data) != item.get("bytes", len(data)) or \
+            ("sha256" in item and hashlib.sha256(data).hexdigest() != item["sha256"]):
+        raise DataError(f"{path}: changed since ingest recorded it (size or sha256 differ); rerun ingest")
+    return data
+
+
 def pil_batch(items: Sequence[dict]) -> np.ndarray:
     """One batch (all of one bucket) through PIL: uint8 [B, H, W, 3]."""
     out = []
     for item in items:
+        data = recorded_bytes(item)
         try:
-            out.append(load_planned(item_path(item), tuple(item["resize"]), tuple(item["crop"]),
+            out.append(load_planned(io.BytesIO(data), tuple(item["resize"]), tuple(item["crop"]),
                                     tuple(item["bucket"])))
         except (OSError, ValueError) as e:
-            raise DataError(f"{item_path(item)}: cannot decode ({e}); it changed since ingest? rerun ingest") from None
+            raise DataError(f"{item_path(item)}: cannot decode ({e}); rerun ingest with --verify") from None
     return np.stack(out)
 
 
@@ -133,12 +150,7 @@ class _Feeder:
             raise StopIteration
         b = self.batches[self.i]
         self.i += 1
-        data = []
-        for item in b:
-            try:
-                data.append(np.fromfile(item_path(item), dtype=np.uint8))
-            except OSError as e:
-                raise DataError(f"{item_path(item)}: cannot read ({e}); it changed since ingest? rerun ingest") from None
+        data = [np.frombuffer(recorded_bytes(item), dtype=np.uint8) for item in b]
         return (data,
                 [np.array([it["resize"][1], it["resize"][0]], np.float32) for it in b],
                 [np.array(it["crop"], np.int32) for it in b],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -95,7 +96,7 @@ def _decode_rejection(error: Exception) -> Rejected:
     return Rejected("unreadable", f"{type(error).__name__}: {text}")
 
 
-def open_upright(path: str) -> Image.Image:
+def open_upright(path: Any) -> Image.Image:
     """The first frame of an image, EXIF-rotated upright, fully loaded."""
     from PIL import ImageOps
 
@@ -120,7 +121,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_planned(path: str, resize: tuple[int, int], crop: tuple[int, int], bucket: tuple[int, int]):
+def load_planned(path: Any, resize: tuple[int, int], crop: tuple[int, int], bucket: tuple[int, int]):
     """An image as the bucket plan says: upright RGB, resized (Lanczos) to `resize`, cropped at `crop` to
     `bucket`. Returns uint8 HxWx3."""
     import numpy as np

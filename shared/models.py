@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.errors import PipelineError
+from shared.errors import PipelineError, os_error_line
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 BUILTIN_VERSION = 2  # bump when a builtin's architecture or seed changes
@@ -34,7 +34,17 @@ class SDXLModel:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SDXL_CACHE", Path.home() / ".cache" / "sdxl-stages"))
+    """The model cache ($SDXL_CACHE); one that exists but is not a folder is a one-line error."""
+    folder = Path(os.environ.get("SDXL_CACHE", Path.home() / ".cache" / "sdxl-stages")).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise PipelineError(f"SDXL_CACHE={folder}: not a folder; point SDXL_CACHE at a writable folder")
+    return folder
+
+
+def _cache_write_error(error: OSError) -> PipelineError:
+    """A write into the model cache that failed (permissions, a file in the way, a full disk), in one line."""
+    said = os_error_line(error) or f"{cache_dir()}: {error.strerror or error}"
+    return PipelineError(f"{said}; the model cache (SDXL_CACHE) must be a writable folder")
 
 
 def tiny_configs() -> dict[str, dict]:
@@ -157,7 +167,10 @@ def builtin_folder(name: str) -> Path:
         raise PipelineError(f"builtin:{name} is not materialised on disk; only builtin:tiny is")
     folder = cache_dir() / f"builtin-tiny-v{BUILTIN_VERSION}"
     if not (folder / "model_index.json").exists():
-        save_folder(build_components(tiny_configs()), folder, replace=False)
+        try:
+            save_folder(build_components(tiny_configs()), folder, replace=False)
+        except OSError as e:
+            raise _cache_write_error(e) from None
     return folder
 
 
@@ -209,16 +222,28 @@ def single_file_config(path: Path) -> Path:
 def config_folder() -> Path:
     """A diffusers SDXL 1.0 folder with configs, tokenizers and scheduler but no weights (made once, offline):
     what diffusers' single-file loader needs to interpret an SDXL checkpoint without downloading."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig
-
     folder = cache_dir() / f"sdxl-config-v{BUILTIN_VERSION}"
     if (folder / "model_index.json").exists():
         return folder
     quiet_libraries()
     staging = folder.with_name(f"{folder.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write_sdxl_configs(staging)
+    except OSError as e:
+        raise _cache_write_error(e) from None
+    try:
+        os.replace(staging, folder)
+    except OSError:  # another process made it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _write_sdxl_configs(staging: Path) -> None:
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
     configs = sdxl_configs()
     with init_empty_weights():
         UNet2DConditionModel(**configs["unet"]).save_config(staging / "unet")
@@ -226,11 +251,6 @@ def config_folder() -> Path:
     CLIPTextConfig(**configs["text_encoder"]).save_pretrained(staging / "text_encoder")
     CLIPTextConfig(**configs["text_encoder_2"]).save_pretrained(staging / "text_encoder_2")
     _write_pipeline_files(staging)
-    try:
-        os.replace(staging, folder)
-    except OSError:  # another process made it first
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
 
 
 def load_single_file(path: Path, parts: tuple[str, ...], dtype: Any) -> SDXLModel:
@@ -277,6 +297,8 @@ def load_folder(folder: Path, parts: tuple[str, ...], dtype: Any, source: str | 
         sub = folder / name
         if not sub.is_dir():
             raise PipelineError(f"{sub}: missing; a diffusers SDXL folder needs {', '.join(COMPONENTS)}")
+        if name in loaders:
+            check_weights(sub, f"the {name} of a diffusers SDXL folder")
         try:
             if name in loaders:
                 kw = {"torch_dtype": dtype} if dtype is not None else {}
@@ -307,10 +329,13 @@ def _file_hash(path: Path) -> str:
     if key in known:
         return known[key]
     known[key] = sha256_file(path)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(known))
-    os.replace(tmp, cache)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, cache)
+    except OSError as e:
+        raise _cache_write_error(e) from None
     return known[key]
 
 
@@ -345,15 +370,37 @@ def model_identity(spec: str, parts: tuple[str, ...], vae: str | None = None) ->
             raise PipelineError(f"--model {spec}: not found; expected builtin:tiny, builtin:sdxl-random, a "
                                 f"diffusers SDXL folder or a single-file SDXL .safetensors checkpoint")
     if vae is not None and "vae" in parts:
-        ident["vae"] = component_identity(Path(vae).expanduser())
+        ident["vae"] = component_identity(vae_folder(vae))
     return ident
+
+
+def check_weights(folder: Path, what: str) -> None:
+    """One line naming `folder` when it lacks a config.json or safetensors weights, before diffusers (whose
+    own message for this goes to its log as well as into the exception) is asked to load it."""
+    if not (folder / "config.json").is_file():
+        raise PipelineError(f"{folder}: no config.json; expected {what}")
+    if not any(folder.glob("*.safetensors")):
+        raise PipelineError(f"{folder}: no .safetensors weights; expected {what} (safetensors only: .bin "
+                            f"weights are pickles and are not loaded)")
+
+
+def vae_folder(vae: str | Path) -> Path:
+    """The folder of --vae, checked: an existing diffusers AutoencoderKL folder with config and weights."""
+    folder = Path(vae).expanduser()
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "no such folder"
+        raise PipelineError(f"--vae {vae}: {what}; expected a diffusers AutoencoderKL folder (config.json and "
+                            f"diffusion_pytorch_model.safetensors, e.g. sdxl-vae-fp16-fix)")
+    check_weights(folder, "a diffusers AutoencoderKL folder for --vae")
+    return folder
 
 
 def load_vae(folder: str | Path) -> Any:
     """A standalone diffusers AutoencoderKL folder (e.g. an fp16-fixed SDXL VAE)."""
+    quiet_libraries()
     from diffusers import AutoencoderKL
 
-    folder = Path(folder).expanduser()
+    folder = vae_folder(folder)
     try:
         return AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval()
     except (OSError, ValueError, EnvironmentError) as e:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, PipelineError
 
 
 @dataclass(frozen=True)
@@ -60,14 +60,33 @@ def device(choice: str, local: int = 0) -> str:
     return f"cuda:{local % torch.cuda.device_count()}"
 
 
-def wait_for(condition: Callable[[], bool], what: str, poll: float = 0.5, timeout: float | None = None) -> None:
-    """Block until `condition()` holds (another rank's file appeared); `timeout` seconds at most."""
+class RankLost(PipelineError):
+    """A process this one waits for is gone (or never started)."""
+
+
+#: seconds a wait tolerates the awaited process not (yet) running before giving up; SDXL_RANK_GRACE overrides
+GRACE = 300.0
+
+
+def wait_for(condition: Callable[[], bool], what: str, alive: Callable[[], bool] | None = None,
+             poll: float = 0.5, timeout: float | None = None) -> None:
+    """Block until `condition()` holds (another rank's file appeared).
+
+    `alive()` tells whether the processes being waited for still run: once seen alive, finding them gone stops
+    the wait at once; never seeing them alive for SDXL_RANK_GRACE seconds (default 300) stops it too. Either
+    way the error names what was awaited, so no rank hangs on a dead partner. `timeout`: a hard limit."""
+    grace = float(os.environ.get("SDXL_RANK_GRACE", GRACE))
     start = time.monotonic()
+    seen = False
     while not condition():
-        if timeout is not None and time.monotonic() - start > timeout:
-            raise TimeoutError(f"gave up waiting for {what} after {timeout:.0f} s")
+        waited = time.monotonic() - start
+        if timeout is not None and waited > timeout:
+            raise RankLost(f"gave up waiting for {what} after {timeout:.0f} s")
+        if alive is not None:
+            up = alive()
+            seen = seen or up
+            if not up and (seen or waited > grace) and not condition():
+                why = "it stopped" if seen else f"it did not start within {grace:.0f} s"
+                raise RankLost(f"stopped waiting for {what}: {why} (a rank died or was never launched); rerun "
+                               f"the whole job to resume")
         time.sleep(poll)
-
-
-def exists(path: Path) -> Callable[[], bool]:
-    return lambda: Path(path).exists()

@@ -10,6 +10,7 @@ store's maximum and come with their valid lengths.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -76,11 +77,11 @@ def decode_member(field: str, data: bytes) -> Any:
     return data
 
 
-def read_tar(path: Path | str) -> Iterator[dict[str, Any]]:
-    """Samples of a shard as dicts (arrays decoded, json parsed), in stored order."""
+def tar_members(fileobj: Any, where: str) -> Iterator[dict[str, Any]]:
+    """Samples of a tar stream as {"__key__": key, "<field>": raw bytes, ...}, in stored order."""
     current: dict[str, Any] | None = None
     try:
-        with tarfile.open(path, mode="r") as tar:
+        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -89,11 +90,22 @@ def read_tar(path: Path | str) -> Iterator[dict[str, Any]]:
                     if current is not None:
                         yield current
                     current = {"__key__": key}
-                current[field] = decode_member(field, tar.extractfile(info).read())
+                current[field] = tar.extractfile(info).read()
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"{path}: unreadable shard ({e})") from None
+        raise DataError(f"{where}: unreadable shard ({e})") from None
     if current is not None:
         yield current
+
+
+def read_tar(path: Path | str) -> Iterator[dict[str, Any]]:
+    """Samples of a shard as dicts (arrays decoded, json parsed), in stored order."""
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: unreadable shard ({e})") from None
+    with fh:
+        for raw in tar_members(fh, str(path)):
+            yield {k: (v if k == "__key__" else decode_member(k, v)) for k, v in raw.items()}
 
 
 # ---------------------------------------------------------------- zarr
@@ -127,3 +139,15 @@ def create_arrays(store: Any, group: str, specs: dict[str, tuple[tuple[int, ...]
             continue
         g.create_array(name, shape=shape, chunks=(1,) + tuple(shape[1:]), dtype=dtype, fill_value=0, **codecs)
     g.attrs.update(attrs)
+
+
+def zarr_digest(rows: dict[str, np.ndarray], keys: list[str]) -> str:
+    """sha256 of one shard's rows in the zarr store: every array's rows (name, dtype, shape, bytes, by name)
+    and the sample keys. Encode records it per shard; train recomputes it from what it reads."""
+    h = hashlib.sha256()
+    for name in sorted(rows):
+        a = np.ascontiguousarray(rows[name])
+        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    h.update(json.dumps(list(keys), ensure_ascii=False).encode("utf-8", "surrogateescape"))
+    return h.hexdigest()

@@ -7,12 +7,16 @@ builds into staging and commits atomically, printing why it ran.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from shared import artifacts, ranks
+from shared import artifacts, integrity, outputs, ranks
 from shared.artifacts import Manifest
 from shared.config import fingerprinted, to_plain
 from shared.log import say
@@ -24,6 +28,10 @@ class BuildResult:
     extra: dict = field(default_factory=dict)
 
 
+def _nothing(cfg: Any) -> list:
+    return []
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -33,6 +41,15 @@ class Stage:
     inputs: Callable[[Any], dict]
     build: Callable[[Any, Path], BuildResult | None]
     resumable: bool = False  # keeps its staging folder across crashes (build resumes from what is there)
+    #: (what, folder) pairs `--out` must stay apart from: inputs, sources, model folders (read from cfg only)
+    protected: Callable[[Any], list[tuple[str, Path]]] = _nothing
+    trees: tuple[str, ...] = ()  # bulky subfolders recorded as stamps (their index holds per-unit hashes)
+    skip: tuple[str, ...] = ()   # subfolders not recorded at all (logs)
+    #: resumable stages: a damaged finished output goes back to staging and the build resumes there; this
+    #: drops what is damaged first, so the build redoes only that
+    repair: Callable[[Any, Path], None] | None = None
+    #: what an interrupted run leaves in its staging folder, for the one line printed on SIGINT / SIGTERM
+    kept: Callable[[Path], str] | None = None
 
 
 @dataclass
@@ -42,6 +59,7 @@ class Decision:
     inputs: dict
     reasons: list[str]
     previous: Manifest | None
+    damaged: bool = False
 
 
 def decide(stage: Stage, cfg: Any) -> Decision:
@@ -57,9 +75,15 @@ def decide(stage: Stage, cfg: Any) -> Decision:
         unfinished = artifacts.staging_dir(out).exists()
         why = "previous run did not finish" if unfinished else "no previous output"
         return Decision(fp, code, inputs, [why], None)
-    if prev.fingerprint == fp:
-        return Decision(fp, code, inputs, [], prev)
-    return Decision(fp, code, inputs, _differences(stage, prev, config, inputs, code), prev)
+    if prev.fingerprint != fp:
+        return Decision(fp, code, inputs, _differences(stage, prev, config, inputs, code), prev)
+    if prev.files is None:
+        return Decision(fp, code, inputs, ["its manifest records no file hashes (older sdxl)"], prev)
+    damaged = integrity.damage(Path(out), prev.files, prev.trees)
+    if damaged:
+        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        return Decision(fp, code, inputs, [f"output damaged: {damaged[0]}{more}"], prev, True)
+    return Decision(fp, code, inputs, [], prev)
 
 
 def _differences(stage: Stage, prev: Manifest, config: dict, inputs: dict, code: str) -> list[str]:
@@ -84,14 +108,66 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+@contextlib.contextmanager
+def claimed(stage: Stage, cfg: Any) -> Iterator[None]:
+    """Check that `--out` may be written, then hold it (an OS lock) and turn SIGINT / SIGTERM into one line
+    saying what is kept; reentrant, so a stage's `run` may claim before it decides."""
+    rank = ranks.current()
+    out = Path(stage.out_dir(cfg))
+    outputs.check_apart(out, stage.protected(cfg))
+    outputs.check_target(out, stage.name)
+    claim = outputs.claim(out, stage.name, rank.rank, outputs.job_id(rank.world))
+    try:
+        with _interrupts(stage, out, rank.main, first=claim.depth == 1):
+            yield
+    finally:
+        outputs.release(claim)
+
+
+class _Interrupted(BaseException):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise(signum: int, frame: Any) -> None:
+    raise _Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _interrupts(stage: Stage, out: Path, main: bool, first: bool) -> Iterator[None]:
+    if not first or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {s: signal.signal(s, _raise) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except (_Interrupted, KeyboardInterrupt) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        if main:
+            staging = artifacts.staging_dir(out)
+            kept = stage.kept(staging) if stage.kept and staging.exists() else "nothing of this run is kept"
+            say(f"{stage.name}: interrupted by {signal.Signals(signum).name}; {kept}; rerun the same command to "
+                f"{'resume' if stage.resumable else 'start again'}")
+        raise SystemExit(128 + signum) from None
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 def execute(stage: Stage, cfg: Any, force: bool = False, decision: Decision | None = None) -> Manifest | None:
     """Run `stage` unless its output is up to date; return the manifest of the (new or kept) output.
-    `decision`: the caller's `decide(stage, cfg)`, when it already made it.
+    `decision`: the caller's `decide(stage, cfg)`, made while it held the claim.
 
     Under a multi-process launcher every rank calls this; only rank 0 speaks and commits (a ranked stage's
     build returns None on the other ranks, which then return None)."""
-    main = ranks.current().main
-    decision = decision or decide(stage, cfg)
+    with claimed(stage, cfg):
+        return _execute(stage, cfg, force, decision or decide(stage, cfg))
+
+
+def _execute(stage: Stage, cfg: Any, force: bool, decision: Decision) -> Manifest | None:
+    rank = ranks.current()
+    main = rank.main
     if not decision.reasons and not force:
         if main:
             say(f"{stage.name}: unchanged, skipped (fingerprint {decision.fingerprint[:12]}; --force reruns it)")
@@ -99,22 +175,43 @@ def execute(stage: Stage, cfg: Any, force: bool = False, decision: Decision | No
         return decision.previous
     if main:
         say(f"{stage.name}: runs: " + ("--force" if not decision.reasons else "; ".join(decision.reasons)))
-    out = stage.out_dir(cfg)
+    out = Path(stage.out_dir(cfg))
+    job = outputs.job_id(rank.world)
     if not main and not stage.resumable:  # a single-process stage under a launcher: rank 0 runs it, others wait
         ranks.wait_for(lambda: getattr(artifacts.read_manifest(out), "fingerprint", None) == decision.fingerprint,
-                       f"rank 0 to finish {stage.name}")
+                       f"rank 0 to finish {stage.name}", alive=lambda: outputs.partner_alive(out, 0, job))
         return artifacts.read_manifest(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if stage.resumable:
-        staging = artifacts.resumable_staging(out, decision.fingerprint, main)
-    else:
-        staging = artifacts.fresh_staging(out)
+    staging = _staging(stage, cfg, decision, rank, job)
     result = stage.build(cfg, staging)
     if result is None:
         return None
     manifest = Manifest(stage=stage.name, version=stage.version, code_version=decision.code_version,
                         config=to_plain(cfg), inputs=decision.inputs, fingerprint=decision.fingerprint,
                         counts=result.counts, created=artifacts.now(), extra=result.extra)
-    artifacts.commit(staging, out, manifest)
+    artifacts.commit(staging, out, manifest, stage.trees, stage.skip)
     say(f"{stage.name}: done -> {out}")
     return manifest
+
+
+def _staging(stage: Stage, cfg: Any, decision: Decision, rank: ranks.Rank, job: str) -> Path:
+    """The folder the build writes into: fresh, or (resumable stages) the one to resume — prepared by rank 0,
+    awaited by the others; a damaged finished output goes back there to be repaired, not redone."""
+    out = Path(stage.out_dir(cfg))
+    staging = artifacts.staging_dir(out)
+    if not stage.resumable:
+        return artifacts.fresh_staging(out, stage.name)
+    if not rank.main:
+        def prepared() -> bool:
+            found = artifacts.read_job(staging)
+            return (found.get("fingerprint"), found.get("job")) == (decision.fingerprint, job)
+        ranks.wait_for(lambda: prepared() and outputs.partner_alive(out, 0, job), f"rank 0 to prepare {staging}",
+                       alive=lambda: outputs.partner_alive(out, 0, job))
+        return staging
+    if decision.damaged and out.is_dir() and not staging.exists():
+        os.replace(out, staging)
+        (staging / artifacts.MANIFEST).unlink(missing_ok=True)
+        artifacts.write_job(staging, stage.name, decision.fingerprint, job)
+        if stage.repair is not None:
+            stage.repair(cfg, staging)
+    return artifacts.resumable_staging(out, stage.name, decision.fingerprint, job)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from shared import artifacts, bucketing
 from shared.artifacts import Manifest
-from shared.config import KNOWN_TABLES, opt
+from shared.config import KNOWN_TABLES, SEED_RANGE, opt
 from shared.errors import ConfigError
 from shared.faults import checkpoint
 from shared.jsonl import JsonlWriter, read_jsonl
@@ -34,35 +34,26 @@ class Config:
                              fingerprint=False)
     output: Path | None = opt(None, "Output folder [default: <workdir>/bucket].", flag="--out",
                               fingerprint=False)
-    max_area: int = opt(1024 * 1024, "Largest bucket area in pixels (1024*1024 for SDXL).")
-    step: int = opt(64, "Side step of generated buckets; a multiple of 64.")
-    min_side: int = opt(512, "Shortest bucket side of generated buckets.")
-    max_side: int = opt(2048, "Longest bucket side of generated buckets.")
-    max_ratio: float = opt(4.0, "Largest aspect ratio (long side / short side) of generated buckets.")
+    max_area: int = opt(1024 * 1024, "Largest bucket area in pixels (1024*1024 for SDXL).", ge=64 * 64)
+    step: int = opt(64, "Side step of generated buckets.", ge=64, multiple_of=64)
+    min_side: int = opt(512, "Shortest bucket side of generated buckets.", ge=64, multiple_of=64)
+    max_side: int = opt(2048, "Longest bucket side of generated buckets.", ge=64, multiple_of=64)
+    max_ratio: float = opt(4.0, "Largest aspect ratio (long side / short side) of generated buckets.", ge=1)
     buckets: tuple[tuple[int, int], ...] = opt((), "Explicit bucket list [[w, h], ...] instead of "
                                                "generated ones (TOML only).", cli=False)
     crop: str = opt("center", "Where to crop the covered image.", choices=("center", "random"))
-    seed: int = opt(0, "Seed of random crops (each item's crop is recorded in the plan).")
+    seed: int = opt(0, "Seed of random crops (each item's crop is recorded in the plan).", **SEED_RANGE)
     max_upscale: float = opt(2.0, "Largest upscale factor to cover a bucket before an item counts as "
-                                  "too small for it.")
+                                  "too small for it.", ge=1)
     on_too_small: str = opt("keep", "What to do with items needing more than max_upscale: keep them "
                                     "(and report) or reject them (too_small_for_bucket).",
                             choices=("keep", "reject"))
     min_bucket_items: int = opt(1, "Buckets with fewer items merge into their nearest neighbour "
-                                   "(1 = never merge).")
+                                   "(1 = never merge).", ge=1)
 
     def __post_init__(self) -> None:
-        if self.step <= 0 or self.step % 64:
-            raise ConfigError(f"step: must be a positive multiple of 64, got {self.step}")
-        for key in ("min_side", "max_side"):
-            if getattr(self, key) % 64 or getattr(self, key) <= 0:
-                raise ConfigError(f"{key}: must be a positive multiple of 64, got {getattr(self, key)}")
-        if self.min_side > self.max_side:
+        if self.min_side > self.max_side:  # each field's own range is checked by shared.config.build
             raise ConfigError(f"min_side {self.min_side} > max_side {self.max_side}")
-        if self.max_area < 64 * 64:
-            raise ConfigError(f"max_area: must be at least 4096, got {self.max_area}")
-        if self.max_ratio < 1 or self.max_upscale < 1 or self.min_bucket_items < 1:
-            raise ConfigError("max_ratio, max_upscale and min_bucket_items must be >= 1")
         for w, h in self.buckets:
             if w <= 0 or h <= 0 or w % 64 or h % 64:
                 raise ConfigError(f"buckets: [{w}, {h}] is not a pair of positive multiples of 64")
@@ -88,9 +79,17 @@ class Config:
         return found
 
 
+def _ingested(cfg: Config) -> artifacts.Manifest:
+    return artifacts.require_input(cfg.in_dir, "ingest", INGEST_VERSIONS, f"sdxl ingest SOURCE... --out {cfg.in_dir}")
+
+
+def _items(cfg: Config) -> Path:
+    """items.jsonl, checked against ingest's record of it."""
+    return _ingested(cfg).verified(cfg.in_dir, "items.jsonl", f"sdxl ingest SOURCE... --out {cfg.in_dir}")
+
+
 def _inputs(cfg: Config) -> dict:
-    manifest = artifacts.require_input(cfg.in_dir, "ingest", INGEST_VERSIONS,
-                                       f"sdxl ingest SOURCE... --out {cfg.in_dir}")
+    manifest = _ingested(cfg)
     return {"ingest": {"path": str(cfg.in_dir), "fingerprint": manifest.fingerprint,
                        "what": "ingest output changed"}}
 
@@ -99,7 +98,7 @@ def _assign(cfg: Config, buckets: list) -> tuple[Counter, Counter]:
     """First pass: nearest bucket counts, and how many items are too small for theirs (by reason)."""
     counts: Counter = Counter()
     too_small: Counter = Counter()
-    for item in read_jsonl(cfg.in_dir / "items.jsonl"):
+    for item in read_jsonl(_items(cfg)):
         b = bucketing.nearest_bucket(item["width"], item["height"], buckets)
         if bucketing.cover_resize(item["width"], item["height"], b)[2] > cfg.max_upscale:
             too_small[b] += 1
@@ -116,7 +115,7 @@ def _build(cfg: Config, staging: Path) -> BuildResult:
     stats: dict = defaultdict(lambda: {"count": 0, "samples": 0, "aspect_error": 0.0, "cropped": 0.0})
     seen = 0
     with JsonlWriter(staging / "plan.jsonl") as plan, JsonlWriter(staging / "rejected.jsonl") as rejected:
-        for item in progress(read_jsonl(cfg.in_dir / "items.jsonl"), None, "bucket", "item"):
+        for item in progress(read_jsonl(_items(cfg)), None, "bucket", "item"):
             seen += 1
             row = _plan_item(cfg, item, buckets, merged)
             if row is None:
@@ -184,7 +183,8 @@ def _write_outputs(cfg: Config, staging: Path, buckets: list, report: list[dict]
 
 
 STAGE = Stage(name="bucket", version=VERSION, code_modules=("stages.bucket", "shared.bucketing"),
-              out_dir=lambda cfg: cfg.out_dir, inputs=_inputs, build=_build)
+              out_dir=lambda cfg: cfg.out_dir, inputs=_inputs, build=_build,
+              protected=lambda cfg: [("input folder", cfg.in_dir)])
 
 
 def run(cfg: Config, force: bool = False) -> Manifest:

@@ -6,8 +6,7 @@ from typing import Optional
 
 import typer
 
-from shared.command import config_option, fail, stage_command
-from shared.errors import PipelineError
+from shared.command import config_option, stage_command, user_errors
 from stages import bucket, encode, export, ingest, pipeline, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -24,23 +23,19 @@ app.command("compare")(export.compare_command)
 def run_command(config: Optional[Path] = config_option(),
                 force: bool = typer.Option(False, "--force", help="Rerun every stage, even up-to-date ones.")) -> None:
     """Run every stage in order from pipeline.toml, skipping stages whose output is up to date."""
-    try:
+    with user_errors():
         pipeline.run_all(config, force=force)
-    except PipelineError as e:
-        raise fail(e) from None
 
 
 @app.command("demo")
 def demo_command(workdir: Path = typer.Option(Path("demo"), help="Folder for the synthetic data and outputs."),
                  images: int = typer.Option(64, min=8, help="Number of synthetic images."),
-                 seed: int = typer.Option(0, help="Seed of the synthetic dataset."),
+                 seed: int = typer.Option(0, min=0, help="Seed of the synthetic dataset."),
                  steps: int = typer.Option(200, min=1, help="LoRA training steps."),
                  force: bool = typer.Option(False, "--force", help="Rerun every stage.")) -> None:
     """Synthetic captioned images through the whole pipeline on the built-in tiny model."""
-    try:
+    with user_errors():
         pipeline.demo(workdir, images, seed, force=force, steps=steps)
-    except PipelineError as e:
-        raise fail(e) from None
 
 
 def main() -> None:

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from shared import artifacts, models, ranks, shards
+from shared import artifacts, models, outputs, ranks, shards
 from shared.artifacts import Manifest
-from shared.config import KNOWN_TABLES, PIPELINE_KEYS, opt
+from shared.config import KNOWN_TABLES, PIPELINE_KEYS, SEED_RANGE, opt
 from shared.decode import dali_batches, pil_batches, resolve_decoder
 from shared.errors import ConfigError, DataError
 from shared.faults import checkpoint
@@ -28,7 +28,7 @@ from shared.log import progress, say, table, warn
 from shared.stage import BuildResult, Stage, execute
 from shared.text import encode_captions, time_ids
 
-VERSION = 2  # 2: index.json holds per-shard repeats and the tag frequency
+VERSION = 3  # 2: index.json holds per-shard repeats and the tag frequency; 3: file hashes, zarr digests
 BUCKET_VERSIONS = (1,)
 KNOWN_TABLES.add("encode")
 PIPELINE_KEYS.add("model")
@@ -47,15 +47,15 @@ class Config:
     model: str | None = opt(None, "builtin:tiny, builtin:sdxl-random or a diffusers SDXL folder (its weights "
                                   "are fingerprinted as an input).", pipeline=True, fingerprint=False)
     vae: str | None = opt(None, "A diffusers AutoencoderKL folder to use instead of the model's VAE "
-                                "(e.g. an fp16-fixed SDXL VAE).", fingerprint=False)
+                                "(e.g. an fp16-fixed SDXL VAE).", fingerprint=False, nonempty=True)
     format: str = opt("wds", "Output: WebDataset tar shards, a zarr v3 store, or both.",
                       choices=("wds", "zarr", "both"))
     shard_samples: int = opt(256, "Samples per shard (one bucket per shard); the unit of work of ranks and of "
-                                  "resumption.")
+                                  "resumption.", ge=1)
     storage_dtype: str = opt("float16", "dtype of stored latents and embeddings.", choices=("float16", "float32"))
     zarr_compression: str = opt("blosc", "zarr codec: blosc (zstd + bit shuffle), zstd or none.",
                                 choices=("blosc", "zstd", "none"))
-    zarr_level: int = opt(5, "zarr compression level.")
+    zarr_level: int = opt(5, "zarr compression level (blosc takes 0-9, zstd 0-22).", ge=0, le=22)
     vae_dtype: str = opt("float32", "VAE precision. float16 only for a VAE whose config says it is fp16-safe "
                                     "(force_upcast = false, e.g. sdxl-vae-fp16-fix).", choices=DTYPES)
     text_dtype: str = opt("float32", "Text encoders' precision.", choices=DTYPES)
@@ -63,23 +63,24 @@ class Config:
                       choices=("mean", "sample"))
     flip: bool = opt(False, "Also encode the horizontally flipped crop as its own latent (latent_flip).")
     max_windows: int = opt(3, "Longest caption in 75-token windows (3 = 225 tokens, as kohya's "
-                              "max_token_length); 1 = truncate at 77 tokens. Longer captions are cut and counted.")
+                              "max_token_length); 1 = truncate at 77 tokens. Longer captions are cut and counted.",
+                           ge=1)
     caption_variants: int = opt(0, "Tag-shuffled variants encoded per item besides the caption as written "
-                                   "(0 = only the caption as written).")
-    keep_tags: int = opt(1, "Leading tags kept in place when shuffling variants.")
-    tag_join: str = opt(", ", "Separator placed between tags in shuffled variants.")
-    seed: int = opt(0, "Seed of caption shuffles and sampled latents (per item, so ranks agree).")
+                                   "(0 = only the caption as written).", ge=0)
+    keep_tags: int = opt(1, "Leading tags kept in place when shuffling variants.", ge=0)
+    tag_join: str = opt(", ", "Separator placed between tags in shuffled variants.", nonempty=True)
+    seed: int = opt(0, "Seed of caption shuffles and sampled latents (per item, so ranks agree).", **SEED_RANGE)
     token_ids: bool = opt(False, "Also store both tokenizers' ids per variant (for text-encoder training).")
     clip: bool = opt(False, "Also store CLIP image and caption embeddings with their cosine similarity.")
     clip_model: str | None = opt(None, "A transformers CLIPModel folder (e.g. clip-vit-large-patch14) for "
                                        "--clip [default with a builtin model: a tiny random CLIP].",
-                                 fingerprint=False)
+                                 fingerprint=False, nonempty=True)
     decoder: str = opt("auto", "Image decoder: DALI (GPU when present, else CPU), PIL, or auto (DALI when "
                                "installed). The resolved decoder is fingerprinted.",
                        choices=("auto", "dali", "pil"), fingerprint=False)
-    batch_size: int = opt(8, "Images per encoder batch.", fingerprint=False)
+    batch_size: int = opt(8, "Images per encoder batch.", fingerprint=False, ge=1)
     workers: int = opt(2, "Decode processes (PIL) or threads (DALI) working ahead of the encoder.",
-                       fingerprint=False)
+                       fingerprint=False, ge=0)
     device: str = opt("auto", "auto (the launcher's LOCAL_RANK GPU when CUDA is present), cpu or cuda.",
                       choices=("auto", "cpu", "cuda"), fingerprint=False)
 
@@ -87,10 +88,9 @@ class Config:
         if not self.model:
             raise ConfigError("encode needs a model: --model builtin:tiny | builtin:sdxl-random | FOLDER "
                               "(or `model` in [pipeline])")
-        if self.shard_samples < 1 or self.batch_size < 1 or self.workers < 0:
-            raise ConfigError("shard_samples and batch_size must be >= 1, workers >= 0")
-        if self.max_windows < 1 or self.caption_variants < 0 or self.keep_tags < 0:
-            raise ConfigError("max_windows must be >= 1; caption_variants and keep_tags >= 0")
+        if self.zarr_compression == "blosc" and self.zarr_level > 9:  # each field's own range: config.build
+            raise ConfigError(f"zarr_level: {self.zarr_level} is outside [0, 9], the levels of blosc (zstd "
+                              f"takes up to 22: --zarr-compression zstd)")
         object.__setattr__(self, "input", self.input or self.workdir / "bucket")
         object.__setattr__(self, "output", self.output or self.workdir / "encode")
 
@@ -323,7 +323,8 @@ def _content_hash(samples: list[dict]) -> str:
     return h.hexdigest()
 
 
-def _zarr_write(cfg: Config, staging: Path, shard: Shard, samples: list[dict]) -> None:
+def _zarr_write(cfg: Config, staging: Path, shard: Shard, samples: list[dict]) -> str:
+    """Write the shard's rows; return the digest of what the store now holds for them (read back)."""
     store = shards.open_store(staging / "zarr", mode="a")
     g = store[shard.group]
     lo, hi = shard.first, shard.first + len(samples)
@@ -351,6 +352,12 @@ def _zarr_write(cfg: Config, staging: Path, shard: Shard, samples: list[dict]) -
         g["clip_image"][lo:hi] = np.stack([s["clip_image.npy"] for s in samples])
         g["clip_text"][lo:hi] = np.stack([s["clip_text.npy"] for s in samples])
         g["clip_similarity"][lo:hi] = np.array([s["json"]["clip_similarity"] for s in samples], np.float32)
+    return _zarr_rows_digest(g, lo, hi)
+
+
+def _zarr_rows_digest(g: Any, lo: int, hi: int) -> str:
+    return shards.zarr_digest({name: np.asarray(g[name][lo:hi]) for name in g.array_keys()},
+                              list(g.attrs["keys"][lo:hi]))
 
 
 def _tag_counts(tag_lists: Any) -> dict[str, int]:
@@ -376,7 +383,7 @@ def _finish_shard(cfg: Config, staging: Path, shard: Shard, samples: list[dict],
         tmp = final.with_name(final.name + ".partial")
         record.update(shards.write_tar(tmp, samples))
     if cfg.zarr:
-        _zarr_write(cfg, staging, shard, samples)
+        record["zarr_sha256"] = _zarr_write(cfg, staging, shard, samples)
     if cfg.wds:
         tmp.replace(final)
     checkpoint("encode.shard")
@@ -388,9 +395,12 @@ def _finish_shard(cfg: Config, staging: Path, shard: Shard, samples: list[dict],
 # ---------------------------------------------------------------- the stage
 
 
+def _plan(cfg: Config) -> artifacts.Manifest:
+    return artifacts.require_input(cfg.input, "bucket", BUCKET_VERSIONS, f"sdxl bucket --out {cfg.input}")
+
+
 def _inputs(cfg: Config) -> dict:
-    manifest = artifacts.require_input(cfg.input, "bucket",
-                                       BUCKET_VERSIONS, f"sdxl bucket --out {cfg.input}")
+    manifest = _plan(cfg)
     identity = models.model_identity(cfg.model, PARTS, cfg.vae)
     decoder = resolve_decoder(cfg.decoder)
     return {"bucket": {"path": str(cfg.input), "fingerprint": manifest.fingerprint,
@@ -489,13 +499,14 @@ def _encode_shards(cfg: Config, staging: Path, todo: list[Shard], enc: Encoders,
 
 def _build(cfg: Config, staging: Path) -> BuildResult | None:
     rank = ranks.current()
-    items = list(read_jsonl(cfg.input / "plan.jsonl"))
+    items = list(read_jsonl(_plan(cfg).verified(cfg.input, "plan.jsonl", f"sdxl bucket --out {cfg.input}")))
     plan = layout(items, cfg.shard_samples)
     enc = Encoders(cfg, ranks.device(cfg.device, rank.local))
     if rank.main:
         _prepare(cfg, staging, plan, enc)
     else:
-        ranks.wait_for(ranks.exists(staging / "ready"), "rank 0 to prepare the output layout")
+        ranks.wait_for((staging / "ready").exists, "rank 0 to prepare the output layout",
+                       alive=_alive(cfg, [0]))
     mine = [s for s in plan if rank.owns(s.number)]
     todo = [s for s in mine if not (staging / s.marker).exists()]
     for s in todo:  # a shard killed half-way left at most a .partial file; it is redone from scratch
@@ -509,8 +520,16 @@ def _build(cfg: Config, staging: Path) -> BuildResult | None:
     missing = [s for s in plan if not (staging / s.marker).exists()]
     if missing:
         say(f"encode: waiting for {len(missing)} shards of other ranks")
-        ranks.wait_for(lambda: all((staging / s.marker).exists() for s in missing), "the other ranks' shards")
+        owners = sorted({s.number % rank.world for s in missing})
+        ranks.wait_for(lambda: all((staging / s.marker).exists() for s in missing),
+                       f"{len(missing)} shards of rank(s) {', '.join(map(str, owners))}", alive=_alive(cfg, owners))
     return _finish(cfg, staging, plan, enc, len(items))
+
+
+def _alive(cfg: Config, owners: list[int]) -> Any:
+    """Whether the ranks `owners` of this job still hold their claim on the output (see shared/outputs.py)."""
+    job = outputs.job_id(ranks.current().world)
+    return lambda: all(outputs.partner_alive(cfg.output, r, job) for r in owners)
 
 
 def _finish(cfg: Config, staging: Path, plan: list[Shard], enc: Encoders, n_items: int) -> BuildResult:
@@ -521,7 +540,7 @@ def _finish(cfg: Config, staging: Path, plan: list[Shard], enc: Encoders, n_item
         b = buckets.setdefault(s.group, {"bucket": list(s.bucket), "samples": 0, "shards": []})
         b["samples"] += r["samples"]
         b["shards"].append({k: r[k] for k in ("name", "shard", "first", "samples", "repeats", "bytes", "sha256",
-                                              "content_sha256") if k in r})
+                                              "content_sha256", "zarr_sha256") if k in r})
     tags: dict[str, int] = {}
     for r in records:
         for t, n in r["tags"].items():
@@ -540,12 +559,6 @@ def _finish(cfg: Config, staging: Path, plan: list[Shard], enc: Encoders, n_item
     extra: dict[str, Any] = {"shards": len(plan), "truncated_captions": truncated}
     if cfg.clip:
         extra["clip"] = _clip_summary(plan, records)
-    for f in ("done", "ready"):
-        p = staging / f
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink(missing_ok=True)
     return BuildResult({"in": n_items, "out": index["samples"], "dropped": {}}, extra)
 
 
@@ -558,9 +571,59 @@ def _clip_summary(plan: list[Shard], records: list[dict]) -> dict:
             "lowest": [{"id": k, "similarity": s} for s, k in lowest]}
 
 
+def repair(cfg: Config, staging: Path) -> None:
+    """A damaged finished output moved back to staging: keep the marker of each shard whose tar and zarr rows
+    still match its record, drop the others (and the index), so the build re-encodes only those."""
+    (staging / "index.json").unlink(missing_ok=True)
+    markers = sorted((staging / "done").glob("*/*.json"))
+    store = None
+    if cfg.zarr:
+        try:
+            store = shards.open_store(staging / "zarr", mode="r")
+        except Exception:  # noqa: BLE001 - any failure to open means the store must be rebuilt
+            store = None
+        if store is None:
+            for path in (staging / "zarr", staging / "done", staging / "ready"):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            return
+    bad = [m for m in markers if not _shard_intact(staging, json.loads(m.read_text(encoding="utf-8")), store)]
+    for m in bad:
+        m.unlink()
+    if bad:
+        warn(f"encode: {len(bad)} of {len(markers)} shards damaged; re-encoding them")
+
+
+def _shard_intact(staging: Path, record: dict, store: Any) -> bool:
+    name = record.get("name")
+    if name:
+        tar = staging / name
+        if not tar.is_file() or tar.stat().st_size != record["bytes"] or \
+                artifacts.sha256_file(tar) != record["sha256"]:
+            return False
+    if store is not None:
+        try:
+            g = store[f"{record['bucket'][0]}x{record['bucket'][1]}"]
+            lo = record["first"]
+            return _zarr_rows_digest(g, lo, lo + record["samples"]) == record.get("zarr_sha256")
+        except Exception:  # noqa: BLE001 - unreadable rows are damaged rows
+            return False
+    return True
+
+
+def _kept(staging: Path) -> str:
+    done = len(list((staging / "done").glob("*/*.json")))
+    return f"{done} finished shards are kept in {staging}"
+
+
+def _protected(cfg: Config) -> list[tuple[str, Path]]:
+    return [("input folder", cfg.input)] + outputs.local_paths(
+        {"model": cfg.model, "VAE": cfg.vae, "CLIP model": cfg.clip_model})
+
+
 STAGE = Stage(name="encode", version=VERSION,
               code_modules=("stages.encode", "shared.text", "shared.decode", "shared.imageio", "shared.shards"),
-              out_dir=lambda cfg: cfg.output, inputs=_inputs, build=_build, resumable=True)
+              out_dir=lambda cfg: cfg.output, inputs=_inputs, build=_build, resumable=True,
+              protected=_protected, trees=("shards", "zarr"), repair=repair, kept=_kept)
 
 
 def run(cfg: Config, force: bool = False) -> Manifest | None:

@@ -36,7 +36,8 @@ def test_stage_table_beats_pipeline_table(tmp_path):
     ("[bucket]\ncrop = 'left'\n", "[bucket] crop: 'left' is not one of center, random"),
     ("[bucket]\nbuckets = [[1000, 1024]]\n", "[1000, 1024] is not a pair of positive multiples of 64"),
     ("[bucket]\nbuckets = [[2048, 1024]]\n", "area 2097152 > max_area"),
-    ("[bucket]\nstep = 32\n", "[bucket] step: must be a positive multiple of 64"),
+    ("[bucket]\nstep = 32\n", "[bucket] step: 32 is outside [64, inf), a multiple of 64"),
+    ("[bucket]\nstep = 96\n", "[bucket] step: 96 is not a multiple of 64"),
 ])
 def test_bad_values_name_key_and_table(tmp_path, text, needle):
     toml = load_toml(write(tmp_path, text))
@@ -84,7 +85,7 @@ def test_cli_config_errors_are_one_line_exit_2(tmp_path, runner):
 def test_cli_flag_overrides_toml(tmp_path, runner):
     cfg = write(tmp_path, "[bucket]\nstep = 128\n")
     result = runner.invoke(app, ["bucket", "--config", str(cfg), "--step", "96"])
-    assert result.exit_code == 2 and "step: must be a positive multiple of 64, got 96" in result.stderr
+    assert result.exit_code == 2 and "[bucket] step: 96 is not a multiple of 64" in result.stderr
 
 
 def test_every_option_has_help(runner):

@@ -85,7 +85,7 @@ def test_every_planned_item_is_stored_once_in_both_formats(encoded):
             assert np.array_equal(group["pooled"][k], sample["pooled.npy"])
             assert np.array_equal(group["ids"][k][:, :, :n], sample["ids.npy"])
             assert list(group["time_ids"][k]) == sample["json"]["time_ids"]
-    assert not list(out.rglob("*.partial")) and not (out / "done").exists()
+    assert not list(out.rglob("*.partial")) and len(list((out / "done").glob("*/*.json"))) == manifest.extra["shards"]
 
 
 def test_stored_arrays_match_an_independent_computation(encoded):

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from shared import artifacts, kohya, models
+from shared import artifacts, checkpoints, kohya, models
 from shared.artifacts import Manifest
 from shared.errors import ConfigError, InputError
 from shared.lora import LoraSpec, apply_lora, lora_state, target_modules
@@ -60,10 +60,10 @@ def _checkpoint(folder: Path, step: int, method: str, spec: LoraSpec | None, wei
     save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "weights.safetensors"))
     if ema is not None:
         save_file({k: v.contiguous() for k, v in ema.items()}, str(folder / "ema.safetensors"))
-    meta = {"stage": "train-checkpoint", "step": step, "epoch": step // 100, "fingerprint": f"fp-{step}",
+    meta = {"step": step, "epoch": step // 100, "fingerprint": f"fp-{step}",
             "created": "2025-01-01T00:00:00+00:00", "method": method, "lora": spec.__dict__ if spec else None,
             "model": "builtin:tiny", "weights_dtype": "float32"}
-    (folder / "manifest.json").write_text(json.dumps(meta))
+    checkpoints.write_manifest(folder, meta)
 
 
 def make_train_output(tmp: Path, method: str = "lora", preset: str = "attn", dora: bool = False,

@@ -179,12 +179,16 @@ def test_read_caption_encodings():
 
 
 def test_work_folder_inside_a_source_is_not_ingested(tmp_path, runner):
-    make_dataset(tmp_path, count=3)
-    args = ["ingest", str(tmp_path), "--workdir", str(tmp_path / "work"), "--workers", "1"]
+    src = make_dataset(tmp_path / "src", count=3)
+    inside = runner.invoke(app, ["ingest", str(src), "--workdir", str(src / "work"), "--workers", "1"])
+    assert inside.exit_code == 2 and "lies inside the source folder" in inside.stderr  # outputs stay out of sources
+    assert not (src / "work").exists()
+    make_dataset(src / "work" / "bucket", count=2)  # a work folder inside the source, with files in it
+    args = ["ingest", str(src), "--workdir", str(src / "work"), "--out", str(tmp_path / "ingest"), "--workers", "1"]
     assert runner.invoke(app, args).exit_code == 0
     again = runner.invoke(app, args)
-    assert "ingest: unchanged, skipped" in again.output  # its own output did not change its input
-    paths = [r["path"] for r in read_jsonl(tmp_path / "work" / "ingest" / "items.jsonl")]
+    assert "ingest: unchanged, skipped" in again.output
+    paths = [r["path"] for r in read_jsonl(tmp_path / "ingest" / "items.jsonl")]
     assert len(paths) == 3 and not any(p.startswith("work") for p in paths)
 
 
@@ -202,3 +206,94 @@ def test_file_names_that_are_not_utf8(tmp_path):
     row = next(iter(items.values()))
     assert row["tags"] == ["a", "b"]
     assert Path(row["source"], row["path"]).is_file()   # the stored path opens the very file
+
+
+# ---------------------------------------------------------------- issue 17: folders, links, encodings
+
+
+def _scandir_refusing(monkeypatch, folder: Path) -> None:
+    """os.scandir raising EACCES for `folder`, as for a folder without read permission (root reads anyway)."""
+    import errno
+    import os
+
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.path.abspath(os.fspath(path)) == str(folder):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_unreadable_subfolder_is_a_rejected_row(tmp_path, monkeypatch):
+    src = make_dataset(tmp_path / "src", count=2)
+    make_dataset(src / "locked", count=3, seed=1)
+    make_dataset(src / "open", count=1, seed=2)
+    _scandir_refusing(monkeypatch, src / "locked")
+    manifest, items, rejected = run_ingest(src, tmp_path / "out")
+    assert rejected["locked"]["reason"] == "unreadable"
+    assert rejected["locked"]["detail"] == "folder: Permission denied"
+    assert sorted(items) == ["img_000.png", "img_001.png", "open/img_000.png"]
+    assert manifest.counts["dropped"] == {"unreadable": 1}
+
+
+@pytest.mark.skipif(__import__("os").geteuid() == 0, reason="root reads a folder without read permission")
+def test_unreadable_subfolder_for_real(tmp_path):
+    src = make_dataset(tmp_path / "src", count=2)
+    make_dataset(src / "locked", count=1, seed=1)
+    (src / "locked").chmod(0o000)
+    try:
+        _, items, rejected = run_ingest(src, tmp_path / "out")
+    finally:
+        (src / "locked").chmod(0o755)
+    assert rejected["locked"]["reason"] == "unreadable" and len(items) == 2
+
+
+def test_symlinked_folders_are_followed_once_and_loops_are_rows(tmp_path):
+    src = tmp_path / "src"
+    make_dataset(src / "real", count=2)
+    outside = make_dataset(tmp_path / "outside", count=2, seed=7)
+    (src / "linked").symlink_to(outside)             # followed
+    (src / "real" / "back").symlink_to(src)           # a loop
+    (src / "alias").symlink_to(src / "real")          # the same folder again
+    manifest, items, rejected = run_ingest(src, tmp_path / "out")
+    assert sorted(items) == ["linked/img_000.png", "linked/img_001.png", "real/img_000.png", "real/img_001.png"]
+    assert rejected["real/back"]["reason"] == "symlink_loop"
+    assert rejected["alias"]["reason"] == "duplicate" and rejected["alias"]["duplicate_of"] == "real"
+    assert set(rejected) == {"real/back", "alias"}
+    assert manifest.counts["dropped"] == {"duplicate": 1, "symlink_loop": 1}
+
+
+def test_broken_and_self_referencing_links_are_rows_not_a_crash(tmp_path, runner):
+    src = make_dataset(tmp_path / "src", count=2)
+    (src / "gone.png").symlink_to(src / "nothing.png")
+    (src / "self.png").symlink_to(src / "self.png")
+    (src / "gone_folder").symlink_to(tmp_path / "nowhere")
+    before = ingest.listing_fingerprint(src)
+    result = runner.invoke(app, ["ingest", str(src), "--out", str(tmp_path / "out"), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    rejected = {r["path"]: r for r in read_jsonl(tmp_path / "out" / "rejected.jsonl")}
+    assert {k: r["reason"] for k, r in rejected.items()} == {"gone.png": "broken_link", "self.png": "broken_link",
+                                                            "gone_folder": "broken_link"}
+    assert "No such file or directory" in rejected["gone.png"]["detail"]
+    assert "Too many levels of symbolic links" in rejected["self.png"]["detail"]
+    save(noise_image(300, 300, 9), src / "nothing.png")   # the link now resolves: the listing changed
+    assert ingest.listing_fingerprint(src) != before
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_caption_without_bom(tmp_path, encoding):
+    text = "grüne Wiese, 日本, long_hair"
+    assert ingest.read_caption(text.encode(encoding)) == (text, encoding)
+    assert ingest.read_caption("a".encode(encoding)) == ("a", encoding)
+    src = tmp_path / "src"
+    caption(save(noise_image(300, 300, 1), src / "x.png"), text.encode(encoding))
+    _, items, _ = run_ingest(src, tmp_path / "out")
+    assert items["x.png"]["caption"] == text and items["x.png"]["caption_encoding"] == encoding
+    assert items["x.png"]["tags"] == ["grüne Wiese", "日本", "long_hair"]
+
+
+def test_text_without_nul_bytes_is_not_taken_for_utf16():
+    assert ingest.read_caption("日本, a".encode("utf-8")) == ("日本, a", "utf-8")
+    assert ingest.read_caption(b"ab") == ("ab", "utf-8")
+    assert ingest.read_caption(b"a\x00b\x00c") == ("a b c", "utf-8")   # odd length: not UTF-16, NULs are spaces

@@ -158,3 +158,49 @@ def test_full_size_sgm_names_are_what_diffusers_converts(tmp_path):
                and k.endswith("weight") and v.ndim == 2 else v) for k, v in vae.state_dict().items()}
     back = convert_ldm_vae_checkpoint(vae_sgm, vae.config)
     assert set(back) == set(vae.state_dict())
+
+
+# ---------------------------------------------------------------- issue 17: one line naming the folder
+
+
+def test_missing_vae_folder_names_the_vae(tmp_path):
+    for call in (lambda: models.load_vae(tmp_path / "nonexistent"),
+                 lambda: models.model_identity("builtin:tiny", ("vae",), str(tmp_path / "nonexistent"))):
+        with pytest.raises(PipelineError) as e:
+            call()
+        assert str(e.value).startswith(f"--vae {tmp_path / 'nonexistent'}: no such folder; expected a diffusers "
+                                       f"AutoencoderKL folder")
+        assert "SDXL folder" not in str(e.value)
+
+
+def test_vae_without_weights_is_one_line_naming_it(tiny, tmp_path, capfd):
+    import shutil
+
+    folder = models.save_folder({k: getattr(tiny, k) for k in models.MODEL_PARTS}, tmp_path / "m")
+    for f in (folder / "vae").glob("*.safetensors"):
+        f.unlink()
+    shutil.copytree(folder / "vae", tmp_path / "my-vae")
+    capfd.readouterr()
+    with pytest.raises(PipelineError) as e:
+        models.load_model(str(folder), parts=("vae",))
+    assert str(e.value).startswith(f"{folder / 'vae'}: no .safetensors weights; expected the vae of a diffusers "
+                                   f"SDXL folder")
+    with pytest.raises(PipelineError, match=r"my-vae: no \.safetensors weights; expected a diffusers AutoencoderKL"):
+        models.load_vae(tmp_path / "my-vae")
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""   # diffusers said nothing of its own
+    (tmp_path / "my-vae" / "config.json").unlink()
+    with pytest.raises(PipelineError, match=r"my-vae: no config.json"):
+        models.load_vae(tmp_path / "my-vae")
+
+
+def test_sdxl_cache_that_is_a_file_or_under_one(tmp_path, monkeypatch):
+    (tmp_path / "f").write_text("")
+    monkeypatch.setenv("SDXL_CACHE", str(tmp_path / "f"))
+    with pytest.raises(PipelineError, match=r"SDXL_CACHE=.*/f: not a folder"):
+        models.builtin_folder("tiny")
+    monkeypatch.setenv("SDXL_CACHE", str(tmp_path / "f" / "cache"))
+    with pytest.raises(PipelineError) as e:
+        models.builtin_folder("tiny")
+    assert str(e.value).startswith(f"{tmp_path / 'f'}: Not a directory")
+    assert (tmp_path / "f").read_text() == ""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared import models, shards
+from shared import integrity, models, shards
 from shared.config import resolve
 from shared.errors import ConfigError, DataError, InputError
 from stages import bucket, encode, ingest, train
@@ -165,7 +165,25 @@ def poisoned_copy(encoded: Path, dest: Path, rows: list[int]) -> Path:
     lat = store["128x128"]["latent"]
     for r in rows:
         lat[r] = np.full(lat.shape[1:], np.nan, lat.dtype)
+    rerecord(dest / "encode")
     return dest
+
+
+def rerecord(folder: Path) -> None:
+    """Record an edited zarr store as if encode had written it so (its digests in index.json, index.json's hash
+    in the manifest): data that is bad as encoded, not damaged afterwards."""
+    index = json.loads((folder / "index.json").read_text())
+    store = shards.open_store(folder / "zarr", mode="r")
+    for b in index["buckets"]:
+        g = store[f"{b['bucket'][0]}x{b['bucket'][1]}"]
+        for s in b["shards"]:
+            lo, hi = s["first"], s["first"] + s["samples"]
+            s["zarr_sha256"] = shards.zarr_digest({n: np.asarray(g[n][lo:hi]) for n in g.array_keys()},
+                                                  list(g.attrs["keys"][lo:hi]))
+    (folder / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["index.json"] = integrity.file_record(folder / "index.json")
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def test_nan_steps_are_skipped_counted_and_stop_the_run_when_persistent(encoded, tmp_path):

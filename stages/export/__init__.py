@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared import artifacts, models
+from shared import artifacts, models, outputs
 from shared.artifacts import Manifest
 from shared.config import KNOWN_TABLES, opt
 from shared.errors import ConfigError
@@ -56,16 +56,16 @@ class Config:
                                 "checkpoint).")
     dtype: str = opt("float16", "dtype of the written weights (LoRA alphas stay float32).", choices=DTYPES)
     merge_scale: float = opt(1.0, "LoRA strength folded into the base weights for diffusers and single-file "
-                                  "(as diffusers' fuse_lora lora_scale).")
+                                  "(as diffusers' fuse_lora lora_scale; negative subtracts the LoRA).")
     verify: bool = opt(True, "Load every written file back through diffusers and compare its outputs with the "
                              "trained model's.")
     tolerance: float = opt(TOLERANCE, "Largest allowed |Δ| of a verified output after reload, relative to "
-                                      "max(1, its largest |value|); the reference holds the same rounding.")
+                                      "max(1, its largest |value|); the reference holds the same rounding.", gt=0)
     name: str = opt("sdxl", "File stem: <name>.kohya.safetensors, <name>.sdxl.safetensors; also the LoRA's "
                             "ss_output_name.")
     comment: str | None = opt(None, "Training comment written as ss_training_comment [default: the training's].")
     model: str | None = opt(None, "Base model the weights apply to [default: the one the training recorded].",
-                            fingerprint=False)
+                            fingerprint=False, nonempty=True)
     device: str = opt("auto", "Where verification runs: auto (cuda when present), cpu or cuda.",
                       choices=("auto", "cpu", "cuda"), fingerprint=False)
 
@@ -76,8 +76,6 @@ class Config:
         object.__setattr__(self, "format", tuple(dict.fromkeys(self.format)))
         if not self.name or "/" in self.name or "\\" in self.name or self.name.startswith("."):
             raise ConfigError(f"name {self.name!r}: must be a plain file stem (no slashes, not hidden)")
-        if self.tolerance <= 0:
-            raise ConfigError("tolerance must be > 0")
         if not source.WEIGHTS.match(self.weights):
             raise ConfigError(f"weights {self.weights!r}: expected final, ema or step-N (e.g. step-500)")
         object.__setattr__(self, "input", self.input or self.workdir / "train")
@@ -102,6 +100,7 @@ STAGE = Stage(name="export", version=VERSION,
               code_modules=("stages.export", "stages.export.build", "stages.export.formats",
                             "stages.export.source", "stages.export.verify", "shared.kohya", "shared.sgm",
                             "shared.lora"),
+              protected=lambda cfg: [("input folder", cfg.input)] + outputs.local_paths({"model": cfg.model}),
               out_dir=lambda cfg: cfg.output, inputs=_inputs, build=build)
 
 

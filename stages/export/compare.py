@@ -8,6 +8,7 @@ column starts from the same seeded noise, so differences come from the weights a
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional
@@ -15,7 +16,7 @@ from typing import Any, List, Optional
 import typer
 
 from shared import artifacts, models, ranks
-from shared.errors import InputError, PipelineError
+from shared.errors import InputError
 from stages.export.formats import PEFT_FILE
 
 LABEL_WIDTH = 160   # the row-label column, pixels
@@ -160,6 +161,10 @@ def compare(entries: list[str], prompts: list[str], seeds: list[int], out: Path,
     """Render every prompt x seed with every variant into one labelled grid PNG at `out`; returns `out`."""
     if not entries or not prompts or not seeds:
         raise InputError("compare needs at least one variant, one --prompt and one --seed")
+    if not math.isfinite(guidance):
+        raise InputError(f"--guidance {guidance}: not a finite number")
+    if size is not None and (size[0] % 8 or size[1] % 8):
+        raise InputError(f"--width/--height {size[0]}x{size[1]}: each must be a multiple of 8 (the VAE's factor)")
     device = ranks.device(device)
     variants = [resolve(e) for e in entries]
     base = _base_of(variants, base)
@@ -182,24 +187,24 @@ def compare_command(
                                                        "diffusers folders, single-file checkpoints, builtin "
                                                        "models, or `base`."),
         prompt: List[str] = typer.Option(["a photo of a cat"], "--prompt", help="A prompt (repeatable)."),
-        seed: List[int] = typer.Option([0], "--seed", help="A seed (repeatable)."),
+        seed: List[int] = typer.Option([0], "--seed", min=0, max=2 ** 63 - 1, help="A seed (repeatable)."),
         model: Optional[str] = typer.Option(None, "--model", help="Base model for LoRA files [default: the one "
                                                                   "an export folder recorded]."),
         steps: int = typer.Option(20, min=1, help="Sampling steps."),
-        width: Optional[int] = typer.Option(None, help="Image width [default: the model's native size]."),
-        height: Optional[int] = typer.Option(None, help="Image height [default: the model's native size]."),
-        guidance: float = typer.Option(5.0, help="Classifier-free guidance scale."),
+        width: Optional[int] = typer.Option(None, min=8, help="Image width, a multiple of 8 [default: the "
+                                                               "model's native size]."),
+        height: Optional[int] = typer.Option(None, min=8, help="Image height, a multiple of 8 [default: the "
+                                                                "model's native size]."),
+        guidance: float = typer.Option(5.0, min=0.0, help="Classifier-free guidance scale (finite)."),
         base_row: bool = typer.Option(True, "--base/--no-base", help="Also render the base model as a row."),
         out: Path = typer.Option(Path("compare.png"), "--out", help="The grid image (a .json beside it says "
                                                                     "what each row and column is)."),
         device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda.")) -> None:
     """Render the same prompts and seeds with several LoRAs or checkpoints (and the base model) into one
     labelled grid image, so variants can be judged side by side."""
-    from shared.command import fail
+    from shared.command import user_errors
 
-    try:
+    with user_errors():
         size = (width or height, height or width) if (width or height) else None
         path = compare(variants, prompt, seed, out, model, steps, size, guidance, base_row, device)
-    except PipelineError as e:
-        raise fail(e) from None
     typer.echo(f"compare: {len(variants)} variants x {len(prompt) * len(seed)} images -> {path}")

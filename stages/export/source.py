@@ -104,6 +104,7 @@ def locate(input: Path, weights: str, model: str | None) -> Checkpoint:
     if not file.is_file():
         why = "the training kept no EMA (ema_decay = 0)" if file.name == "ema.safetensors" else "it is missing"
         raise InputError(f"{file}: not found ({why}); choose other --weights")
+    checkpoints.require_intact(folder)
     if direct.get("method") not in ("lora", "full"):
         raise InputError(f"{folder}: checkpoint method {direct.get('method')!r} is neither lora nor full")
     base = model or direct.get("model") or (train.config.get("model") if train else None)

@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shared import artifacts, models, ranks
+from shared import artifacts, models, outputs, ranks
 from shared.artifacts import Manifest
 from shared.config import PIPELINE_KEYS
 from shared.errors import ConfigError, InputError
 from shared.log import say, warn
-from shared.stage import Stage, decide, execute
+from shared.stage import Stage, claimed, decide, execute
 from stages.train import checkpoint as ckpt
-from stages.train import loop
+from stages.train import data, loop
 from stages.train.config import Config
 
 __all__ = ["Config", "run", "STAGE"]
@@ -29,7 +29,7 @@ ENCODERS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
 def _inputs(cfg: Config) -> dict:
-    manifest = artifacts.require_input(cfg.input, "encode", (2,), f"sdxl encode --out {cfg.input}")
+    manifest = data.require_encode(cfg.input)
     encoded = manifest.inputs.get("model", {})
     ours = models.model_identity(cfg.model, ENCODERS)
     theirs = encoded.get("components", {})
@@ -52,10 +52,20 @@ def _build(cfg: Config, staging: Path):
     return loop.build(cfg, staging, _inputs(cfg))
 
 
+def _kept(staging: Path) -> str:
+    found = ckpt.complete(staging / "checkpoints")
+    return f"checkpoint {found[-1]} is kept" if found else f"no checkpoint was written yet in {staging}"
+
+
+def _protected(cfg: Config) -> list[tuple[str, Path]]:
+    return [("input folder", cfg.input)] + outputs.local_paths({"model": cfg.model})
+
+
 STAGE = Stage(name="train", version=VERSION,
               code_modules=("stages.train.loop", "stages.train.step", "stages.train.data", "stages.train.model",
                             "stages.train.objective", "stages.train.checkpoint", "shared.lora"),
-              out_dir=lambda cfg: cfg.output, inputs=_inputs, build=_build, resumable=True)
+              out_dir=lambda cfg: cfg.output, inputs=_inputs, build=_build, resumable=True,
+              protected=_protected, trees=("checkpoints",), skip=("logs",), kept=_kept)
 
 
 def _adopt_unfinished(cfg: Config, fingerprint: str, record: dict) -> None:
@@ -82,13 +92,13 @@ def _adopt_unfinished(cfg: Config, fingerprint: str, record: dict) -> None:
                           f"or --resume never to set it aside and start over")
     if diff:
         warn(f"continuing {found[-1]} with changed settings: {'; '.join(diff)}")
-    artifacts.write_atomic(staging / artifacts.JOB, json.dumps({"fingerprint": fingerprint,
-                                                               "started": artifacts.now()}) + "\n")
+    artifacts.write_job(staging, "train", fingerprint, outputs.job_id(ranks.current().world))
 
 
 def run(cfg: Config, force: bool = False) -> Manifest | None:
     """Train; rank 0 returns the manifest (the output is skipped when up to date)."""
-    decision = decide(STAGE, cfg)
-    if ranks.current().main and (decision.reasons or force):
-        _adopt_unfinished(cfg, decision.fingerprint, loop.record(cfg, decision.inputs))
-    return execute(STAGE, cfg, force, decision)
+    with claimed(STAGE, cfg):
+        decision = decide(STAGE, cfg)
+        if ranks.current().main and (decision.reasons or force):
+            _adopt_unfinished(cfg, decision.fingerprint, loop.record(cfg, decision.inputs))
+        return execute(STAGE, cfg, force, decision)

@@ -20,27 +20,46 @@ from safetensors.torch import load_file, save_file
 
 from shared import artifacts
 # the folder contract itself is shared with export; re-exported here for the loop
-from shared.checkpoints import CHECKPOINT_STAGE, VERSION, complete, folder_name, read_manifest  # noqa: F401
+from shared.checkpoints import (CHECKPOINT_STAGE, VERSION, complete, damage, folder_name,  # noqa: F401
+                                read_manifest, require_intact, write_manifest)
 from shared.errors import ConfigError, InputError
+from shared.log import warn
 
 
-def resolve_resume(resume: str, staging: Path) -> Path | None:
+def resolve_resume(resume: str, staging: Path, main: bool = True) -> Path | None:
     """The checkpoint to start from: `auto` = the newest in this run's staging folder (None if there is none),
     `never` = None, else a checkpoint folder or a train output folder (its newest checkpoint)."""
     if resume == "never":
         return None
     if resume == "auto":
-        found = complete(staging / "checkpoints")
-        return found[-1] if found else None
+        return newest_intact(staging / "checkpoints", set_aside=main)
     path = Path(resume).expanduser()
     if (path / "manifest.json").is_file() and path.name.startswith("step-"):
-        read_manifest(path)
+        require_intact(path)
         return path
     found = complete(path / "checkpoints")
     if not found:
         raise InputError(f"--resume {resume}: neither a checkpoint folder (step-NNNNNN with a manifest) nor a "
                          f"train output holding finished checkpoints")
+    require_intact(found[-1])
     return found[-1]
+
+
+def newest_intact(root: Path, set_aside: bool = True) -> Path | None:
+    """The newest finished checkpoint whose files match its manifest; a damaged newer one is renamed
+    `<name>.damaged` (kept for inspection, never resumed; by the main rank) with a warning, and the next older
+    one is tried."""
+    for folder in reversed(complete(root)):
+        problems = damage(folder)
+        if not problems:
+            return folder
+        if not set_aside:
+            continue
+        aside = folder.with_name(folder.name + ".damaged")
+        shutil.rmtree(aside, ignore_errors=True)
+        folder.rename(aside)
+        warn(f"{folder}: damaged ({problems[0]}); set aside as {aside.name}, resuming from an older checkpoint")
+    return None
 
 
 def differences(saved: dict, now: dict) -> list[str]:
@@ -81,7 +100,7 @@ def save(root: Path, step: int, rank: int, main: bool, barrier: Callable[[], Non
     barrier()
     if main:
         files(tmp)
-        artifacts.write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+        write_manifest(tmp, manifest)
         if final.exists():
             shutil.rmtree(final)
         tmp.replace(final)
@@ -125,8 +144,14 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        raise InputError(f"{path}: unreadable ({str(e)[:120]}); use another checkpoint") from None
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: unreadable ({e}); use another checkpoint") from None

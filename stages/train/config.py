@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import KNOWN_TABLES, opt
+from shared.config import KNOWN_TABLES, SEED_RANGE, opt
 from shared.errors import ConfigError
 from shared.lora import PRESETS
 
@@ -38,9 +38,9 @@ class Config:
     method: str = opt("lora", "Train a LoRA on the UNet, or fine-tune the whole UNet.", choices=("lora", "full"))
     lora_preset: str = opt("attn", "LoRA targets: attention projections, or those plus the ResNet and "
                                    "down/upsampler convolutions.", choices=PRESETS)
-    lora_rank: int = opt(16, "LoRA rank (network dim).")
-    lora_alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank.")
-    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.")
+    lora_rank: int = opt(16, "LoRA rank (network dim).", ge=1)
+    lora_alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank.", gt=0)
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.", ge=0, lt=1)
     dora: bool = opt(False, "DoRA: weight-decomposed LoRA (a learned magnitude per output channel).")
     prediction: str = opt("epsilon", "What the UNet predicts: noise, v (needed with zero-terminal-SNR), or "
                                      "the rectified-flow velocity ε − x0.", choices=("epsilon", "v_prediction", "flow"))
@@ -48,54 +48,56 @@ class Config:
                                 "NovelAI's (zero terminal SNR with σ_max 20000).", choices=("sdxl", "ztsnr", "novelai"))
     timesteps: str = opt("uniform", "Timestep sampling.", choices=("uniform", "logit_normal"))
     logit_mean: float = opt(0.0, "Mean of the logit-normal timestep distribution.")
-    logit_std: float = opt(1.0, "Standard deviation of the logit-normal timestep distribution.")
-    flow_shift: float = opt(1.0, "Rectified flow only: SD3's timestep shift (> 1 puts more weight on noise).")
-    min_snr_gamma: float = opt(0.0, "min-SNR-γ loss weighting (5 is usual); 0 = off.")
-    noise_offset: float = opt(0.0, "Noise offset (0.03–0.1 typical); 0 = off.")
+    logit_std: float = opt(1.0, "Standard deviation of the logit-normal timestep distribution.", gt=0)
+    flow_shift: float = opt(1.0, "Rectified flow only: SD3's timestep shift (> 1 puts more weight on noise).", gt=0)
+    min_snr_gamma: float = opt(0.0, "min-SNR-γ loss weighting (5 is usual); 0 = off.", ge=0)
+    noise_offset: float = opt(0.0, "Noise offset (0.03–0.1 typical); 0 = off.", ge=0)
     tag_weighting: bool = opt(True, "Weight each sample's loss by its tag-frequency weight from ingest.")
-    caption_dropout: float = opt(0.0, "Probability of training a sample with the empty caption's embedding.")
-    flip_rate: float = opt(0.5, "Probability of using the flipped latent (when encode stored latent_flip).")
-    batch_size: int = opt(4, "Samples per micro-batch per process (one bucket per batch).")
-    accumulate: int = opt(1, "Micro-batches accumulated per optimizer step.")
-    max_steps: int = opt(0, "Optimizer steps to train; 0 = `epochs` epochs.")
-    epochs: int = opt(1, "Epochs to train when max_steps is 0.")
-    learning_rate: float = opt(1e-4, "Peak learning rate.")
+    caption_dropout: float = opt(0.0, "Probability of training a sample with the empty caption's embedding.",
+                                 ge=0, le=1)
+    flip_rate: float = opt(0.5, "Probability of using the flipped latent (when encode stored latent_flip).", ge=0, le=1)
+    batch_size: int = opt(4, "Samples per micro-batch per process (one bucket per batch).", ge=1)
+    accumulate: int = opt(1, "Micro-batches accumulated per optimizer step.", ge=1)
+    max_steps: int = opt(0, "Optimizer steps to train; 0 = `epochs` epochs.", ge=0)
+    epochs: int = opt(1, "Epochs to train when max_steps is 0.", ge=1)
+    learning_rate: float = opt(1e-4, "Peak learning rate.", gt=0)
     lr_schedule: str = opt("constant", "Learning-rate schedule after warmup.", choices=("constant", "cosine", "linear"))
-    warmup_steps: int = opt(0, "Linear warmup steps from 0 to the peak learning rate.")
-    adam_beta1: float = opt(0.9, "AdamW β1.")
-    adam_beta2: float = opt(0.999, "AdamW β2.")
-    adam_eps: float = opt(1e-8, "AdamW ε.")
-    weight_decay: float = opt(0.01, "AdamW decoupled weight decay.")
-    max_grad_norm: float = opt(1.0, "Clip the gradient's global norm to this; 0 = no clipping.")
+    warmup_steps: int = opt(0, "Linear warmup steps from 0 to the peak learning rate.", ge=0)
+    adam_beta1: float = opt(0.9, "AdamW β1.", ge=0, lt=1)
+    adam_beta2: float = opt(0.999, "AdamW β2.", ge=0, lt=1)
+    adam_eps: float = opt(1e-8, "AdamW ε.", gt=0)
+    weight_decay: float = opt(0.01, "AdamW decoupled weight decay.", ge=0)
+    max_grad_norm: float = opt(1.0, "Clip the gradient's global norm to this; 0 = no clipping.", ge=0)
     weights_dtype: str = opt("float32", "dtype of the UNet's weights (LoRA weights stay float32).", choices=DTYPES)
     mixed_precision: str = opt("no", "Autocast the forward pass: no, bf16, or fp16 (with a gradient scaler).",
                                choices=("no", "bf16", "fp16"))
-    ema_decay: float = opt(0.0, "Keep an exponential moving average of the trained weights (e.g. 0.999); 0 = off.")
-    shuffle_buffer: int = opt(256, "Samples in the shuffle buffer (1 = stream order).")
-    seed: int = opt(0, "Seed of shard order, shuffling, noise, timesteps, caption and flip choices.")
+    ema_decay: float = opt(0.0, "Keep an exponential moving average of the trained weights (e.g. 0.999); 0 = off.",
+                           ge=0, lt=1)
+    shuffle_buffer: int = opt(256, "Samples in the shuffle buffer (1 = stream order).", ge=1)
+    seed: int = opt(0, "Seed of shard order, shuffling, noise, timesteps, caption and flip choices.", **SEED_RANGE)
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, slower).",
                                        fingerprint=False)
     tf32: bool = opt(True, "Allow TF32 matmuls on NVIDIA GPUs.", fingerprint=False)
     checkpoint_every: int = opt(500, "Save a checkpoint every N optimizer steps (and always at the end).",
-                                fingerprint=False)
-    keep_checkpoints: int = opt(3, "Keep the newest K checkpoints.", fingerprint=False)
+                                fingerprint=False, ge=1)
+    keep_checkpoints: int = opt(3, "Keep the newest K checkpoints.", fingerprint=False, ge=1)
     resume: str = opt("auto", "auto (continue an unfinished run of this config from its newest checkpoint), "
                               "never (set an unfinished run aside and start over), or a checkpoint / train "
-                              "output folder to start from.", fingerprint=False)
+                              "output folder to start from.", fingerprint=False, nonempty=True)
     force_resume: bool = opt(False, "Resume even from a checkpoint made with a config that changes the training "
                                     "(the differences are printed).", fingerprint=False)
     max_bad_steps: int = opt(5, "Stop after this many optimizer steps in a row with a NaN/inf loss or "
-                                "gradient (each is skipped and counted).", fingerprint=False)
+                                "gradient (each is skipped and counted).", fingerprint=False, ge=1)
     eval_samples: int = opt(8, "Samples in the fixed evaluation set (loss on fixed noise and timesteps, at the "
-                               "start, at each checkpoint and at the end); 0 = off.", fingerprint=False)
-    log_every: int = opt(10, "Write metrics every N optimizer steps.", fingerprint=False)
+                               "start, at each checkpoint and at the end); 0 = off.", fingerprint=False, ge=0)
+    log_every: int = opt(10, "Write metrics every N optimizer steps.", fingerprint=False, ge=1)
     tensorboard: bool = opt(True, "Write TensorBoard scalars to <out>/logs/tensorboard.", fingerprint=False)
     wandb: bool = opt(False, "Also log to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline "
                              "works without an account).", fingerprint=False)
-    wandb_project: str = opt("sdxl-stages", "WandB project name.", fingerprint=False)
+    wandb_project: str = opt("sdxl-stages", "WandB project name.", fingerprint=False, nonempty=True)
     comment: str = opt("", "Free-text training comment (kept in the manifest and exported LoRA metadata).",
                        fingerprint=False)
-    prefetch: int = opt(4, "Batches read ahead by the loader thread.", fingerprint=False)
+    prefetch: int = opt(4, "Batches read ahead by the loader thread.", fingerprint=False, ge=1)
     device: str = opt("auto", "auto (the launcher's LOCAL_RANK GPU when CUDA is present), cpu or cuda.",
                       choices=("auto", "cpu", "cuda"), fingerprint=False)
 
@@ -103,20 +105,7 @@ class Config:
         if not self.model:
             raise ConfigError("train needs a model: --model builtin:tiny | builtin:sdxl-random | FOLDER | FILE "
                               "(or `model` in [pipeline])")
-        positive = ("batch_size", "accumulate", "epochs", "shuffle_buffer", "checkpoint_every", "keep_checkpoints",
-                    "max_bad_steps", "log_every", "prefetch")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1")
-        if self.max_steps < 0 or self.warmup_steps < 0 or self.eval_samples < 0:
-            raise ConfigError("max_steps, warmup_steps and eval_samples must be >= 0")
-        for name in ("caption_dropout", "flip_rate"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name} must be within [0, 1]")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError("ema_decay must be within [0, 1)")
-        if self.learning_rate <= 0 or self.logit_std <= 0 or self.flow_shift <= 0:
-            raise ConfigError("learning_rate, logit_std and flow_shift must be > 0")
+        # each field's own range is checked by shared.config.build; what is left here concerns two fields
         if self.prediction == "epsilon" and self.schedule != "sdxl":
             raise ConfigError(f"schedule {self.schedule} reaches zero SNR, where epsilon prediction is trivial "
                               f"(the input is the noise); use --prediction v_prediction")

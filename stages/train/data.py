@@ -12,6 +12,9 @@ until its last planned use — memory stays near the shuffle buffer.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
 import json
 import queue
 import random
@@ -37,19 +40,28 @@ class ShardInfo:
     name: str | None            # tar path relative to the encode folder
     first: int                  # row of its first sample within the bucket (zarr)
     repeats: tuple[int, ...]    # per sample
+    bytes: int | None = None    # of the tar, as encode wrote it
+    sha256: str | None = None   # of the tar
+    zarr_sha256: str | None = None  # of its rows in the zarr store (shards.zarr_digest)
 
     @property
     def samples(self) -> int:
         return len(self.repeats)
 
 
-def read_index(folder: Path) -> tuple[dict, list[ShardInfo]]:
-    index = json.loads((Path(folder) / "index.json").read_text(encoding="utf-8"))
-    infos = []
-    for b in index["buckets"]:
-        group = f"{b['bucket'][0]}x{b['bucket'][1]}"
-        for s in b["shards"]:
-            infos.append(ShardInfo(len(infos), group, s.get("name"), s["first"], tuple(s["repeats"])))
+def read_index(folder: Path, manifest: artifacts.Manifest) -> tuple[dict, list[ShardInfo]]:
+    """index.json, checked against the hash in encode's manifest, and its shards in order."""
+    path = manifest.verified(folder, "index.json", f"sdxl encode --out {folder}")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+        infos = []
+        for b in index["buckets"]:
+            group = f"{b['bucket'][0]}x{b['bucket'][1]}"
+            for s in b["shards"]:
+                infos.append(ShardInfo(len(infos), group, s.get("name"), s["first"], tuple(s["repeats"]),
+                                       s.get("bytes"), s.get("sha256"), s.get("zarr_sha256")))
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: not a valid encode index ({type(e).__name__}: {e}); re-encode") from None
     return index, infos
 
 
@@ -81,7 +93,7 @@ def match_urls(infos: list[ShardInfo], urls: list[str]) -> dict[int, str]:
 def select(infos: list[ShardInfo], urls: dict[int, str]) -> tuple[list[ShardInfo], dict[int, str]]:
     """Only the shards given by URL, renumbered 0..n-1 (the plan indexes shards by number)."""
     chosen = [i for i in infos if i.number in urls]
-    renumbered = [ShardInfo(k, i.group, i.name, i.first, i.repeats) for k, i in enumerate(chosen)]
+    renumbered = [dataclasses.replace(i, number=k) for k, i in enumerate(chosen)]
     return renumbered, {k: urls[i.number] for k, i in enumerate(chosen)}
 
 
@@ -175,7 +187,11 @@ class Schedule:
 
 
 class ShardReader:
-    """Samples of one shard, in stored order, as {latent, latent_flip, te, windows, pooled, time_ids, ...}."""
+    """Samples of one shard, in stored order, as {latent, latent_flip, te, windows, pooled, time_ids, ...}.
+
+    Each shard is checked whole before any of its samples is used: a tar's bytes against the size and sha256
+    in index.json, a zarr shard's rows against their digest there. A mismatch is a DataError naming the
+    shard, raised before a sample of it reaches a training step (so no checkpoint ever holds its effect)."""
 
     def __init__(self, folder: Path, infos: list[ShardInfo], source: str, urls: dict[int, str]):
         self.folder, self.infos, self.source, self.urls = Path(folder), infos, source, urls
@@ -188,7 +204,7 @@ class ShardReader:
             return
         url = self.urls.get(number) or str(self.folder / str(info.name))
         count = 0
-        for j, raw in enumerate(_tar_samples(url)):
+        for j, raw in enumerate(shards.tar_members(io.BytesIO(_verified_tar(url, info)), url)):
             yield j, _from_tar(raw)
             count += 1
         if count != info.samples:
@@ -197,24 +213,39 @@ class ShardReader:
 
     def _zarr(self, info: ShardInfo) -> Iterator[tuple[int, dict]]:
         g = self.store[info.group]
+        lo, hi = info.first, info.first + info.samples
+        try:
+            rows = {name: np.asarray(g[name][lo:hi]) for name in sorted(g.array_keys())}
+            keys = list(g.attrs["keys"][lo:hi])
+        except (KeyError, ValueError, OSError) as e:
+            raise DataError(f"{self.folder / 'zarr' / info.group}: unreadable rows {lo}..{hi - 1} ({e}); "
+                            f"re-encode") from None
+        if shards.zarr_digest(rows, keys) != info.zarr_sha256:
+            raise DataError(f"{self.folder / 'zarr' / info.group}: rows {lo}..{hi - 1} (shard {info.name or lo}) "
+                            f"differ from what encode recorded in index.json; re-encode")
         for j in range(info.samples):
-            row = info.first + j
-            windows = np.asarray(g["te_windows"][row]).astype(int)
-            n = int(windows.max()) * 77
-            yield j, {"key": g.attrs["keys"][row], "latent": g["latent"][row],
-                      "latent_flip": g["latent_flip"][row] if "latent_flip" in g else None,
-                      "te": g["te"][row][:, :n], "windows": windows, "pooled": g["pooled"][row],
-                      "time_ids": g["time_ids"][row], "time_ids_flip": g["time_ids_flip"][row],
-                      "tag_weight": float(g["tag_weight"][row])}
+            n = int(rows["te_windows"][j].max()) * 77
+            yield j, {"key": keys[j], "latent": rows["latent"][j],
+                      "latent_flip": rows["latent_flip"][j] if "latent_flip" in rows else None,
+                      "te": rows["te"][j][:, :n], "windows": rows["te_windows"][j].astype(int),
+                      "pooled": rows["pooled"][j], "time_ids": rows["time_ids"][j],
+                      "time_ids_flip": rows["time_ids_flip"][j], "tag_weight": float(rows["tag_weight"][j])}
 
 
-def _tar_samples(url: str) -> Iterator[dict]:
-    from webdataset.tariterators import tarfile_samples
+def _verified_tar(url: str, info: ShardInfo) -> bytes:
+    """The whole shard from `url` (a path, pipe: or http(s) URL), once its size and sha256 are encode's."""
+    from webdataset.gopen import gopen
 
     try:
-        yield from tarfile_samples([{"url": url}])
-    except (OSError, ValueError, EOFError) as e:
+        with gopen(url, "rb") as stream:
+            data = stream.read()
+    except (OSError, ValueError) as e:
         raise DataError(f"{url}: unreadable shard ({e})") from None
+    if len(data) != info.bytes or hashlib.sha256(data).hexdigest() != info.sha256:
+        raise DataError(f"{url}: not the shard encode wrote ({len(data)} bytes, sha256 "
+                        f"{hashlib.sha256(data).hexdigest()[:12]}; index.json: {info.bytes} bytes, "
+                        f"{str(info.sha256)[:12]}); it is damaged or another shard — re-encode, or check --shards")
+    return data
 
 
 def _from_tar(raw: dict) -> dict:
@@ -281,15 +312,21 @@ def prefetch(items: Iterator[Any], depth: int) -> Iterator[Any]:
         yield item
 
 
-def load_empty(folder: Path) -> dict:
-    """The empty caption's cached embedding (caption dropout, and padding of shorter captions)."""
-    folder = Path(folder) / "empty"
-    try:
-        return {"te": np.load(folder / "te.npy", allow_pickle=False),
-                "pooled": np.load(folder / "pooled.npy", allow_pickle=False)}
-    except OSError as e:
-        raise InputError(f"{folder}: missing the empty caption's embedding ({e}); re-encode") from None
+def load_empty(folder: Path, manifest: artifacts.Manifest) -> dict:
+    """The empty caption's cached embedding (caption dropout, and padding of shorter captions), checked."""
+    fix = f"sdxl encode --out {folder}"
+    out = {}
+    for name in ("te", "pooled"):
+        path = manifest.verified(folder, f"empty/{name}.npy", fix)
+        try:
+            out[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{path}: unreadable ({e}); rerun: {fix}") from None
+    return out
+
+
+ENCODE_VERSIONS = (3,)
 
 
 def require_encode(folder: Path) -> artifacts.Manifest:
-    return artifacts.require_input(folder, "encode", (2,), f"sdxl encode --out {folder}")
+    return artifacts.require_input(folder, "encode", ENCODE_VERSIONS, f"sdxl encode --out {folder}")

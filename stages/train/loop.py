@@ -60,8 +60,8 @@ class Data:
 
 
 def open_data(cfg: Any) -> Data:
-    D.require_encode(cfg.input)
-    index, infos = D.read_index(cfg.input)
+    manifest = D.require_encode(cfg.input)
+    index, infos = D.read_index(cfg.input, manifest)
     source = cfg.source if cfg.source != "auto" else ("wds" if index["format"] in ("wds", "both") else "zarr")
     if source == "wds" and index["format"] == "zarr" or source == "zarr" and index["format"] == "wds":
         raise InputError(f"{cfg.input}: encode wrote format {index['format']}, so --source {source} cannot be read")
@@ -73,7 +73,8 @@ def open_data(cfg: Any) -> Data:
         if len(urls) < len(infos):
             say(f"train: reading {len(urls)} of the {len(infos)} shards of {cfg.input} (those given by --shards)")
         infos, urls = D.select(infos, urls)
-    return Data(Path(cfg.input), index, infos, D.ShardReader(cfg.input, infos, source, urls), D.load_empty(cfg.input))
+    return Data(Path(cfg.input), index, infos, D.ShardReader(cfg.input, infos, source, urls),
+                D.load_empty(cfg.input, manifest))
 
 
 def check_shapes(unet: Any, index: dict, where: Path) -> None:
@@ -100,7 +101,7 @@ def setup(run: Run) -> None:
     run.ema = M.EMA(run.params, cfg.ema_decay) if cfg.ema_decay else None
     run.scaler = torch.amp.GradScaler(run.device.type) if cfg.mixed_precision == "fp16" else None
     run.sigmas = objective.schedule(cfg.schedule).float().to(run.device)
-    start = ckpt.resolve_resume(cfg.resume, run.staging)
+    start = ckpt.resolve_resume(cfg.resume, run.staging, run.rank.main)
     if start is not None:
         restore(run, start)
     run.model = run.unet
@@ -279,7 +280,7 @@ def save(run: Run) -> None:
         state = {"loop": run.state, "epoch": epoch, "scaler": M.scaler_state(run.scaler)}
         (folder / "state.json").write_text(M.dumps(state), encoding="utf-8")
 
-    manifest = {"stage": ckpt.CHECKPOINT_STAGE, "version": ckpt.VERSION, "step": step, "epoch": epoch,
+    manifest = {"step": step, "epoch": epoch,
                 "fingerprint": artifacts.hash_json(run.record), "created": artifacts.now(), **run.record,
                 "method": cfg.method, "lora": M.lora_spec(cfg).__dict__ if cfg.method == "lora" else None,
                 "model": cfg.model, "weights_dtype": cfg.weights_dtype}
