@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from shared.errors import ConfigError, DataError
+from shared.ranks import die_with_parent
 from shared.imageio import load_planned
 
 #: what DALI decodes exactly as the PIL path does (anything else goes through PIL)
@@ -100,7 +101,8 @@ def pil_batches(batches: Sequence[Sequence[dict]], workers: int, pin: bool) -> I
         return
     loader = torch.utils.data.DataLoader(_PilBatches(batches), batch_size=None, shuffle=False,
                                          num_workers=workers, pin_memory=pin, prefetch_factor=2,
-                                         multiprocessing_context="spawn" if pin else None)
+                                         multiprocessing_context="spawn" if pin else None,
+                                         worker_init_fn=die_with_parent)
     yield from loader
 
 

@@ -8,6 +8,8 @@ ranks on different machines need only a shared file system.
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,20 @@ def device(choice: str, local: int = 0) -> str:
     if not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
     return f"cuda:{local % torch.cuda.device_count()}"
+
+
+def die_with_parent(*_: object) -> None:
+    """In a worker process: ask Linux to SIGKILL it when its parent dies (even by kill -9), so decode workers
+    never outlive the stage. A no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 class RankLost(PipelineError):

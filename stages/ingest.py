@@ -23,6 +23,7 @@ from shared.faults import checkpoint
 from shared.imageio import IMAGE_EXTENSIONS, Rejected, probe
 from shared.jsonl import JsonlWriter, read_jsonl
 from shared.log import progress, say, table
+from shared.ranks import die_with_parent
 from shared.stage import BuildResult, Stage, execute
 
 VERSION = 1
@@ -236,7 +237,9 @@ def _file_tasks(index: int, src: Source, folder: Folder) -> Iterator[Task]:
 _worker_state: dict = {}
 
 
-def _init_worker(cfg: Config, sources: list[Source]) -> None:
+def _init_worker(cfg: Config, sources: list[Source], in_pool: bool = False) -> None:
+    if in_pool:
+        die_with_parent()
     _worker_state["cfg"], _worker_state["sources"] = cfg, sources
 
 
@@ -321,7 +324,7 @@ def _results(cfg: Config, sources: list[Source], tasks: list[Task]) -> Iterator[
         yield from map(examine, tasks)
         return
     ctx = multiprocessing.get_context("spawn")  # fork after torch/threads is unsafe; spawn always is
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, sources)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, sources, True)) as pool:
         yield from pool.imap(examine, tasks, chunksize=16)
 
 

@@ -237,3 +237,84 @@ def test_signal_mid_stage_prints_what_is_kept(tmp_path, sig, code):
            f"command to start again" in out
     assert "Traceback" not in err
     assert not (tmp_path / "w" / "ingest").exists()
+
+
+# ---------------------------------------------------------------- encode and train: ranks, writers, signals
+
+
+@pytest.fixture(scope="module")
+def bucketed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("safety")
+    make_dataset(root / "src", count=6)
+    work = root / "w"
+    for args in (["ingest", str(root / "src"), "--workers", "1", "--min-side", "64"],
+                 ["bucket", "--max-area", str(128 * 128), "--min-side", "64", "--max-side", "256",
+                  "--max-upscale", "4"]):
+        code, out, err = finished(sdxl(args + ["--workdir", str(work)]))
+        assert code == 0, err
+    return work
+
+
+ENCODE = ["encode", "--model", "builtin:tiny", "--shard-samples", "2", "--batch-size", "1", "--decoder", "pil"]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def test_sigterm_mid_encode_keeps_finished_shards_ends_workers_and_resumes(bucketed, tmp_path):
+    out = tmp_path / "enc"
+    args = ENCODE + ["--workdir", str(bucketed), "--out", str(out), "--workers", "2"]
+    p = sdxl(args, {"SDXL_HOLD": "encode.shard:60"})
+    wait_until_holding(p, "encode.shard")
+    workers = children(p.pid)
+    assert workers, "the PIL decode workers should be running"
+    p.send_signal(signal.SIGTERM)
+    rc, stdout, err = finished(p, timeout=60)
+    assert rc == 143, err
+    assert "encode: interrupted by SIGTERM; 0 finished shards are kept in" in stdout
+    assert "rerun the same command to resume" in stdout and "Traceback" not in err
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{w}").exists() for w in workers), "decode workers outlived their parent"
+    rc, stdout, err = finished(sdxl(args))
+    assert rc == 0 and "previous run did not finish" in stdout, err
+
+
+def test_a_rank_whose_partner_never_comes_stops_instead_of_hanging(bucketed, tmp_path):
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999",
+           "SDXL_RANK_GRACE": "2"}
+    start = time.monotonic()
+    rc, stdout, err = finished(sdxl(ENCODE + ["--workdir", str(bucketed), "--out", str(tmp_path / "enc")], env),
+                               timeout=120)
+    assert rc == 2 and "stopped waiting for rank 0 to prepare" in err and "did not start within 2 s" in err, err
+    assert time.monotonic() - start < 100
+
+
+def test_a_second_encode_or_train_on_a_live_output_is_refused(bucketed, tmp_path):
+    out = tmp_path / "enc"
+    args = ENCODE + ["--workdir", str(bucketed), "--out", str(out), "--workers", "0"]
+    first = sdxl(args, {"SDXL_HOLD": "encode.batch:60"})
+    try:
+        wait_until_holding(first, "encode.batch")
+        rc, stdout, err = finished(sdxl(args))
+        assert rc == 2 and f"`encode` pid {first.pid}" in err, err
+    finally:
+        first.kill()
+        first.wait()
+    assert finished(sdxl(args))[0] == 0
+    train = ["train", "--model", "builtin:tiny", "--in", str(out), "--out", str(tmp_path / "t"), "--batch-size", "1",
+             "--max-steps", "3", "--eval-samples", "0", "--no-tensorboard"]
+    first = sdxl(train, {"SDXL_HOLD": "train.step:60"})
+    try:
+        wait_until_holding(first, "train.step")
+        rc, stdout, err = finished(sdxl(train))
+        assert rc == 2 and f"`train` pid {first.pid}" in err, err
+    finally:
+        first.send_signal(signal.SIGTERM)
+        rc, stdout, err = finished(first)
+    assert rc == 143 and "train: interrupted by SIGTERM; no checkpoint was written yet" in stdout, stdout + err
