@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from shared.command import config_option, stage_command, user_errors
+from shared.core.command import config_option, stage_command, user_errors
 from stages import bucket, encode, export, ingest, pipeline, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,

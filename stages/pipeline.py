@@ -9,10 +9,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from shared.config import load_toml, resolve
-from shared.errors import ConfigError
-from shared.log import say
-from shared.synthetic import generate_dataset
+from shared.core.config import load_toml, resolve
+from shared.core.errors import ConfigError
+from shared.core.log import say
+from stages.synthetic import generate_dataset
 from stages import bucket, encode, export, ingest, train
 
 #: (pipeline.toml table, stage module) in execution order

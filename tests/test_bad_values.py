@@ -5,8 +5,8 @@ from dataclasses import fields
 
 import pytest
 
-from shared.config import resolve
-from shared.errors import ConfigError
+from shared.core.config import resolve
+from shared.core.errors import ConfigError
 from stages import bucket, encode, export, ingest, train
 from stages.cli import app
 

@@ -1,8 +1,8 @@
 import json
 from pathlib import Path
 
-from shared.config import build
-from shared.jsonl import read_jsonl
+from shared.core.config import build
+from shared.formats.jsonl import read_jsonl
 from stages import bucket, ingest
 from stages.cli import app
 from tests.conftest import caption, make_dataset, noise_image, save

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from shared import bucketing as bk
+from stages.bucket import geometry as bk
 
 
 def test_generated_buckets_obey_area_multiples_and_ratio():

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import load_toml, resolve
-from shared.errors import ConfigError
+from shared.core.config import load_toml, resolve
+from shared.core.errors import ConfigError
 from stages import bucket, ingest
 from stages.cli import app
 

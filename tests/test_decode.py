@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared import decode
+from stages.encode import decode
 from tests.conftest import save
 
 pytestmark = pytest.mark.skipif(not decode.dali_available(), reason="nvidia-dali not installed")

@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from shared import artifacts, models, shards
-from shared.config import resolve
-from shared.errors import ConfigError, DataError
-from shared.imageio import load_planned
-from shared.jsonl import read_jsonl
-from shared.stage import decide
-from shared.text import encode_caption, time_ids
+from shared.core import artifacts
+from shared.models import loading as models
+from shared.formats import shards
+from shared.core.config import resolve
+from shared.core.errors import ConfigError, DataError
+from shared.images import load_planned
+from shared.formats.jsonl import read_jsonl
+from shared.core.stage import decide
+from shared.models.text import encode_caption, time_ids
 from stages import bucket, encode, ingest
 from stages.cli import app
 from tests.conftest import caption, make_dataset, noise_image, save

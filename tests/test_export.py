@@ -13,10 +13,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from shared import artifacts, checkpoints, kohya, models
-from shared.artifacts import Manifest
-from shared.errors import ConfigError, InputError
-from shared.lora import LoraSpec, apply_lora, lora_state, target_modules
+from shared.core import artifacts
+from shared.formats import checkpoints
+from stages.export import kohya
+from shared.models import loading as models
+from shared.core.artifacts import Manifest
+from shared.core.errors import ConfigError, InputError
+from shared.models.lora import LoraSpec, apply_lora, lora_state, target_modules
 from stages import export
 
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -265,7 +268,7 @@ def test_cli_flags_split_formats(lora_attn, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from shared.command import stage_command
+    from shared.core.command import stage_command
 
     app = typer.Typer()
     app.command("export")(stage_command(export.Config, "export", export.run, export.__doc__))

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.imageio import load_planned, to_rgb
+from shared.images import load_planned, to_rgb
 from tests.conftest import noise_image, save
 
 

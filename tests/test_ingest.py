@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from shared.config import build
-from shared.jsonl import read_jsonl
+from shared.core.config import build
+from shared.formats.jsonl import read_jsonl
 from stages import ingest
 from stages.cli import app
 from tests.conftest import caption, jpeg_bytes, make_dataset, noise_image, png_with_header_size, save

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shared import artifacts, shards
-from shared.config import resolve
-from shared.errors import DataError, InputError
+from shared.core import artifacts
+from shared.formats import shards
+from shared.core.config import resolve
+from shared.core.errors import DataError, InputError
 from stages import bucket, encode, export, ingest, train
 from tests.conftest import caption, noise_image, save
 
@@ -96,7 +97,7 @@ def test_a_deleted_table_makes_a_finished_output_rerun(work, tmp_path):
     shutil.copytree(work / "ingest", w / "ingest")
     src = Path(artifacts.read_manifest(w / "ingest").config["sources"][0]["path"])
     (w / "ingest" / "rejected.jsonl").unlink()
-    from shared.stage import decide
+    from shared.core.stage import decide
     cfg = resolve(ingest.Config, "ingest", {}, {"sources": (str(src),), "workdir": w, "workers": 1, "min_side": 64})
     assert decide(ingest.STAGE, cfg).reasons == ["output damaged: rejected.jsonl is missing"]
     run_ingest(src, w)

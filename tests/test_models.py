@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from shared import models
-from shared.errors import PipelineError
+from shared.models import loading as models
+from shared.core.errors import PipelineError
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_two_processes_materialising_the_builtin_at_once(tmp_path):
     import subprocess
     import sys
 
-    code = "from shared.models import builtin_folder; print(builtin_folder('tiny'))"
+    code = "from shared.models.loading import builtin_folder; print(builtin_folder('tiny'))"
     env = {**os.environ, "SDXL_CACHE": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -103,7 +103,7 @@ def test_two_processes_materialising_the_builtin_at_once(tmp_path):
 def save_single_file(m, path):
     from safetensors.torch import save_file
 
-    from shared import sgm
+    from stages.export import sgm
     save_file(sgm.to_sgm(m.unet, m.vae, m.text_encoder, m.text_encoder_2), str(path))
     return path
 
@@ -143,7 +143,7 @@ def test_full_size_sgm_names_are_what_diffusers_converts(tmp_path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    from shared import sgm
+    from stages.export import sgm
 
     configs = models.sdxl_configs()
     with init_empty_weights():

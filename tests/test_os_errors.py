@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import typer
 
-from shared.command import stage_command
-from shared.config import resolve
-from shared.errors import os_error_line
+from shared.core.command import stage_command
+from shared.core.config import resolve
+from shared.core.errors import os_error_line
 from stages import bucket, ingest
 from stages.cli import app
 from tests.conftest import make_dataset
@@ -111,7 +111,7 @@ def test_sdxl_cache_unwritable(tmp_path, runner, monkeypatch):
 
 def test_sdxl_cache_refusing_writes(tmp_path, runner, monkeypatch):
     """What an unwritable SDXL_CACHE does to the cache fill, simulated (so it is checked as root too)."""
-    from shared import models
+    from shared.models import loading as models
 
     work = _bucketed(tmp_path)
     monkeypatch.setenv("SDXL_CACHE", str(tmp_path / "cache"))

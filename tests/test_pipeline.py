@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from shared import artifacts
-from shared.errors import InputError
+from shared.core import artifacts
+from shared.core.errors import InputError
 from stages.cli import app
 from tests.conftest import make_dataset, noise_image, save
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from shared import artifacts, outputs, ranks
-from shared.errors import ConfigError, InputError
+from shared.core import artifacts, outputs, ranks
+from shared.core.errors import ConfigError, InputError
 from stages.cli import app
 from tests.conftest import make_dataset
 
@@ -155,7 +155,7 @@ def test_check_apart(tmp_path, out, protected, needle):
 
 HOLDER = """
 import sys, time
-from shared import outputs
+from shared.core import outputs
 outputs.claim(__import__('pathlib').Path(sys.argv[1]), 'ingest', 0, outputs.job_id(1))
 print('held', flush=True)
 time.sleep(60)

@@ -1,6 +1,6 @@
 import pytest
 
-from shared import tags
+from stages.ingest import tags
 
 
 def test_split_tags_normalises_and_dedupes():

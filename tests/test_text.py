@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from shared import models, text
+from shared.models import loading as models, text
 
 
 @pytest.fixture(scope="module")

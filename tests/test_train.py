@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from shared import integrity, models, shards
-from shared.config import resolve
-from shared.errors import ConfigError, DataError, InputError
+from shared.core import integrity
+from shared.models import loading as models
+from shared.formats import shards
+from shared.core.config import resolve
+from shared.core.errors import ConfigError, DataError, InputError
 from stages import bucket, encode, ingest, train
 from stages.cli import app
 from tests.conftest import caption, noise_image, save

@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from shared.errors import ConfigError, InputError
+from shared.core.errors import ConfigError, InputError
 from stages.train import data as D
 from stages.train.objective import learning_rate
 

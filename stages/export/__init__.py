@@ -20,12 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared import artifacts, models, outputs
-from shared.artifacts import Manifest
-from shared.config import KNOWN_TABLES, opt
-from shared.errors import ConfigError
-from shared.log import warn
-from shared.stage import Stage, execute
+from shared.core import artifacts, outputs
+from shared.models import loading as models
+from shared.core.artifacts import Manifest
+from shared.core.config import KNOWN_TABLES, opt
+from shared.core.errors import ConfigError
+from shared.core.log import warn
+from shared.core.stage import Stage, execute
 from stages.export import source
 from stages.export.build import build, formats_for
 from stages.export.compare import compare, compare_command  # noqa: F401  (the `sdxl compare` command)
@@ -98,8 +99,8 @@ def _inputs(cfg: Config) -> dict:
 
 STAGE = Stage(name="export", version=VERSION,
               code_modules=("stages.export", "stages.export.build", "stages.export.formats",
-                            "stages.export.source", "stages.export.verify", "shared.kohya", "shared.sgm",
-                            "shared.lora"),
+                            "stages.export.source", "stages.export.verify", "stages.export.kohya", "stages.export.sgm",
+                            "shared.models.lora"),
               protected=lambda cfg: [("input folder", cfg.input)] + outputs.local_paths({"model": cfg.model}),
               out_dir=lambda cfg: cfg.output, inputs=_inputs, build=build)
 

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared import artifacts, kohya, models, ranks
-from shared.errors import ConfigError
-from shared.log import say
-from shared.stage import BuildResult
+from shared.core import artifacts, ranks
+from stages.export import kohya
+from shared.models import loading as models
+from shared.core.errors import ConfigError
+from shared.core.log import say
+from shared.core.stage import BuildResult
 from stages.export import formats, source, verify
 from stages.export.formats import LORA_FORMATS, MODEL_FORMATS
 from stages.export.verify import VerificationError

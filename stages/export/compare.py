@@ -15,8 +15,9 @@ from typing import Any, List, Optional
 
 import typer
 
-from shared import artifacts, models, ranks
-from shared.errors import InputError
+from shared.core import artifacts, ranks
+from shared.models import loading as models
+from shared.core.errors import InputError
 from stages.export.formats import PEFT_FILE
 
 LABEL_WIDTH = 160   # the row-label column, pixels
@@ -202,7 +203,7 @@ def compare_command(
         device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda.")) -> None:
     """Render the same prompts and seeds with several LoRAs or checkpoints (and the base model) into one
     labelled grid image, so variants can be judged side by side."""
-    from shared.command import user_errors
+    from shared.core.command import user_errors
 
     with user_errors():
         size = (width or height, height or width) if (width or height) else None

@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shared import kohya, sgm
-from shared.log import warn
+from stages.export import kohya, sgm
+from shared.core.log import warn
 
 LORA_FORMATS = ("kohya", "peft")
 MODEL_FORMATS = ("diffusers", "single-file")
@@ -120,7 +120,7 @@ def write_diffusers(folder: Path, model: Any, dtype: str, prediction: str | None
 
 
 def write_single_file(path: Path, model: Any, dtype: str, info: dict, provenance: dict) -> None:
-    """One SGM-layout SDXL checkpoint (shared.sgm), with the markers ComfyUI reads for v-prediction
+    """One SGM-layout SDXL checkpoint (stages.export.sgm), with the markers ComfyUI reads for v-prediction
     (`v_pred`) and zero terminal SNR (`ztsnr`), and modelspec metadata."""
     import torch
     from safetensors.torch import save_file

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared import artifacts, checkpoints, models
-from shared.artifacts import Manifest
-from shared.errors import ConfigError, InputError
-from shared.lora import LoraSpec, apply_lora, load_lora_state
+from shared.core import artifacts
+from shared.formats import checkpoints
+from shared.models import loading as models
+from shared.core.artifacts import Manifest
+from shared.core.errors import ConfigError, InputError
+from shared.models.lora import LoraSpec, apply_lora, load_lora_state
 
 TRAIN_VERSIONS = (1,)
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")

@@ -14,8 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from shared import kohya, models
-from shared.errors import PipelineError
+from stages.export import kohya
+from shared.models import loading as models
+from shared.core.errors import PipelineError
 
 TOLERANCE = 1e-3  # default; relative to max(1, largest |output|)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -248,7 +249,7 @@ def verify_diffusers(folder: Path, inputs: dict, ref: dict, tolerance: float, de
 
 
 def verify_single_file(path: Path, inputs: dict, ref: dict, tolerance: float, device: str) -> float:
-    """A single-file checkpoint through diffusers' `from_single_file` (shared.models.load_single_file)."""
+    """A single-file checkpoint through diffusers' `from_single_file` (shared.models.loading.load_single_file)."""
     parts = tuple(k for k in ref if "." not in k)
     model = models.load_single_file(path, parts, None)
     got = outputs({k: getattr(model, k) for k in parts}, inputs, device)

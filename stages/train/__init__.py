@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shared import artifacts, models, outputs, ranks
-from shared.artifacts import Manifest
-from shared.config import PIPELINE_KEYS
-from shared.errors import ConfigError, InputError
-from shared.log import say, warn
-from shared.stage import Stage, claimed, decide, execute
+from shared.core import artifacts, outputs, ranks
+from shared.models import loading as models
+from shared.core.artifacts import Manifest
+from shared.core.config import PIPELINE_KEYS
+from shared.core.errors import ConfigError, InputError
+from shared.core.log import say, warn
+from shared.core.stage import Stage, claimed, decide, execute
 from stages.train import checkpoint as ckpt
 from stages.train import data, loop
 from stages.train.config import Config
@@ -63,7 +64,7 @@ def _protected(cfg: Config) -> list[tuple[str, Path]]:
 
 STAGE = Stage(name="train", version=VERSION,
               code_modules=("stages.train.loop", "stages.train.step", "stages.train.data", "stages.train.model",
-                            "stages.train.objective", "stages.train.checkpoint", "shared.lora"),
+                            "stages.train.objective", "stages.train.checkpoint", "shared.models.lora"),
               out_dir=lambda cfg: cfg.output, inputs=_inputs, build=_build, resumable=True,
               protected=_protected, trees=("checkpoints",), skip=("logs",), kept=_kept)
 

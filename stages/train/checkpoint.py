@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared import artifacts
+from shared.core import artifacts
 # the folder contract itself is shared with export; re-exported here for the loop
-from shared.checkpoints import (CHECKPOINT_STAGE, VERSION, complete, damage, folder_name,  # noqa: F401
+from shared.formats.checkpoints import (CHECKPOINT_STAGE, VERSION, complete, damage, folder_name,  # noqa: F401
                                 read_manifest, require_intact, write_manifest)
-from shared.errors import ConfigError, InputError
-from shared.log import warn
+from shared.core.errors import ConfigError, InputError
+from shared.core.log import warn
 
 
 def resolve_resume(resume: str, staging: Path, main: bool = True) -> Path | None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import KNOWN_TABLES, SEED_RANGE, opt
-from shared.errors import ConfigError
-from shared.lora import PRESETS
+from shared.core.config import KNOWN_TABLES, SEED_RANGE, opt
+from shared.core.errors import ConfigError
+from shared.models.lora import PRESETS
 
 KNOWN_TABLES.add("train")
 DTYPES = ("float32", "bfloat16")
@@ -105,7 +105,7 @@ class Config:
         if not self.model:
             raise ConfigError("train needs a model: --model builtin:tiny | builtin:sdxl-random | FOLDER | FILE "
                               "(or `model` in [pipeline])")
-        # each field's own range is checked by shared.config.build; what is left here concerns two fields
+        # each field's own range is checked by shared.core.config.build; what is left here concerns two fields
         if self.prediction == "epsilon" and self.schedule != "sdxl":
             raise ConfigError(f"schedule {self.schedule} reaches zero SNR, where epsilon prediction is trivial "
                               f"(the input is the noise); use --prediction v_prediction")

@@ -27,8 +27,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from shared import artifacts, shards
-from shared.errors import ConfigError, DataError, InputError
+from shared.core import artifacts
+from shared.formats import shards
+from shared.core.errors import ConfigError, DataError, InputError
 
 Ref = tuple[int, int]  # (shard number, sample index within the shard)
 

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ConfigError
-from shared.log import warn
+from shared.core.errors import ConfigError
+from shared.core.log import warn
 
 BINS = 10
 
@@ -111,6 +111,6 @@ def _wandb(cfg: Any, folder: Path) -> Any:
         import wandb
     except ImportError:
         raise ConfigError("--wandb: the wandb package is not installed (pip install wandb)") from None
-    from shared.config import to_plain
+    from shared.core.config import to_plain
 
     return wandb.init(project=cfg.wandb_project, dir=str(folder), config=to_plain(cfg), resume="allow")

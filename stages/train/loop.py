@@ -14,12 +14,12 @@ from typing import Any, Iterator
 
 import torch
 
-from shared import artifacts, ranks
-from shared.config import fingerprinted
-from shared.errors import DataError, InputError
-from shared.faults import checkpoint as fault_point
-from shared.log import say, warn
-from shared.stage import BuildResult
+from shared.core import artifacts, ranks
+from shared.core.config import fingerprinted
+from shared.core.errors import DataError, InputError
+from shared.core.faults import checkpoint as fault_point
+from shared.core.log import say, warn
+from shared.core.stage import BuildResult
 from stages.train import checkpoint as ckpt
 from stages.train import data as D
 from stages.train import logs, model as M, objective, step as S

@@ -8,8 +8,8 @@ from typing import Any, Iterator
 
 import torch
 
-from shared import lora, models
-from shared.errors import ConfigError
+from shared.models import lora, loading as models
+from shared.core.errors import ConfigError
 
 
 def lora_spec(cfg: Any) -> lora.LoraSpec:

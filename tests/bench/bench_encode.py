@@ -13,9 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from shared.config import resolve
-from shared.decode import dali_batches, pil_batches
-from shared.jsonl import read_jsonl
+from shared.core.config import resolve
+from stages.encode.decode import dali_batches, pil_batches
+from shared.formats.jsonl import read_jsonl
 from stages import bucket, encode, ingest
 from tests.bench.bench_ingest import make_images
 

@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from shared.config import build
-from shared.synthetic import Sample, render
+from shared.core.config import build
+from stages.synthetic import Sample, render
 from stages import ingest
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from shared.config import resolve
+from shared.core.config import resolve
 from stages import pipeline, train
 from stages.train import data as D, model as M, objective, step as S
 

@@ -18,9 +18,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from shared.errors import ConfigError, DataError
-from shared.ranks import die_with_parent
-from shared.imageio import load_planned
+from shared.core.errors import ConfigError, DataError
+from shared.core.ranks import die_with_parent
+from shared.images import load_planned
 
 #: what DALI decodes exactly as the PIL path does (anything else goes through PIL)
 DALI_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF"}

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from shared.errors import ConfigError, PipelineError
+from shared.core.errors import ConfigError, PipelineError
 
 MANIFEST = "manifest.json"
 JOB = "job.json"

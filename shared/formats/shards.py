@@ -20,8 +20,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from shared.artifacts import sha256_file
-from shared.errors import DataError
+from shared.core.artifacts import sha256_file
+from shared.core.errors import DataError
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

@@ -17,16 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from shared import artifacts, models, outputs, ranks, shards
-from shared.artifacts import Manifest
-from shared.config import KNOWN_TABLES, PIPELINE_KEYS, SEED_RANGE, opt
-from shared.decode import dali_batches, pil_batches, resolve_decoder
-from shared.errors import ConfigError, DataError
-from shared.faults import checkpoint
-from shared.jsonl import read_jsonl
-from shared.log import progress, say, table, warn
-from shared.stage import BuildResult, Stage, execute
-from shared.text import encode_captions, time_ids
+from shared.core import artifacts, outputs, ranks
+from shared.models import loading as models
+from shared.formats import shards
+from shared.core.artifacts import Manifest
+from shared.core.config import KNOWN_TABLES, PIPELINE_KEYS, SEED_RANGE, opt
+from stages.encode.decode import dali_batches, pil_batches, resolve_decoder
+from shared.core.errors import ConfigError, DataError
+from shared.core.faults import checkpoint
+from shared.formats.jsonl import read_jsonl
+from shared.core.log import progress, say, table, warn
+from shared.core.stage import BuildResult, Stage, execute
+from shared.models.text import encode_captions, time_ids
 
 VERSION = 3  # 2: index.json holds per-shard repeats and the tag frequency; 3: file hashes, zarr digests
 BUCKET_VERSIONS = (1,)
@@ -621,7 +623,7 @@ def _protected(cfg: Config) -> list[tuple[str, Path]]:
 
 
 STAGE = Stage(name="encode", version=VERSION,
-              code_modules=("stages.encode", "shared.text", "shared.decode", "shared.imageio", "shared.shards"),
+              code_modules=("stages.encode", "shared.models.text", "stages.encode.decode", "shared.images", "shared.formats.shards"),
               out_dir=lambda cfg: cfg.output, inputs=_inputs, build=_build, resumable=True,
               protected=_protected, trees=("shards", "zarr"), repair=repair, kept=_kept)
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from shared.errors import ConfigError
+from shared.core.errors import ConfigError
 
 PRESETS = ("attn", "attn+conv")
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
-from shared.errors import InputError
+from shared.core.errors import InputError
 
 UNRECORDED = {"manifest.json", "job.json"}
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from shared import integrity
-from shared.errors import InputError
-from shared.integrity import sha256_file  # noqa: F401  (one file hasher, re-exported)
-from shared.jsonl import dumps_utf8
+from shared.core import integrity
+from shared.core.errors import InputError
+from shared.core.integrity import sha256_file  # noqa: F401  (one file hasher, re-exported)
+from shared.formats.jsonl import dumps_utf8
 
 MANIFEST = "manifest.json"
 JOB = "job.json"

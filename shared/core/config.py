@@ -18,7 +18,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from shared.errors import ConfigError
+from shared.core.errors import ConfigError
 
 #: tables pipeline.toml may hold; a stage adds its own when it is defined
 KNOWN_TABLES = {"pipeline"}

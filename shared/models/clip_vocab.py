@@ -14,7 +14,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from shared.errors import PipelineError
+from shared.core.errors import PipelineError
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 N_MERGES = 49152 - 256 - 2

@@ -15,16 +15,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
-from shared import artifacts, tags as tagging
-from shared.artifacts import Manifest
-from shared.config import KNOWN_TABLES, opt
-from shared.errors import ConfigError, DataError
-from shared.faults import checkpoint
-from shared.imageio import IMAGE_EXTENSIONS, Rejected, probe
-from shared.jsonl import JsonlWriter, read_jsonl
-from shared.log import progress, say, table
-from shared.ranks import die_with_parent
-from shared.stage import BuildResult, Stage, execute
+from shared.core import artifacts
+from stages.ingest import tags as tagging
+from shared.core.artifacts import Manifest
+from shared.core.config import KNOWN_TABLES, opt
+from shared.core.errors import ConfigError, DataError
+from shared.core.faults import checkpoint
+from shared.images import IMAGE_EXTENSIONS, Rejected, probe
+from shared.formats.jsonl import JsonlWriter, read_jsonl
+from shared.core.log import progress, say, table
+from shared.core.ranks import die_with_parent
+from shared.core.stage import BuildResult, Stage, execute
 
 VERSION = 1
 KNOWN_TABLES.add("ingest")
@@ -68,7 +69,7 @@ class Config:
                        fingerprint=False)
 
     def __post_init__(self) -> None:
-        if not self.sources:  # ranges, types and empty strings are checked by shared.config.build
+        if not self.sources:  # ranges, types and empty strings are checked by shared.core.config.build
             raise ConfigError("sources: none given; pass SOURCE folders or set [ingest] sources")
         object.__setattr__(self, "output", self.output or self.workdir / "ingest")  # resolved, as recorded
 
@@ -411,7 +412,7 @@ def _protected(cfg: Config) -> list[tuple[str, Path]]:
 
 
 STAGE = Stage(name="ingest", version=VERSION,
-              code_modules=("stages.ingest", "shared.imageio", "shared.tags"),
+              code_modules=("stages.ingest", "shared.images", "stages.ingest.tags"),
               out_dir=lambda cfg: cfg.out_dir, inputs=_inputs, build=_build, protected=_protected)
 
 

@@ -1,6 +1,6 @@
 """Kohya LoRA files (what ComfyUI, A1111 and Forge load): module names, tensors, `ss_*` metadata, hashes.
 
-Names: `lora_unet_<SGM module path, '.' -> '_'>` (the SGM path from `shared.sgm.unet_key`, so the block
+Names: `lora_unet_<SGM module path, '.' -> '_'>` (the SGM path from `stages.export.sgm.unet_key`, so the block
 indices follow the UNet's own layout), `lora_te1_…` / `lora_te2_…` with the Hugging Face CLIP module path
 including `text_model.` (transformers 5 drops that prefix inside CLIPTextModel; files keep it). Per module:
 `lora_down.weight` (peft's `lora_A`), `lora_up.weight` (`lora_B`), `alpha` (a float32 scalar; the update is
@@ -21,7 +21,7 @@ import hashlib
 import json
 from typing import Any
 
-from shared import sgm
+from stages.export import sgm
 
 PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 BASE_MODEL_VERSION = "sdxl_base_v1-0"  # what kohya's sdxl_train_util writes for SDXL
@@ -179,8 +179,8 @@ def full_size_names(preset: str) -> dict[str, str]:
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from shared.lora import target_modules
-    from shared.models import quiet_libraries, sdxl_configs
+    from shared.models.lora import target_modules
+    from shared.models.loading import quiet_libraries, sdxl_configs
 
     quiet_libraries()
     with init_empty_weights():
@@ -193,7 +193,7 @@ def full_size_problems(preset: str) -> list[str]:
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from shared.models import sdxl_configs
+    from shared.models.loading import sdxl_configs
 
     names = full_size_names(preset)
     with init_empty_weights():
@@ -209,7 +209,7 @@ def full_size_te_names() -> set[str]:
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from shared.models import sdxl_configs
+    from shared.models.loading import sdxl_configs
 
     configs = sdxl_configs()
     names = set()
@@ -222,7 +222,7 @@ def full_size_te_names() -> set[str]:
 
 def is_full_size(unet_config: Any) -> bool:
     """Whether a UNet config has SDXL 1.0's block layout (so its SGM names are real SDXL's)."""
-    from shared.models import sdxl_configs
+    from shared.models.loading import sdxl_configs
 
     full = sdxl_configs()["unet"]
     return all(_plain(unet_config[k]) == _plain(full[k]) for k in

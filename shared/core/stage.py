@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from shared import artifacts, integrity, outputs, ranks
-from shared.artifacts import Manifest
-from shared.config import fingerprinted, to_plain
-from shared.log import say
+from shared.core import artifacts, integrity, outputs, ranks
+from shared.core.artifacts import Manifest
+from shared.core.config import fingerprinted, to_plain
+from shared.core.log import say
 
 
 @dataclass

@@ -8,8 +8,8 @@ import json
 import re
 from pathlib import Path
 
-from shared import integrity
-from shared.errors import InputError
+from shared.core import integrity
+from shared.core.errors import InputError
 
 CHECKPOINT_STAGE = "train-checkpoint"
 VERSION = 2  # 2: the manifest records file hashes
@@ -51,7 +51,7 @@ def read_manifest(folder: Path) -> dict:
 def write_manifest(folder: Path, manifest: dict) -> None:
     """Finish a checkpoint folder whose files are all written: its manifest (this format version, with every
     file's size and sha256), written last and atomically."""
-    from shared.artifacts import write_atomic
+    from shared.core.artifacts import write_atomic
 
     files = {rel: {"bytes": r["bytes"], "sha256": r["sha256"]} for rel, r in integrity.record(folder)[0].items()}
     write_atomic(Path(folder) / "manifest.json", json.dumps({**manifest, "stage": CHECKPOINT_STAGE,

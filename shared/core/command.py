@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterator, List, Optional
 
 import typer
 
-from shared.config import Range, default_of, load_toml, resolve
-from shared.errors import PipelineError, os_error_line
+from shared.core.config import Range, default_of, load_toml, resolve
+from shared.core.errors import PipelineError, os_error_line
 
 
 def fail(error: PipelineError | str) -> typer.Exit:

@@ -11,15 +11,16 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared import artifacts, bucketing
-from shared.artifacts import Manifest
-from shared.config import KNOWN_TABLES, SEED_RANGE, opt
-from shared.errors import ConfigError
-from shared.faults import checkpoint
-from shared.jsonl import JsonlWriter, read_jsonl
-from shared.log import progress, say, table, warn
-from shared.plots import bar_chart
-from shared.stage import BuildResult, Stage, execute
+from shared.core import artifacts
+from stages.bucket import geometry as bucketing
+from shared.core.artifacts import Manifest
+from shared.core.config import KNOWN_TABLES, SEED_RANGE, opt
+from shared.core.errors import ConfigError
+from shared.core.faults import checkpoint
+from shared.formats.jsonl import JsonlWriter, read_jsonl
+from shared.core.log import progress, say, table, warn
+from stages.bucket.plots import bar_chart
+from shared.core.stage import BuildResult, Stage, execute
 
 VERSION = 1
 INGEST_VERSIONS = (1,)
@@ -52,7 +53,7 @@ class Config:
                                    "(1 = never merge).", ge=1)
 
     def __post_init__(self) -> None:
-        if self.min_side > self.max_side:  # each field's own range is checked by shared.config.build
+        if self.min_side > self.max_side:  # each field's own range is checked by shared.core.config.build
             raise ConfigError(f"min_side {self.min_side} > max_side {self.max_side}")
         for w, h in self.buckets:
             if w <= 0 or h <= 0 or w % 64 or h % 64:
@@ -182,7 +183,7 @@ def _write_outputs(cfg: Config, staging: Path, buckets: list, report: list[dict]
                 r["mean_cropped_share"]] for r in used]))
 
 
-STAGE = Stage(name="bucket", version=VERSION, code_modules=("stages.bucket", "shared.bucketing"),
+STAGE = Stage(name="bucket", version=VERSION, code_modules=("stages.bucket", "stages.bucket.geometry"),
               out_dir=lambda cfg: cfg.out_dir, inputs=_inputs, build=_build,
               protected=lambda cfg: [("input folder", cfg.in_dir)])
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.errors import PipelineError, os_error_line
+from shared.core.errors import PipelineError, os_error_line
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 BUILTIN_VERSION = 2  # bump when a builtin's architecture or seed changes
@@ -130,7 +130,7 @@ def _write_pipeline_files(folder: Path) -> None:
     """What a diffusers SDXL folder holds besides the four models: tokenizers, scheduler, model_index.json."""
     from diffusers import EulerDiscreteScheduler
 
-    from shared.clip_vocab import write_tokenizer
+    from shared.models.clip_vocab import write_tokenizer
 
     write_tokenizer(folder / "tokenizer", "<|endoftext|>")
     write_tokenizer(folder / "tokenizer_2", "!")
@@ -317,7 +317,7 @@ def load_folder(folder: Path, parts: tuple[str, ...], dtype: Any, source: str | 
 
 def _file_hash(path: Path) -> str:
     """sha256 of a file, cached by (path, size, mtime) in the cache folder: a 5 GB UNet is hashed once."""
-    from shared.artifacts import sha256_file
+    from shared.core.artifacts import sha256_file
 
     st = path.stat()
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"

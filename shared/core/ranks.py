@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from shared.errors import ConfigError, PipelineError
+from shared.core.errors import ConfigError, PipelineError
 
 
 @dataclass(frozen=True)
