@@ -11,11 +11,11 @@ from stages import bucket, encode, export, ingest, pipeline, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="sdxl stages: a staged, offline pipeline for fine-tuning Stable Diffusion XL.")
-app.command("ingest")(stage_command(ingest.Config, "ingest", ingest.run, ingest.__doc__ or ""))
-app.command("bucket")(stage_command(bucket.Config, "bucket", bucket.run, bucket.__doc__ or ""))
-app.command("encode")(stage_command(encode.Config, "encode", encode.run, encode.__doc__ or ""))
-app.command("train")(stage_command(train.Config, "train", train.run, train.__doc__ or ""))
-app.command("export")(stage_command(export.Config, "export", export.run, export.__doc__ or ""))
+app.command("ingest")(stage_command(ingest.Config, "ingest", ingest.run, ingest.__doc__ or "", pipeline.TABLES))
+app.command("bucket")(stage_command(bucket.Config, "bucket", bucket.run, bucket.__doc__ or "", pipeline.TABLES))
+app.command("encode")(stage_command(encode.Config, "encode", encode.run, encode.__doc__ or "", pipeline.TABLES))
+app.command("train")(stage_command(train.Config, "train", train.run, train.__doc__ or "", pipeline.TABLES))
+app.command("export")(stage_command(export.Config, "export", export.run, export.__doc__ or "", pipeline.TABLES))
 app.command("compare")(export.compare_command)
 
 

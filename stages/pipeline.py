@@ -15,14 +15,16 @@ from shared.core.log import say
 from stages.synthetic import generate_dataset
 from stages import bucket, encode, export, ingest, train
 
-#: (pipeline.toml table, stage module) in execution order
+#: (pipeline.toml table, stage module) in execution order: the one list of the stages
 STAGES: list[tuple[str, ModuleType]] = [("ingest", ingest), ("bucket", bucket), ("encode", encode),
                                           ("train", train), ("export", export)]
+#: the tables a pipeline.toml may hold besides [pipeline], with their config classes
+TABLES: dict[str, type] = {table: module.Config for table, module in STAGES}
 
 
 def run_all(config_path: Path | None, force: bool = False, overrides: dict[str, dict] | None = None) -> list:
     """Every stage in order, configured from pipeline.toml (plus per-stage overrides)."""
-    toml = load_toml(config_path)
+    toml = load_toml(config_path, TABLES)
     if "ingest" not in toml or "sources" not in toml["ingest"]:
         if not (overrides or {}).get("ingest", {}).get("sources"):
             raise ConfigError("sdxl run needs [ingest] sources in the config (or use the stage commands)")

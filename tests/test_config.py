@@ -6,6 +6,7 @@ from shared.core.config import load_toml, resolve
 from shared.core.errors import ConfigError
 from stages import bucket, ingest
 from stages.cli import app
+from stages.pipeline import TABLES
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -15,7 +16,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_precedence_cli_over_toml_over_default(tmp_path):
-    toml = load_toml(write(tmp_path, "[pipeline]\nworkdir = 'w'\n[bucket]\nmax_area = 786432\nseed = 3\n"))
+    toml = load_toml(write(tmp_path, "[pipeline]\nworkdir = 'w'\n[bucket]\nmax_area = 786432\nseed = 3\n"), TABLES)
     cfg = resolve(bucket.Config, "bucket", toml, {"seed": 9})
     assert cfg.max_area == 786432          # TOML beats default
     assert cfg.seed == 9                   # CLI beats TOML
@@ -25,7 +26,7 @@ def test_precedence_cli_over_toml_over_default(tmp_path):
 
 
 def test_stage_table_beats_pipeline_table(tmp_path):
-    toml = load_toml(write(tmp_path, "[pipeline]\nworkdir = 'a'\n[bucket]\nworkdir = 'b'\n"))
+    toml = load_toml(write(tmp_path, "[pipeline]\nworkdir = 'a'\n[bucket]\nworkdir = 'b'\n"), TABLES)
     assert resolve(bucket.Config, "bucket", toml).workdir == Path("b")
 
 
@@ -40,7 +41,7 @@ def test_stage_table_beats_pipeline_table(tmp_path):
     ("[bucket]\nstep = 96\n", "[bucket] step: 96 is not a multiple of 64"),
 ])
 def test_bad_values_name_key_and_table(tmp_path, text, needle):
-    toml = load_toml(write(tmp_path, text))
+    toml = load_toml(write(tmp_path, text), TABLES)
     with pytest.raises(ConfigError) as e:
         resolve(bucket.Config, "bucket", toml)
     assert needle in str(e.value)
@@ -48,26 +49,26 @@ def test_bad_values_name_key_and_table(tmp_path, text, needle):
 
 def test_unknown_table_and_bad_toml(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown table \[bukcet\]"):
-        load_toml(write(tmp_path, "[bukcet]\nx = 1\n"))
+        load_toml(write(tmp_path, "[bukcet]\nx = 1\n"), TABLES)
     with pytest.raises(ConfigError, match="not valid TOML"):
-        load_toml(write(tmp_path, "[bucket\n"))
+        load_toml(write(tmp_path, "[bucket\n"), TABLES)
     with pytest.raises(ConfigError, match="config file not found"):
-        load_toml(tmp_path / "nope.toml")
+        load_toml(tmp_path / "nope.toml", TABLES)
 
 
 def test_nested_source_tables(tmp_path):
     toml = load_toml(write(tmp_path, "[ingest]\nrepeats = 2\n[[ingest.sources]]\npath = 'a'\nrepeats = 5\n"
-                                     "[[ingest.sources]]\npath = 'b'\n"))
+                                     "[[ingest.sources]]\npath = 'b'\n"), TABLES)
     cfg = resolve(ingest.Config, "ingest", toml)
     a, b = (cfg.effective(s) for s in cfg.sources)
     assert (a.repeats, b.repeats) == (5, 2)
-    bad = load_toml(write(tmp_path, "[[ingest.sources]]\npath = 'a'\nrepeat = 5\n"))
+    bad = load_toml(write(tmp_path, "[[ingest.sources]]\npath = 'a'\nrepeat = 5\n"), TABLES)
     with pytest.raises(ConfigError, match=r"unknown key 'repeat' in \[ingest\] sources\[0\]"):
         resolve(ingest.Config, "ingest", bad)
 
 
 def test_plain_string_sources_and_cli_sources(tmp_path):
-    toml = load_toml(write(tmp_path, "[ingest]\nsources = ['x', 'y']\n"))
+    toml = load_toml(write(tmp_path, "[ingest]\nsources = ['x', 'y']\n"), TABLES)
     assert [s.path for s in resolve(ingest.Config, "ingest", toml).sources] == [Path("x"), Path("y")]
     cfg = resolve(ingest.Config, "ingest", toml, {"sources": ("z",)})
     assert [s.path for s in cfg.sources] == [Path("z")]
@@ -107,7 +108,7 @@ def test_shipped_pipeline_toml_is_valid_and_documents_every_key():
 
     root = Path(__file__).resolve().parents[1]
     text = (root / "pipeline.toml").read_text()
-    toml = load_toml(root / "pipeline.toml")
+    toml = load_toml(root / "pipeline.toml", TABLES)
     sections = dict(re.findall(r"^\[+([\w.]+)\]+\n(.*?)(?=^\[|\Z)", text, flags=re.M | re.S))
     tables = [(table, module.Config) for table, module in STAGES] + [("ingest.sources", ingest.Source)]
     for table, cls in tables:
@@ -124,4 +125,23 @@ def test_shipped_pipeline_toml_is_valid_and_documents_every_key():
 
 def test_unknown_pipeline_key(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'workdri' in \[pipeline\]"):
-        load_toml(write(tmp_path, "[pipeline]\nworkdri = 'x'\n"))
+        load_toml(write(tmp_path, "[pipeline]\nworkdri = 'x'\n"), TABLES)
+
+
+def test_validity_of_a_config_does_not_depend_on_what_was_imported(tmp_path):
+    """No import-time registries: a fresh process that imports one stage only reads a full pipeline.toml the
+    same way as the CLI, because the tables come from the one list of stages (stages/pipeline.py)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; from stages import bucket; from shared.core.config import load_toml, resolve\n"
+            "from stages.pipeline import TABLES\n"
+            "toml = load_toml(sys.argv[1], TABLES); print(resolve(bucket.Config, 'bucket', toml).max_area)")
+    done = subprocess.run([sys.executable, "-c", code, str(root / "pipeline.toml")], capture_output=True,
+                          text=True, cwd=root)
+    assert done.returncode == 0 and done.stdout.strip() == "1048576", done.stderr
+    only = load_toml(write(tmp_path, "[pipeline]\nworkdir = 'w'\n[bucket]\nseed = 1\n"), {"bucket": bucket.Config})
+    assert resolve(bucket.Config, "bucket", only).seed == 1
+    with pytest.raises(ConfigError, match=r"unknown key 'model' in \[pipeline\]"):  # no stage here reads model
+        load_toml(write(tmp_path, "[pipeline]\nmodel = 'x'\n"), {"bucket": bucket.Config})

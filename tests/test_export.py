@@ -271,7 +271,7 @@ def test_cli_flags_split_formats(lora_attn, tmp_path):
     from shared.core.command import stage_command
 
     app = typer.Typer()
-    app.command("export")(stage_command(export.Config, "export", export.run, export.__doc__))
+    app.command("export")(stage_command(export.Config, "export", export.run, export.__doc__, {"export": export.Config}))
     app.command("other")(lambda: None)
     result = CliRunner().invoke(app, ["export", "--in", str(lora_attn), "--out", str(tmp_path / "e"),
                                       "--format", "kohya,peft", "--no-verify", "--device", "cpu"])

@@ -204,3 +204,24 @@ def test_sdxl_cache_that_is_a_file_or_under_one(tmp_path, monkeypatch):
         models.builtin_folder("tiny")
     assert str(e.value).startswith(f"{tmp_path / 'f'}: Not a directory")
     assert (tmp_path / "f").read_text() == ""
+
+
+def test_a_cold_cache_does_not_change_what_training_draws(tmp_path, monkeypatch):
+    """Building a builtin (cold cache) must leave the global RNG alone, and a LoRA's initialisation must follow
+    the training seed only: a cold and a warm SDXL_CACHE give bitwise-identical adapters."""
+    from stages.train import model as M
+    from stages.train.config import Config
+
+    cfg = Config(model="builtin:tiny", lora_rank=4, lora_alpha=4.0, seed=7)
+    monkeypatch.setenv("SDXL_CACHE", str(tmp_path / "cold"))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    models.load_model("builtin:tiny", ("unet",))  # materialises the builtin: builds it from its own seeds
+    assert torch.equal(torch.get_rng_state(), before)
+    monkeypatch.setenv("SDXL_CACHE", str(tmp_path / "cold2"))
+    torch.manual_seed(1)
+    cold = M.trainable(M.build_unet(cfg, torch.device("cpu")))   # cold cache: builds the builtin first
+    torch.manual_seed(2)
+    warm = M.trainable(M.build_unet(cfg, torch.device("cpu")))   # warm cache, other global RNG state
+    assert len(cold) == len(warm) and all(torch.equal(a, b) for a, b in zip(cold, warm))
+    assert any(a.abs().sum() > 0 for a in cold)

@@ -153,7 +153,7 @@ def test_a_bug_keeps_its_traceback(tmp_path, runner, error, expect_one_line):
         raise error
 
     one = typer.Typer()
-    one.command()(stage_command(ingest.Config, "ingest", failing_run, "ingest that fails"))
+    one.command()(stage_command(ingest.Config, "ingest", failing_run, "ingest that fails", {"ingest": ingest.Config}))
     result = runner.invoke(one, [str(tmp_path)])
     if expect_one_line:
         assert one_line_error(result) == f"error: {os_error_line(error)}"

@@ -118,3 +118,26 @@ def test_demo_runs_and_is_idempotent(tmp_path, runner):
     assert end < start, line
     again = runner.invoke(app, args)
     assert "ingest: unchanged, skipped" in again.output and "bucket: unchanged, skipped" in again.output
+
+
+STAGE_MODULES = ("stages.ingest", "stages.bucket", "stages.encode", "stages.train", "stages.export")
+
+
+@pytest.mark.parametrize("edited, changed", [
+    ("shared/images.py", {"stages.ingest", "stages.encode"}),
+    ("stages/bucket/geometry.py", {"stages.bucket"}),
+    ("shared/models/lora.py", {"stages.train", "stages.export"}),
+    ("shared/core/log.py", set(STAGE_MODULES)),
+])
+def test_code_version_follows_what_a_stage_imports(tmp_path, edited, changed):
+    """Editing a helper changes the code version of exactly the stages that reach it through their imports."""
+    import shutil
+
+    for package in ("shared", "stages"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = {m: artifacts.code_version(m, tmp_path) for m in STAGE_MODULES}
+    assert before == {m: artifacts.code_version(m) for m in STAGE_MODULES}  # the copy is the checkout
+    with open(tmp_path / edited, "a", encoding="utf-8") as fh:
+        fh.write("\n# an edit\n")
+    after = {m: artifacts.code_version(m, tmp_path) for m in STAGE_MODULES}
+    assert {m for m in STAGE_MODULES if after[m] != before[m]} == changed

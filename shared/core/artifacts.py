@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -178,17 +177,60 @@ def hash_json(obj: Any) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def code_version(modules: Iterable[str]) -> str:
-    """Package version plus a hash of the source of the modules whose logic shapes a stage's output.
+PROJECT_PACKAGES = ("shared", "stages")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-    Hashing the source means a changed algorithm can never reuse a stale artifact; the price is that an
-    upgrade re-runs stages, which is the safe side to err on.
-    """
+
+def code_version(module: str, root: Path = PROJECT_ROOT) -> str:
+    """Package version plus a hash of the source of `module` and of every project module it reaches through
+    its imports (`shared.*`, `stages.*`, followed transitively, lazy imports inside functions included).
+
+    Derived from the code rather than listed by hand, so it cannot go stale: a changed helper re-runs exactly
+    the stages that use it. Hashing the source means a changed algorithm never reuses a stale artifact; the
+    price is that an upgrade re-runs stages, the safe side to err on."""
     h = hashlib.sha256()
-    for name in sorted(modules):
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise RuntimeError(f"module {name} not found for code_version")
-        h.update(name.encode())
-        h.update(Path(spec.origin).read_bytes())
+    for path in sorted(reached_files(module, root)):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
     return f"{PACKAGE_VERSION}+{h.hexdigest()[:12]}"
+
+
+def _module_file(dotted: str, root: Path) -> Path | None:
+    base = root.joinpath(*dotted.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported(path: Path, dotted: str) -> set[str]:
+    """Project module names that the source at `path` (module `dotted`) imports anywhere in its body."""
+    import ast
+
+    found: set[str] = set()
+    package = dotted if path.name == "__init__.py" else dotted.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+    return {n for n in found if n.split(".")[0] in PROJECT_PACKAGES}
+
+
+def reached_files(module: str, root: Path = PROJECT_ROOT) -> set[Path]:
+    """The source files of `module`, the packages above it and every project module it imports, transitively."""
+    todo, files = [module], set()
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ too
+            path = _module_file(".".join(parts[:k]), root)
+            if path is not None and path not in files:
+                files.add(path)
+                todo.extend(_imported(path, ".".join(parts[:k])))
+    return files

@@ -80,15 +80,17 @@ def _parameter(f: Any, tp: Any) -> inspect.Parameter:
                              annotation=_cli_annotation(tp, meta))
 
 
-def stage_command(cls: type, table: str, run: Callable[..., Any], doc: str) -> Callable[..., None]:
-    """A Typer-ready function: flags from `cls`'s fields, plus --config and --force; calls run(cfg, force)."""
+def stage_command(cls: type, table: str, run: Callable[..., Any], doc: str,
+                  tables: dict[str, type]) -> Callable[..., None]:
+    """A Typer-ready function: flags from `cls`'s fields, plus --config and --force; calls run(cfg, force).
+    `tables`: every stage's table and config class, so any valid pipeline.toml is accepted."""
     hints = typing.get_type_hints(cls)
     cli_fields = [f for f in fields(cls) if f.metadata.get("cli", True)]
 
     def command(**kwargs: Any) -> None:
         config_path, force = kwargs.pop("config"), kwargs.pop("force")
         with user_errors():
-            cfg = resolve(cls, table, load_toml(config_path), _cli_values(cli_fields, kwargs))
+            cfg = resolve(cls, table, load_toml(config_path, tables), _cli_values(cli_fields, kwargs))
             run(cfg, force=bool(force))
 
     params = [_parameter(f, hints[f.name]) for f in cli_fields]

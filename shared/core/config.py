@@ -7,23 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tomllib
 import types
 import typing
 from dataclasses import MISSING, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
-
 from shared.core.errors import ConfigError
 
-#: tables pipeline.toml may hold; a stage adds its own when it is defined
-KNOWN_TABLES = {"pipeline"}
-#: keys of the [pipeline] table (stages read them through fields marked pipeline=True)
-PIPELINE_KEYS = {"workdir"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +85,15 @@ def opt(default: Any, help: str, *, flag: str | None = None, choices: tuple | No
     return field(default=default, metadata=meta)
 
 
-def load_toml(path: Path | str | None) -> dict:
-    """Read pipeline.toml; a missing file or a syntax error is a one-line ConfigError."""
+def pipeline_keys(tables: dict[str, type]) -> set[str]:
+    """Keys the [pipeline] table may hold: the fields the stages mark pipeline=True."""
+    return {f.name for cls in tables.values() for f in fields(cls) if f.metadata.get("pipeline")}
+
+
+def load_toml(path: Path | str | None, tables: dict[str, type]) -> dict:
+    """Read pipeline.toml, knowing the stage tables it may hold ({table: config class}, from the one list of
+    stages, stages/pipeline.py); a missing file, a syntax error or an unknown table or [pipeline] key is a
+    one-line ConfigError."""
     if path is None:
         return {}
     path = Path(path)
@@ -104,16 +103,17 @@ def load_toml(path: Path | str | None) -> dict:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    unknown = sorted(set(data) - KNOWN_TABLES)
+    known_tables = {"pipeline", *tables}
+    unknown = sorted(set(data) - known_tables)
     if unknown:
-        raise ConfigError(f"{path}: unknown table [{unknown[0]}] (known: "
-                          f"{', '.join(sorted(KNOWN_TABLES))})")
+        raise ConfigError(f"{path}: unknown table [{unknown[0]}] (known: {', '.join(sorted(known_tables))})")
     for name, table in data.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: '{name}' must be a table [{name}], not a value")
+    keys = pipeline_keys(tables)
     for key in data.get("pipeline", {}):
-        if key not in PIPELINE_KEYS:
-            raise ConfigError(f"{path}: unknown key '{key}' in [pipeline] (known: {', '.join(sorted(PIPELINE_KEYS))})")
+        if key not in keys:
+            raise ConfigError(f"{path}: unknown key '{key}' in [pipeline] (known: {', '.join(sorted(keys))})")
     return data
 
 

@@ -36,7 +36,7 @@ def _nothing(cfg: Any) -> list:
 class Stage:
     name: str
     version: int
-    code_modules: tuple[str, ...]
+    module: str  # the stage's module: its code version covers it and every project module it imports
     out_dir: Callable[[Any], Path]
     inputs: Callable[[Any], dict]
     build: Callable[[Any, Path], BuildResult | None]
@@ -65,7 +65,7 @@ class Decision:
 def decide(stage: Stage, cfg: Any) -> Decision:
     """Whether `stage` must run for `cfg`, and why (empty reasons: its output is up to date)."""
     inputs = stage.inputs(cfg)
-    code = artifacts.code_version(stage.code_modules)
+    code = artifacts.code_version(stage.module)
     config = fingerprinted(cfg)
     fp = artifacts.hash_json({"stage": stage.name, "version": stage.version, "code": code, "config": config,
                               "inputs": {k: v["fingerprint"] for k, v in inputs.items()}})

@@ -109,7 +109,8 @@ MODEL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version":
 def build_components(configs: dict[str, dict], names: tuple[str, ...] = MODEL_PARTS,
                      seed: int = SEED) -> dict[str, Any]:
     """Random-init models from configs, each from its own fixed seed (same weights on every machine,
-    whichever subset is built)."""
+    whichever subset is built). The caller's global RNG is left as it was: whether a builtin had to be built
+    (a cold cache) must not change what the caller draws next."""
     import torch
 
     quiet_libraries()
@@ -120,9 +121,10 @@ def build_components(configs: dict[str, dict], names: tuple[str, ...] = MODEL_PA
               "text_encoder": lambda c: CLIPTextModel(CLIPTextConfig(**c)),
               "text_encoder_2": lambda c: CLIPTextModelWithProjection(CLIPTextConfig(**c))}
     built = {}
-    for name in names:
-        torch.manual_seed(seed + MODEL_PARTS.index(name))
-        built[name] = makers[name](configs[name]).eval()
+    with torch.random.fork_rng(devices=[]):
+        for name in names:
+            torch.manual_seed(seed + MODEL_PARTS.index(name))
+            built[name] = makers[name](configs[name]).eval()
     return built
 
 
@@ -413,10 +415,11 @@ def tiny_clip() -> Any:
     import torch
     from transformers import CLIPConfig, CLIPModel
 
-    torch.manual_seed(SEED + 10)
     config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                          num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77),
                         vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                            num_hidden_layers=2, image_size=64, patch_size=16),
                         projection_dim=32)
-    return CLIPModel(config).eval()
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is not consumed
+        torch.manual_seed(SEED + 10)
+        return CLIPModel(config).eval()

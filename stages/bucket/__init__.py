@@ -14,7 +14,7 @@ from pathlib import Path
 from shared.core import artifacts
 from stages.bucket import geometry as bucketing
 from shared.core.artifacts import Manifest
-from shared.core.config import KNOWN_TABLES, SEED_RANGE, opt
+from shared.core.config import SEED_RANGE, opt
 from shared.core.errors import ConfigError
 from shared.core.faults import checkpoint
 from shared.formats.jsonl import JsonlWriter, read_jsonl
@@ -24,7 +24,6 @@ from shared.core.stage import BuildResult, Stage, execute
 
 VERSION = 1
 INGEST_VERSIONS = (1,)
-KNOWN_TABLES.add("bucket")
 
 
 @dataclass(frozen=True)
@@ -183,7 +182,7 @@ def _write_outputs(cfg: Config, staging: Path, buckets: list, report: list[dict]
                 r["mean_cropped_share"]] for r in used]))
 
 
-STAGE = Stage(name="bucket", version=VERSION, code_modules=("stages.bucket", "stages.bucket.geometry"),
+STAGE = Stage(name="bucket", version=VERSION, module=__name__,
               out_dir=lambda cfg: cfg.out_dir, inputs=_inputs, build=_build,
               protected=lambda cfg: [("input folder", cfg.in_dir)])
 

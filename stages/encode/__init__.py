@@ -21,7 +21,7 @@ from shared.core import artifacts, outputs, ranks
 from shared.models import loading as models
 from shared.formats import shards
 from shared.core.artifacts import Manifest
-from shared.core.config import KNOWN_TABLES, PIPELINE_KEYS, SEED_RANGE, opt
+from shared.core.config import SEED_RANGE, opt
 from stages.encode.decode import dali_batches, pil_batches, resolve_decoder
 from shared.core.errors import ConfigError, DataError
 from shared.core.faults import checkpoint
@@ -32,8 +32,6 @@ from shared.models.text import encode_captions, time_ids
 
 VERSION = 3  # 2: index.json holds per-shard repeats and the tag frequency; 3: file hashes, zarr digests
 BUCKET_VERSIONS = (1,)
-KNOWN_TABLES.add("encode")
-PIPELINE_KEYS.add("model")
 PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -623,7 +621,7 @@ def _protected(cfg: Config) -> list[tuple[str, Path]]:
 
 
 STAGE = Stage(name="encode", version=VERSION,
-              code_modules=("stages.encode", "shared.models.text", "stages.encode.decode", "shared.images", "shared.formats.shards"),
+              module=__name__,
               out_dir=lambda cfg: cfg.output, inputs=_inputs, build=_build, resumable=True,
               protected=_protected, trees=("shards", "zarr"), repair=repair, kept=_kept)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from shared.core import artifacts, outputs
 from shared.models import loading as models
 from shared.core.artifacts import Manifest
-from shared.core.config import KNOWN_TABLES, opt
+from shared.core.config import opt
 from shared.core.errors import ConfigError
 from shared.core.log import warn
 from shared.core.stage import Stage, execute
@@ -34,7 +34,6 @@ from stages.export.formats import FORMATS
 from stages.export.verify import TOLERANCE, VerificationError  # noqa: F401
 
 VERSION = 1
-KNOWN_TABLES.add("export")
 DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -98,9 +97,7 @@ def _inputs(cfg: Config) -> dict:
 
 
 STAGE = Stage(name="export", version=VERSION,
-              code_modules=("stages.export", "stages.export.build", "stages.export.formats",
-                            "stages.export.source", "stages.export.verify", "stages.export.kohya", "stages.export.sgm",
-                            "shared.models.lora"),
+              module=__name__,
               protected=lambda cfg: [("input folder", cfg.input)] + outputs.local_paths({"model": cfg.model}),
               out_dir=lambda cfg: cfg.output, inputs=_inputs, build=build)
 

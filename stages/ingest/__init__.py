@@ -18,7 +18,7 @@ from typing import Iterator
 from shared.core import artifacts
 from stages.ingest import tags as tagging
 from shared.core.artifacts import Manifest
-from shared.core.config import KNOWN_TABLES, opt
+from shared.core.config import opt
 from shared.core.errors import ConfigError, DataError
 from shared.core.faults import checkpoint
 from shared.images import IMAGE_EXTENSIONS, Rejected, probe
@@ -28,7 +28,6 @@ from shared.core.ranks import die_with_parent
 from shared.core.stage import BuildResult, Stage, execute
 
 VERSION = 1
-KNOWN_TABLES.add("ingest")
 
 
 @dataclass(frozen=True)
@@ -412,7 +411,7 @@ def _protected(cfg: Config) -> list[tuple[str, Path]]:
 
 
 STAGE = Stage(name="ingest", version=VERSION,
-              code_modules=("stages.ingest", "shared.images", "stages.ingest.tags"),
+              module=__name__,
               out_dir=lambda cfg: cfg.out_dir, inputs=_inputs, build=_build, protected=_protected)
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from shared.core import artifacts, outputs, ranks
 from shared.models import loading as models
 from shared.core.artifacts import Manifest
-from shared.core.config import PIPELINE_KEYS
 from shared.core.errors import ConfigError, InputError
 from shared.core.log import say, warn
 from shared.core.stage import Stage, claimed, decide, execute
@@ -25,7 +24,6 @@ from stages.train.config import Config
 
 __all__ = ["Config", "run", "STAGE"]
 VERSION = 1
-PIPELINE_KEYS.add("model")
 ENCODERS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
@@ -63,8 +61,7 @@ def _protected(cfg: Config) -> list[tuple[str, Path]]:
 
 
 STAGE = Stage(name="train", version=VERSION,
-              code_modules=("stages.train.loop", "stages.train.step", "stages.train.data", "stages.train.model",
-                            "stages.train.objective", "stages.train.checkpoint", "shared.models.lora"),
+              module=__name__,
               out_dir=lambda cfg: cfg.output, inputs=_inputs, build=_build, resumable=True,
               protected=_protected, trees=("checkpoints",), skip=("logs",), kept=_kept)
 

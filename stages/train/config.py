@@ -9,11 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.core.config import KNOWN_TABLES, SEED_RANGE, opt
+from shared.core.config import SEED_RANGE, opt
 from shared.core.errors import ConfigError
 from shared.models.lora import PRESETS
 
-KNOWN_TABLES.add("train")
 DTYPES = ("float32", "bfloat16")
 
 

@@ -90,11 +90,11 @@ def check_shapes(unet: Any, index: dict, where: Path) -> None:
 
 def setup(run: Run) -> None:
     cfg = run.cfg
-    torch.manual_seed(cfg.seed + run.rank.rank)  # the global generator drives LoRA dropout only
     run.data = open_data(cfg)
     run.schedule = D.Schedule.make(run.data.infos, run.rank.world, cfg.seed, cfg.batch_size, cfg.accumulate,
                                    cfg.epochs, cfg.max_steps)
     run.unet = M.build_unet(cfg, run.device)
+    torch.manual_seed(cfg.seed + run.rank.rank)  # the global generator drives LoRA dropout only
     check_shapes(run.unet, run.data.index, run.data.folder)
     run.params = M.trainable(run.unet)
     run.opt = M.make_optimizer(cfg, run.params)

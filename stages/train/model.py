@@ -22,7 +22,9 @@ def build_unet(cfg: Any, device: torch.device) -> Any:
     unet = models.load_model(cfg.model, ("unet",)).unet
     unet.to(device, getattr(torch, cfg.weights_dtype))
     if cfg.method == "lora":
-        lora.apply_lora(unet, lora_spec(cfg))
+        with torch.random.fork_rng(devices=[]):  # the adapter's init follows `seed` alone (not what ran before)
+            torch.manual_seed(cfg.seed)
+            lora.apply_lora(unet, lora_spec(cfg))
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
