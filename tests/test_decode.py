@@ -1,8 +1,11 @@
 """The DALI decode path (CPU here) against the PIL path, per image, on the bucket plan's geometry."""
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from shared.formats.plan import PlanRow
 from stages.encode import decode
 from tests.conftest import save
 
@@ -26,8 +29,8 @@ def plan_item(tmp_path, name, img, fmt, *, resize, crop, bucket, mode="RGB", ori
         exif[0x0112] = orientation
         save_kw["exif"] = exif.tobytes()
     path = save(img, tmp_path / name, fmt, **save_kw)
-    return {"source": str(tmp_path), "path": path.name, "format": fmt, "mode": mode, "frames": 1,
-            "resize": list(resize), "crop": list(crop), "bucket": list(bucket)}
+    return PlanRow(id=path.stem, source=str(tmp_path), path=path.name, width=img.width, height=img.height,
+                   format=fmt, mode=mode, frames=1, resize=resize, crop=crop, bucket=bucket)
 
 
 def test_dali_cpu_matches_pil_per_image(tmp_path):
@@ -52,7 +55,7 @@ def test_dali_cpu_matches_pil_per_image(tmp_path):
     assert not decode.dali_can_decode(items[-1])  # transparency -> PIL inside the DALI path
     by_bucket: dict = {}
     for item in items:
-        by_bucket.setdefault(tuple(item["bucket"]), []).append(item)
+        by_bucket.setdefault(item.bucket, []).append(item)
     batches = list(by_bucket.values())
     dali = list(decode.dali_batches(batches, batch_size=4, threads=2, gpu=None))
     for batch, got in zip(batches, dali):
@@ -60,9 +63,9 @@ def test_dali_cpu_matches_pil_per_image(tmp_path):
         assert tuple(got.shape) == want.shape
         for k, item in enumerate(batch):
             diff = np.abs(got[k].numpy().astype(int) - want[k].astype(int))
-            assert diff.mean() <= 0.5 and np.percentile(diff, 99) <= 2, (item["path"], diff.mean())
-            shifted = decode.pil_batch([{**item, "crop": [item["crop"][0] + 4, item["crop"][1]]}])[0] \
-                if item["resize"][0] >= item["bucket"][0] + 4 else None
+            assert diff.mean() <= 0.5 and np.percentile(diff, 99) <= 2, (item.path, diff.mean())
+            moved = dataclasses.replace(item, crop=(item.crop[0] + 4, item.crop[1]))
+            shifted = decode.pil_batch([moved])[0] if item.resize[0] >= item.bucket[0] + 4 else None
             if shifted is not None:
                 assert np.abs(got[k].numpy().astype(int) - shifted.astype(int)).mean() > 3
 
@@ -70,3 +73,16 @@ def test_dali_cpu_matches_pil_per_image(tmp_path):
 def test_resolve_decoder():
     assert decode.resolve_decoder("auto") == "dali"
     assert decode.resolve_decoder("pil") == "pil"
+
+
+def test_without_any_nvidia_package_dali_is_simply_unavailable(monkeypatch):
+    """find_spec('nvidia.dali') raises when no `nvidia` package exists at all (a plain install)."""
+    import importlib.util
+
+    from stages.encode import decode
+
+    def no_nvidia(name, *a):
+        raise ModuleNotFoundError("No module named 'nvidia'")
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_nvidia)
+    assert decode.dali_available() is False and decode.resolve_decoder("auto") == "pil"

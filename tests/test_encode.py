@@ -1,5 +1,6 @@
-"""The encode stage: what is stored per item (checked against independent computations), formats, reruns,
-kill -9 resumption, 2 ranks vs 1, the precision policy, CLIP, DALI vs PIL."""
+"""The encode stage: its pure per-item functions on hand-made inputs; what is stored per item (checked against
+independent computations), formats, reruns, kill -9 resumption, 2 ranks vs 1, the precision policy, CLIP."""
+import dataclasses
 import json
 import os
 import shutil
@@ -19,14 +20,77 @@ from shared.core.errors import ConfigError, DataError
 from shared.images import load_planned
 from shared.formats.jsonl import read_jsonl
 from shared.core.stage import decide
+from shared.formats.plan import PlanRow
+from shared.formats.samples import WINDOW_TOKENS
 from shared.models.text import encode_caption, time_ids
 from stages import bucket, encode, ingest
 from stages.cli import app
+from stages.encode import items, writer
 from tests.conftest import caption, make_dataset, noise_image, save
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"max_area": 128 * 128, "min_side": 64, "max_side": 256, "max_upscale": 4.0}
 OPTS = {"model": "builtin:tiny", "shard_samples": 3, "batch_size": 2, "workers": 0, "decoder": "pil"}
+
+
+# ---------------------------------------------------------------- pure per-item functions, hand-made inputs
+
+#: 300x200 covered into 128x96: scale 0.48 -> 144x96, cropped 16 px from the left (not centred)
+ROW = PlanRow(id="item1", path="a.png", source="/src", width=300, height=200, caption="a, b, c, d",
+              tags=("a", "b", "c", "d"), tag_weight=0.5, repeats=2, bucket=(128, 96), resize=(144, 96), crop=(16, 0),
+              scale=0.48)
+
+
+def test_caption_variants_keep_the_leading_tags_and_are_seeded_per_item():
+    got = items.caption_variants(ROW, 3, keep_tags=1, tag_join=", ", seed=0)
+    assert got[0] == "a, b, c, d" and len(got) == 4
+    assert all(v.split(", ")[0] == "a" and sorted(v.split(", ")) == ["a", "b", "c", "d"] for v in got[1:])
+    assert items.caption_variants(ROW, 3, 1, ", ", 0) == got  # the same on every rank and rerun
+    assert items.caption_variants(ROW, 3, 1, ", ", 1) != got
+    assert items.caption_variants(ROW, 1, 4, "|", 0) == ["a, b, c, d", "a|b|c|d"]  # all kept: order as written
+    assert items.caption_variants(dataclasses.replace(ROW, caption=None), 0, 1, ", ", 0) == [""]
+    assert items.item_seed(0, "item1", "variants") != items.item_seed(0, "item1", "latent")
+
+
+def test_conditioning_is_heights_first_and_mirrors_the_crop():
+    c = items.conditioning(ROW)
+    assert c["original_size"] == (200, 300) and c["crop_top_left"] == (0, 16) and c["target_size"] == (96, 128)
+    assert c["time_ids"] == (200.0, 300.0, 0.0, 16.0, 96.0, 128.0)
+    assert c["time_ids_flip"] == (200.0, 300.0, 0.0, 0.0, 96.0, 128.0)  # 144 - 16 - 128: the other side
+
+
+def test_pack_sample_pads_variants_to_the_longest_and_stores_the_dtype():
+    n = WINDOW_TOKENS
+    texts = [items.Text("a, b", np.full((2 * n, 4), 1.5, np.float32), np.ones(3, np.float32),
+                        np.full((2, 2 * n), 7, np.int32), 2, False),
+             items.Text("b, a", np.full((n, 4), 2.5, np.float32), np.zeros(3, np.float32),
+                        np.full((2, n), 9, np.int32), 1, True)]
+    image, text = np.array([0.6, 0.8], np.float32), np.array([1.0, 0.0], np.float32)
+    s = items.pack_sample(ROW, np.ones((4, 12, 16), np.float32), texts, "float16",
+                          latent_flip=np.zeros((4, 12, 16), np.float32), token_ids=True, clip=(image, text))
+    assert s.key == "item1" and s.windows == (2, 1) and s.variants == ("a, b", "b, a")
+    assert s.te.shape == (2, 2 * n, 4) and s.te.dtype == np.float16 and s.latent.dtype == np.float16
+    assert (s.te[0] == 1.5).all() and (s.te[1, :n] == 2.5).all() and not s.te[1, n:].any()
+    assert s.ids.shape == (2, 2, 2 * n) and (s.ids[1, :, :n] == 9).all() and not s.ids[1, :, n:].any()
+    assert s.pooled.shape == (2, 3) and s.latent_flip.dtype == np.float16
+    assert s.clip_similarity == 0.6 and s.clip_image.dtype == np.float32
+    assert (s.tag_weight, s.repeats, s.bucket, s.tags) == (0.5, 2, (128, 96), ("a", "b", "c", "d"))
+    assert s.time_ids_flip[3] == 0.0
+    plain = items.pack_sample(ROW, np.ones((4, 12, 16), np.float32), texts[1:], "float32")
+    assert plain.ids is None and plain.latent_flip is None and plain.clip_image is None
+    assert plain.te.shape == (1, n, 4) and plain.te.dtype == np.float32
+
+
+def test_shards_are_runs_of_one_bucket_in_bucket_order():
+    rows = [dataclasses.replace(ROW, id=f"i{k}", bucket=b)
+            for k, b in enumerate([(128, 96), (96, 128), (128, 96), (128, 96), (96, 128)])]
+    plan = writer.plan_shards(rows, 2)
+    assert [(s.number, s.bucket, s.index, s.first, [r.id for r in s.rows]) for s in plan] == [
+        (0, (96, 128), 0, 0, ["i1", "i4"]), (1, (128, 96), 0, 0, ["i0", "i2"]), (2, (128, 96), 1, 2, ["i3"])]
+    assert plan[2].name == "128x96/000001" and plan[2].tar == "shards/128x96/000001.tar"
+
+
+# ---------------------------------------------------------------- the stage on builtin:tiny
 
 
 def prepare(root: Path, count: int = 10) -> Path:

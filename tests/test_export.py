@@ -63,10 +63,10 @@ def _checkpoint(folder: Path, step: int, method: str, spec: LoraSpec | None, wei
     save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "weights.safetensors"))
     if ema is not None:
         save_file({k: v.contiguous() for k, v in ema.items()}, str(folder / "ema.safetensors"))
-    meta = {"step": step, "epoch": step // 100, "fingerprint": f"fp-{step}",
-            "created": "2025-01-01T00:00:00+00:00", "method": method, "lora": spec.__dict__ if spec else None,
-            "model": "builtin:tiny", "weights_dtype": "float32"}
-    checkpoints.write_manifest(folder, meta)
+    record = checkpoints.CheckpointManifest(step=step, epoch=step // 100, method=method, lora=spec,
+                                            model="builtin:tiny", weights_dtype="float32", fingerprint=f"fp-{step}",
+                                            created="2025-01-01T00:00:00+00:00")
+    checkpoints.write_manifest(folder, record)
 
 
 def make_train_output(tmp: Path, method: str = "lora", preset: str = "attn", dora: bool = False,

@@ -220,8 +220,8 @@ def test_a_cold_cache_does_not_change_what_training_draws(tmp_path, monkeypatch)
     assert torch.equal(torch.get_rng_state(), before)
     monkeypatch.setenv("SDXL_CACHE", str(tmp_path / "cold2"))
     torch.manual_seed(1)
-    cold = M.trainable(M.build_unet(cfg, torch.device("cpu")))   # cold cache: builds the builtin first
+    cold = M.trainable(M.build_unet(cfg.unet, torch.device("cpu")))   # cold cache: builds the builtin first
     torch.manual_seed(2)
-    warm = M.trainable(M.build_unet(cfg, torch.device("cpu")))   # warm cache, other global RNG state
+    warm = M.trainable(M.build_unet(cfg.unet, torch.device("cpu")))   # warm cache, other global RNG state
     assert len(cold) == len(warm) and all(torch.equal(a, b) for a, b in zip(cold, warm))
     assert any(a.abs().sum() > 0 for a in cold)

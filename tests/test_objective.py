@@ -100,14 +100,15 @@ def test_training_loss_applies_min_snr_and_tag_weights():
         def forward(self, x, t, encoder_hidden_states=None, added_cond_kwargs=None):
             return SimpleNamespace(sample=x)
 
-    cfg = SimpleNamespace(prediction="epsilon", flow_shift=1.0, weights_dtype="float32", mixed_precision="no",
-                          tag_weighting=True, min_snr_gamma=5.0, method="lora")
+    cfg = obj.ObjectiveConfig(prediction="epsilon", schedule="sdxl", timesteps="uniform", logit_mean=0.0,
+                              logit_std=1.0, flow_shift=1.0, min_snr_gamma=5.0, noise_offset=0.0, tag_weighting=True,
+                              caption_dropout=0.0, flip_rate=0.0, seed=0)
     sigmas = obj.schedule("sdxl")
     x0, eps = torch.full((2, 1, 1, 1), 0.5), torch.full((2, 1, 1, 1), 1.0)
     u = torch.tensor([0.0, 0.999], dtype=torch.float64)  # steps 0 and 999
     batch = S.Batch(latents=x0, noise=eps, u=u, te=torch.zeros(2, 77, 4), pooled=torch.zeros(2, 4),
                     time_ids=torch.zeros(2, 6), tag_weight=torch.tensor([2.0, 0.5]))
-    loss, per, _ = S.loss(Echo(), batch, cfg, sigmas.float())
+    loss, per, _ = S.loss(Echo(), batch, cfg, sigmas.float(), S.Precision.make("float32", "no", "cpu"))
     want_per, want = [], 0.0
     for k, (i, tw) in enumerate([(0, 2.0), (999, 0.5)]):
         s = sigmas[i].item()
@@ -117,3 +118,68 @@ def test_training_loss_applies_min_snr_and_tag_weights():
         want += want_per[-1] * tw * (5.0 / snr if snr > 5.0 else 1.0) / 2
     assert per.tolist() == pytest.approx(want_per, rel=1e-5)
     assert loss.item() == pytest.approx(want, rel=1e-5)
+
+
+def _lr_at(kind: str, steps: list[int], total: int = 100, warmup: int = 10, peak: float = 2.0, **kw) -> list[float]:
+    """The learning rate of optimizer steps `steps` (0-based) under stages.train.optim's schedule."""
+    from stages.train.optim import LRSchedule, OptimizerConfig
+
+    cfg = OptimizerConfig(learning_rate=peak, lr_schedule=kind, warmup_steps=warmup, lr_cycles=kw.get("cycles", 1),
+                          lr_power=kw.get("power", 1.0), lr_end=kw.get("end", 1e-7), adam_beta1=0.9, adam_beta2=0.999,
+                          adam_eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, max_bad_steps=5, ema_decay=0.0)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    schedule, out = LRSchedule(opt, cfg, total), {}
+    for step in range(max(steps) + 1):
+        out[step] = schedule.lr
+        assert opt.param_groups[0]["lr"] == out[step]  # what the optimizer steps with
+        schedule.step()
+    return [out[s] for s in steps]
+
+
+@pytest.mark.parametrize("kind, want", [
+    # warmup (every schedule): step s < 10 -> peak · s / 10; then, with p = (s − 10) / 90:
+    ("constant", [0.0, 1.0, 2.0, 2.0, 2.0]),                                       # peak
+    ("constant_with_warmup", [0.0, 1.0, 2.0, 2.0, 2.0]),
+    ("linear", [0.0, 1.0, 2.0, 1.0, 2.0 * 10 / 90]),                                # peak · (1 − p)
+    ("cosine", [0.0, 1.0, 2.0, 1.0, 2.0 * 0.5 * (1 + math.cos(math.pi * 80 / 90))]),  # peak · ½(1 + cos πp)
+])
+def test_lr_schedules_by_hand(kind, want):
+    assert _lr_at(kind, [0, 5, 10, 55, 90]) == pytest.approx(want, abs=1e-12)
+
+
+def test_cosine_with_restarts_and_polynomial_by_hand():
+    # 2 cycles over 90 steps after warmup: p = (s − 10) / 90, lr = peak · ½(1 + cos(π · (2p mod 1)))
+    got = _lr_at("cosine_with_restarts", [5, 10, 32, 54, 55, 77], cycles=2)
+    cycle = [0.0, 22 / 45, 44 / 45, 0.0, 22 / 45]  # 2p mod 1 at steps 10, 32, 54, 55, 77
+    want = [1.0] + [2.0 * 0.5 * (1 + math.cos(math.pi * c)) for c in cycle]
+    assert got == pytest.approx(want, abs=1e-12)
+    assert got[3] < 0.01 and got[4] == 2.0  # the restart: near 0 at the first cycle's end, then the peak again
+    # polynomial: (peak − end) · (1 − p)^power + end, warmup as the others
+    got = _lr_at("polynomial", [5, 10, 55, 100, 120], power=2.0, end=0.5)
+    assert got == pytest.approx([1.0, 2.0, 1.5 * 0.25 + 0.5, 0.5, 0.5], abs=1e-12)
+
+
+def test_lr_schedule_state_resumes_at_its_step_with_the_configs_peak():
+    """A schedule restored from its state_dict continues at that step (bitwise); the peak comes from the config."""
+    from stages.train.optim import LRSchedule, OptimizerConfig
+
+    def make(peak):
+        cfg = OptimizerConfig(learning_rate=peak, lr_schedule="cosine", warmup_steps=3, lr_cycles=1, lr_power=1.0,
+                              lr_end=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.0,
+                              max_grad_norm=1.0, max_bad_steps=5, ema_decay=0.0)
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+        return opt, LRSchedule(opt, cfg, 20)
+
+    opt, a = make(0.1)
+    for _ in range(7):
+        a.step()
+    state = a.state_dict()
+    assert state["step"] == 7
+    opt_b, b = make(0.1)
+    b.load_state_dict(state)
+    assert b.lr == a.lr and opt_b.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    a.step(), b.step()
+    assert b.lr == a.lr
+    _, c = make(0.2)  # a forced resume with another learning rate follows the new config
+    c.load_state_dict(state)
+    assert c.lr == pytest.approx(2 * state["lr"])

@@ -2,16 +2,16 @@
 
 SDXL's two tokenizers share OpenAI CLIP's 49,408-token BPE vocabulary (they differ only in the pad token:
 `<|endoftext|>` for the first, `!` for the second). No hub download is possible here, so the vocabulary comes
-from the BPE merges file that the open-clip-torch wheel ships (`open_clip/bpe_simple_vocab_16e6.txt.gz`;
-installed with --no-deps by .ci/setup, and located without importing open_clip). From the merges we write the
-`vocab.json` + `merges.txt` pair that transformers' CLIPTokenizer reads, built exactly as CLIP builds its
-encoder: the 256 byte symbols, the same with `</w>`, one token per merge, then the two special tokens.
+from CLIP's own BPE merges file, shipped as package data beside this module (`bpe_simple_vocab_16e6.txt.gz`,
+unchanged from OpenAI CLIP and open_clip, MIT-licensed: see `bpe_simple_vocab_16e6.LICENSE`). From the merges
+we write the `vocab.json` + `merges.txt` pair that transformers' CLIPTokenizer reads, built exactly as CLIP
+builds its encoder: the 256 byte symbols, the same with `</w>`, one token per merge, then the two special tokens.
 """
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
+from importlib import resources
 from pathlib import Path
 
 from shared.core.errors import PipelineError
@@ -34,21 +34,20 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(keep, map(chr, chars)))
 
 
-def bpe_path() -> Path:
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise PipelineError("the CLIP BPE vocabulary comes from the open-clip-torch wheel: "
-                            "pip install --no-deps open-clip-torch (bash .ci/setup does this)")
-    path = Path(list(spec.submodule_search_locations)[0]) / BPE_FILE
-    if not path.is_file():
-        raise PipelineError(f"{path}: CLIP BPE vocabulary missing from the open-clip-torch install")
-    return path
+def read_merges() -> list[tuple[str, str]]:
+    """CLIP's 48,894 BPE merges, in rank order, from the vocabulary file shipped with this package."""
+    try:
+        data = resources.files(__package__).joinpath(BPE_FILE).read_bytes()
+    except FileNotFoundError:
+        raise PipelineError(f"{BPE_FILE}: the CLIP BPE vocabulary is missing from this install of sdxl-stages "
+                            f"(it ships beside {__name__}); reinstall the package") from None
+    lines = gzip.decompress(data).decode("utf-8").split("\n")[1:N_MERGES + 1]
+    return [tuple(line.split()) for line in lines]
 
 
 def write_vocab(folder: Path) -> tuple[Path, Path]:
     """Write CLIP's vocab.json and merges.txt into `folder`; returns their paths."""
-    lines = gzip.open(bpe_path()).read().decode("utf-8").split("\n")[1:N_MERGES + 1]
-    merges = [tuple(line.split()) for line in lines]
+    merges = read_merges()
     symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]

@@ -9,7 +9,7 @@ LoRA-C3Lier / LoCon). The weights are peft's own state dict (`…lora_A.weight`,
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from shared.core.errors import ConfigError
@@ -21,18 +21,38 @@ CONV = ("conv1", "conv2", "conv_shortcut")  # in ResnetBlock2D; plus downsampler
 
 @dataclass(frozen=True)
 class LoraSpec:
-    preset: str = "attn"
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    dora: bool = False
+    """A LoRA's shape: what train's `--lora-*` options set, what a checkpoint manifest records and what export
+    rebuilds. Serialised one way: `to_dict` (the manifest's `lora`), and `to_json` = that dict as JSON text (the
+    safetensors metadata's `lora`)."""
+    preset: str = "attn"      # one of PRESETS: which UNet modules get an adapter
+    rank: int = 8             # r, the adapter's inner width
+    alpha: float = 8.0        # the update is scaled by alpha / rank
+    dropout: float = 0.0      # dropout on the adapter's input (training only)
+    dora: bool = False        # DoRA: a learned magnitude per output channel
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "LoraSpec":
+        """The spec `to_dict` wrote; a ValueError naming what is missing, unknown or of the wrong type."""
+        names = {f.name: f.type for f in fields(cls)}
+        if not isinstance(data, dict) or set(data) != set(names):
+            got = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"a LoRA spec has the keys {sorted(names)}, not {got}")
+        kinds = {"str": str, "int": int, "float": (int, float), "bool": bool}
+        for name, kind in names.items():
+            value = data[name]
+            if not isinstance(value, kinds[kind]) or kind in ("int", "float") and isinstance(value, bool):
+                raise ValueError(f"LoRA spec {name}: {value!r} is not a {kind}")
+        return cls(**{**data, "alpha": float(data["alpha"])})
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "LoraSpec":
-        return cls(**json.loads(text))
+        return cls.from_dict(json.loads(text))
 
 
 def target_modules(unet: Any, preset: str) -> list[str]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-WINDOW = 75  # tokens per window, BOS and EOS excluded
+from shared.formats.samples import WINDOW_TOKENS
+
+WINDOW = WINDOW_TOKENS - 2  # caption tokens per window, BOS and EOS excluded
 
 
 def token_windows(ids: Sequence[int], bos: int, eos: int, pad: int, max_windows: int | None = None) -> list[list[int]]:
@@ -60,7 +62,7 @@ def encode_captions(model: Any, captions: list[str], max_windows: int | None = N
     results, start = [], 0
     for w1, w2, cut in pairs:
         n = len(w1)
-        results.append({"hidden": hidden[start:start + n].reshape(n * 77, -1), "pooled": pooled[start],
+        results.append({"hidden": hidden[start:start + n].reshape(n * WINDOW_TOKENS, -1), "pooled": pooled[start],
                         "ids": torch.tensor([sum(w1, []), sum(w2, [])], dtype=torch.int32),
                         "windows": n, "truncated": cut})
         start += n

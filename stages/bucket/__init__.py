@@ -18,11 +18,12 @@ from shared.core.config import SEED_RANGE, opt
 from shared.core.errors import ConfigError
 from shared.core.faults import checkpoint
 from shared.formats.jsonl import JsonlWriter, read_jsonl
+from shared.formats.plan import PLAN_VERSION, PlanRow, PlanWriter
 from shared.core.log import progress, say, table, warn
 from stages.bucket.plots import bar_chart
 from shared.core.stage import BuildResult, Stage, execute
 
-VERSION = 1
+VERSION = PLAN_VERSION  # the bucket output's format is its plan's (shared/formats/plan.py)
 INGEST_VERSIONS = (1,)
 
 
@@ -114,7 +115,7 @@ def _build(cfg: Config, staging: Path) -> BuildResult:
     merged = bucketing.merge_small(counts, cfg.min_bucket_items)
     stats: dict = defaultdict(lambda: {"count": 0, "samples": 0, "aspect_error": 0.0, "cropped": 0.0})
     seen = 0
-    with JsonlWriter(staging / "plan.jsonl") as plan, JsonlWriter(staging / "rejected.jsonl") as rejected:
+    with PlanWriter(staging) as plan, JsonlWriter(staging / "rejected.jsonl") as rejected:
         for item in progress(read_jsonl(_items(cfg)), None, "bucket", "item"):
             seen += 1
             row = _plan_item(cfg, item, buckets, merged)
@@ -125,11 +126,11 @@ def _build(cfg: Config, staging: Path) -> BuildResult:
                                           f"{cfg.max_upscale}x upscaling"})
                 continue
             plan.write(row)
-            s = stats[tuple(row["bucket"])]
+            s = stats[row.bucket]
             s["count"] += 1
-            s["samples"] += item.get("repeats", 1)
-            s["aspect_error"] += bucketing.aspect_error(item["width"], item["height"], tuple(row["bucket"]))
-            s["cropped"] += bucketing.cropped_share(tuple(row["resize"]), tuple(row["bucket"]))
+            s["samples"] += row.repeats
+            s["aspect_error"] += bucketing.aspect_error(row.width, row.height, row.bucket)
+            s["cropped"] += bucketing.cropped_share(row.resize, row.bucket)
             checkpoint("bucket.item")
     report = _report(buckets, stats)
     _write_outputs(cfg, staging, buckets, report)
@@ -141,7 +142,7 @@ def _build(cfg: Config, staging: Path) -> BuildResult:
                        {"buckets_used": sum(1 for r in report if r["count"]), "upscaled_beyond_limit": kept_small})
 
 
-def _plan_item(cfg: Config, item: dict, buckets: list, merged: dict) -> dict | None:
+def _plan_item(cfg: Config, item: dict, buckets: list, merged: dict) -> PlanRow | None:
     nearest = bucketing.nearest_bucket(item["width"], item["height"], buckets)
     if nearest not in merged:  # only rejected items are missing from the first pass's counts
         return None
@@ -152,7 +153,7 @@ def _plan_item(cfg: Config, item: dict, buckets: list, merged: dict) -> dict | N
     rw, rh, scale = bucketing.cover_resize(item["width"], item["height"], bucket)
     rng = random.Random(f"{cfg.seed}:{item['id']}") if cfg.crop == "random" else None
     left, top = bucketing.crop_offset((rw, rh), bucket, cfg.crop, rng)
-    return {**item, "bucket": list(bucket), "resize": [rw, rh], "crop": [left, top], "scale": round(scale, 6)}
+    return PlanRow.planned(item, bucket, (rw, rh), (left, top), round(scale, 6))
 
 
 def _report(buckets: list, stats: dict) -> list[dict]:

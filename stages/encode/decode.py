@@ -13,13 +13,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from shared.core.errors import ConfigError, DataError
 from shared.core.ranks import die_with_parent
+from shared.formats.plan import PlanRow
 from shared.images import load_planned
 
 #: what DALI decodes exactly as the PIL path does (anything else goes through PIL)
@@ -27,12 +27,11 @@ DALI_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF"}
 DALI_MODES = {"RGB", "L"}
 
 
-def item_path(item: dict) -> str:
-    return str(Path(item["source"]) / item["path"])
-
-
 def dali_available() -> bool:
-    return importlib.util.find_spec("nvidia.dali") is not None
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # no `nvidia` package at all (the dali extra is not installed)
+        return False
 
 
 def resolve_decoder(name: str) -> str:
@@ -45,41 +44,40 @@ def resolve_decoder(name: str) -> str:
     return name
 
 
-def dali_can_decode(item: dict) -> bool:
-    return item.get("format") in DALI_FORMATS and item.get("mode") in DALI_MODES and item.get("frames", 1) == 1
+def dali_can_decode(item: PlanRow) -> bool:
+    return item.format in DALI_FORMATS and item.mode in DALI_MODES and item.frames == 1
 
 
-def recorded_bytes(item: dict) -> bytes:
+def recorded_bytes(item: PlanRow) -> bytes:
     """The image file's bytes, once checked to be what ingest recorded (size and sha256)."""
-    path = item_path(item)
+    path = item.image
     try:
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e}); it changed since ingest? rerun ingest") from None
-    if len(data) != item.get("bytes", len(data)) or \
-            ("sha256" in item and hashlib.sha256(data).hexdigest() != item["sha256"]):
+    if (item.bytes is not None and len(data) != item.bytes) or \
+            (item.sha256 is not None and hashlib.sha256(data).hexdigest() != item.sha256):
         raise DataError(f"{path}: changed since ingest recorded it (size or sha256 differ); rerun ingest")
     return data
 
 
-def pil_batch(items: Sequence[dict]) -> np.ndarray:
+def pil_batch(items: Sequence[PlanRow]) -> np.ndarray:
     """One batch (all of one bucket) through PIL: uint8 [B, H, W, 3]."""
     out = []
     for item in items:
         data = recorded_bytes(item)
         try:
-            out.append(load_planned(io.BytesIO(data), tuple(item["resize"]), tuple(item["crop"]),
-                                    tuple(item["bucket"])))
+            out.append(load_planned(io.BytesIO(data), item.resize, item.crop, item.bucket))
         except (OSError, ValueError) as e:
-            raise DataError(f"{item_path(item)}: cannot decode ({e}); rerun ingest with --verify") from None
+            raise DataError(f"{item.image}: cannot decode ({e}); rerun ingest with --verify") from None
     return np.stack(out)
 
 
 class _PilBatches:
     """Map-style dataset: index -> a whole decoded batch (so workers decode batches, not single images)."""
 
-    def __init__(self, batches: Sequence[Sequence[dict]]):
+    def __init__(self, batches: Sequence[Sequence[PlanRow]]):
         self.batches = batches
 
     def __len__(self) -> int:
@@ -91,7 +89,7 @@ class _PilBatches:
         return torch.from_numpy(pil_batch(self.batches[i]))
 
 
-def pil_batches(batches: Sequence[Sequence[dict]], workers: int, pin: bool) -> Iterator[Any]:
+def pil_batches(batches: Sequence[Sequence[PlanRow]], workers: int, pin: bool) -> Iterator[Any]:
     """Decoded batches in order, `workers` processes decoding ahead (0 = in this process)."""
     import torch
 
@@ -106,13 +104,13 @@ def pil_batches(batches: Sequence[Sequence[dict]], workers: int, pin: bool) -> I
     yield from loader
 
 
-def dali_batches(batches: Sequence[Sequence[dict]], batch_size: int, threads: int, gpu: int | None) -> Iterator[Any]:
+def dali_batches(batches: Sequence[Sequence[PlanRow]], batch_size: int, threads: int, gpu: int | None) -> Iterator[Any]:
     """Decoded batches in order through a DALI pipeline (decoder on GPU `gpu` with "mixed", else CPU).
     DALI runs ahead of the consumer (its prefetch queue); items DALI cannot match are decoded by PIL."""
     import torch
 
-    plan: list[tuple[list[int], list[dict]]] = []
-    feed: list[list[dict]] = []
+    plan: list[tuple[list[int], list[PlanRow]]] = []
+    feed: list[list[PlanRow]] = []
     for b in batches:
         via_dali = [i for i, item in enumerate(b) if dali_can_decode(item)]
         plan.append((via_dali, list(b)))
@@ -139,7 +137,7 @@ class _Feeder:
     """DALI external source: per call, the next batch's file bytes, resize [h, w], crop start [x, y] and
     crop shape [w, h]."""
 
-    def __init__(self, batches: list[list[dict]]):
+    def __init__(self, batches: list[list[PlanRow]]):
         self.batches = batches
         self.i = 0
 
@@ -154,12 +152,12 @@ class _Feeder:
         self.i += 1
         data = [np.frombuffer(recorded_bytes(item), dtype=np.uint8) for item in b]
         return (data,
-                [np.array([it["resize"][1], it["resize"][0]], np.float32) for it in b],
-                [np.array(it["crop"], np.int32) for it in b],
-                [np.array(it["bucket"], np.int32) for it in b])
+                [np.array([it.resize[1], it.resize[0]], np.float32) for it in b],
+                [np.array(it.crop, np.int32) for it in b],
+                [np.array(it.bucket, np.int32) for it in b])
 
 
-def _run_dali(feed: list[list[dict]], batch_size: int, threads: int, gpu: int | None) -> Iterator[Any]:
+def _run_dali(feed: list[list[PlanRow]], batch_size: int, threads: int, gpu: int | None) -> Iterator[Any]:
     import torch
     from nvidia.dali import fn, pipeline_def, types
 

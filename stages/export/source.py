@@ -12,6 +12,7 @@ from shared.formats import checkpoints
 from shared.models import loading as models
 from shared.core.artifacts import Manifest
 from shared.core.errors import ConfigError, InputError
+from shared.formats.checkpoints import CheckpointManifest
 from shared.models.lora import LoraSpec, apply_lora, load_lora_state
 
 TRAIN_VERSIONS = (1,)
@@ -24,26 +25,31 @@ class Checkpoint:
     folder: Path
     file: Path                 # weights.safetensors or ema.safetensors
     kind: str                  # final | ema | step-N | checkpoint (a folder given as --in)
-    meta: dict                 # the checkpoint's own manifest
+    record: CheckpointManifest  # the checkpoint's own manifest
     train: Manifest | None     # the finished training's manifest (None for a checkpoint given directly)
     base: str                  # base model spec
 
     @property
+    def meta(self) -> dict:
+        """The checkpoint's manifest as JSON values."""
+        return self.record.to_dict()
+
+    @property
     def method(self) -> str:
-        return self.meta["method"]
+        return self.record.method
 
     @property
     def spec(self) -> LoraSpec | None:
-        return LoraSpec(**self.meta["lora"]) if self.meta.get("lora") else None
+        return self.record.lora
 
     @property
     def step(self) -> int:
-        return int(self.meta["step"])
+        return self.record.step
 
     def fingerprint(self) -> str:
         """Checkpoints are written atomically and never rewritten, so their manifest identifies the weights."""
         return artifacts.hash_json({"train": self.train.fingerprint if self.train else None,
-                                    "checkpoint": self.meta.get("fingerprint"), "step": self.step,
+                                    "checkpoint": self.record.fingerprint, "step": self.step,
                                     "file": self.file.name, "bytes": self.file.stat().st_size})
 
 
@@ -87,8 +93,7 @@ def locate(input: Path, weights: str, model: str | None) -> Checkpoint:
     """The checkpoint to export. `input` is a finished training folder, or one checkpoint folder (allowed
     even inside an unfinished training's staging folder; then `weights` may be final or ema only)."""
     input = Path(input)
-    direct = checkpoints.manifest_or_none(input)
-    if direct is not None:
+    if checkpoints.is_checkpoint(input):
         if weights not in ("final", "ema"):
             raise ConfigError(f"--weights {weights}: --in {input} is one checkpoint already; give the folder of "
                               f"the checkpoint you want as --in instead")
@@ -99,20 +104,19 @@ def locate(input: Path, weights: str, model: str | None) -> Checkpoint:
         train = _finished_training(input)
         folder, file = _pick(input, train, weights)
         kind = weights
-        direct = checkpoints.manifest_or_none(folder)
-        if direct is None:
+        if not checkpoints.is_checkpoint(folder):
             raise InputError(f"{folder}: no readable checkpoint manifest; the training output is damaged, rerun "
                              f"sdxl train --out {input}")
     if not file.is_file():
         why = "the training kept no EMA (ema_decay = 0)" if file.name == "ema.safetensors" else "it is missing"
         raise InputError(f"{file}: not found ({why}); choose other --weights")
-    checkpoints.require_intact(folder)
-    if direct.get("method") not in ("lora", "full"):
-        raise InputError(f"{folder}: checkpoint method {direct.get('method')!r} is neither lora nor full")
-    base = model or direct.get("model") or (train.config.get("model") if train else None)
+    record = checkpoints.require_intact(folder)
+    if record.method not in ("lora", "full"):
+        raise InputError(f"{folder}: checkpoint method {record.method!r} is neither lora nor full")
+    base = model or record.model or (train.config.get("model") if train else None)
     if not base:
         raise ConfigError("no base model recorded; give it with --model")
-    return Checkpoint(folder, file, kind, direct, train, base)
+    return Checkpoint(folder, file, kind, record, train, base)
 
 
 def load_weights(ckpt: Checkpoint) -> dict[str, dict]:

@@ -2,7 +2,8 @@
 
 Reads `<in>` (encode's output: index.json, empty/, tar shards or zarr; or the tar shards from --shards URLs),
 refuses shards encoded with another VAE / text encoders than the model's, and writes into `<out>.staging/`:
-`checkpoints/step-NNNNNN/` (weights, EMA, optimizer, RNG, loader position; newest K kept) and `logs/`
+`checkpoints/step-NNNNNN/` (the whole loop state: weights, EMA, optimizer, LR schedule, gradient scaler,
+progress = loader position, each rank's RNG; newest K kept; format: shared/formats/checkpoints.py) and `logs/`
 (metrics.jsonl, TensorBoard). When the last step is done the folder becomes `<out>` with its manifest. A
 rerun of an unfinished run continues from its newest checkpoint (--resume auto). Under `torchrun` /
 `accelerate launch` every process runs this command; rank 0 logs and saves.
@@ -18,21 +19,21 @@ from shared.core.artifacts import Manifest
 from shared.core.errors import ConfigError, InputError
 from shared.core.log import say, warn
 from shared.core.stage import Stage, claimed, decide, execute
+from shared.formats import samples
 from stages.train import checkpoint as ckpt
-from stages.train import data, loop
+from stages.train import loop
 from stages.train.config import Config
 
 __all__ = ["Config", "run", "STAGE"]
 VERSION = 1
-ENCODERS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
 def _inputs(cfg: Config) -> dict:
-    manifest = data.require_encode(cfg.input)
+    manifest = samples.require_encode(cfg.input)
     encoded = manifest.inputs.get("model", {})
-    ours = models.model_identity(cfg.model, ENCODERS)
+    ours = models.model_identity(cfg.model, samples.ENCODER_PARTS)
     theirs = encoded.get("components", {})
-    differ = [p for p in ENCODERS if theirs.get(p) != ours.get(p)]
+    differ = [p for p in samples.ENCODER_PARTS if theirs.get(p) != ours.get(p)]
     if differ and not cfg.allow_encoder_mismatch:
         raise InputError(f"{cfg.input}: the shards were encoded with {encoded.get('name')} (vae "
                          f"{theirs.get('vae')}, text encoders {theirs.get('text_encoder')}), but the model being "
@@ -83,7 +84,7 @@ def _adopt_unfinished(cfg: Config, fingerprint: str, record: dict) -> None:
         staging.rename(aside)
         say(f"train: set the unfinished run aside (--resume {cfg.resume}): {aside}")
         return
-    diff = ckpt.differences(ckpt.read_manifest(found[-1]), record)
+    diff = ckpt.differences(ckpt.read_manifest(found[-1]), record["config"], record["inputs"])
     if diff and not cfg.force_resume:
         raise ConfigError(f"{staging} holds an unfinished run (newest checkpoint {found[-1].name}) whose config "
                           f"differs: {'; '.join(diff)}. Pass --force-resume to continue it with the new settings, "

@@ -1,29 +1,46 @@
-"""Checkpoints: `checkpoints/step-NNNNNN/`, written as `.partial` and renamed, newest K kept.
+"""Checkpoints of the whole loop state, and where a run resumes from.
 
-A checkpoint holds everything the next step depends on: the trained weights (safetensors), EMA, AdamW's state
-(tensors as safetensors, the rest as JSON), the gradient scaler, every rank's RNG states (torch CPU/CUDA,
-Python, NumPy; the per-sample draws need none, see step.py), and the loader position (epoch, step in epoch:
-the data plan is a function of the config, so the position is all it takes). Its `manifest.json`, written
-last, records the fingerprinted config, world size and inputs, against which a resume is checked.
+Every stateful part of training exposes `state_dict()` / `load_state_dict()` — the trained weights, their EMA,
+AdamW, the LR schedule, the gradient scaler, the loop's progress (the data position: the data plan is a function
+of the config, so the step is all it takes) and each rank's RNG states (the per-sample draws need none, see
+step.py) — and `save` / `restore` store and load all of them, each as a part of the checkpoint folder
+(shared/formats/checkpoints.py owns the format and the folder protocol). A new part is one more entry in the
+loop's `parts`. The manifest records the fingerprinted config, world size and inputs, against which a resume is
+checked.
 """
 from __future__ import annotations
 
 import json
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from shared.core import artifacts
-# the folder contract itself is shared with export; re-exported here for the loop
-from shared.formats.checkpoints import (CHECKPOINT_STAGE, VERSION, complete, damage, folder_name,  # noqa: F401
-                                read_manifest, require_intact, write_manifest)
+from shared.formats import checkpoints
+# the folder contract is shared with export; re-exported here for the loop and the stage
+from shared.formats.checkpoints import (CheckpointManifest, complete, damage, folder_name,  # noqa: F401
+                                        read_manifest, require_intact)
 from shared.core.errors import ConfigError, InputError
 from shared.core.log import warn
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """When checkpoints are written, how many are kept, and where a run starts (flat keys of the same names)."""
+    checkpoint_every: int   # save every N optimizer steps, and always after the last
+    keep_checkpoints: int   # the newest K finished checkpoints are kept
+    resume: str             # auto (this run's newest intact checkpoint) | never | a checkpoint or train output
+    force_resume: bool      # resume even when the checkpoint's fingerprinted config or inputs differ
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
 
 
 def resolve_resume(resume: str, staging: Path, main: bool = True) -> Path | None:
@@ -34,7 +51,7 @@ def resolve_resume(resume: str, staging: Path, main: bool = True) -> Path | None
     if resume == "auto":
         return newest_intact(staging / "checkpoints", set_aside=main)
     path = Path(resume).expanduser()
-    if (path / "manifest.json").is_file() and path.name.startswith("step-"):
+    if checkpoints.is_checkpoint(path) and path.name.startswith("step-"):
         require_intact(path)
         return path
     found = complete(path / "checkpoints")
@@ -62,96 +79,80 @@ def newest_intact(root: Path, set_aside: bool = True) -> Path | None:
     return None
 
 
-def differences(saved: dict, now: dict) -> list[str]:
+def differences(saved: CheckpointManifest, config: dict, inputs: dict) -> list[str]:
     """What differs between a checkpoint's recorded math (config, world size, inputs) and this run's."""
     out = []
-    for key in sorted(set(saved["config"]) | set(now["config"])):
-        a, b = saved["config"].get(key), now["config"].get(key)
+    for key in sorted(set(saved.config) | set(config)):
+        a, b = saved.config.get(key), config.get(key)
         if a != b:
             out.append(f"{key} {json.dumps(a)} -> {json.dumps(b)}")
-    for name in sorted(set(saved["inputs"]) | set(now["inputs"])):
-        a, b = saved["inputs"].get(name), now["inputs"].get(name)
+    for name in sorted(set(saved.inputs) | set(inputs)):
+        a, b = saved.inputs.get(name), inputs.get(name)
         if a != b:
             out.append(f"{name} {str(a)[:16]} -> {str(b)[:16]}")
     return out
 
 
-def check_resumable(folder: Path, now: dict, force: bool) -> dict:
-    """The checkpoint's manifest, or a ConfigError naming what differs from this run (unless `force`)."""
+def check_resumable(folder: Path, config: dict, inputs: dict, force: bool) -> CheckpointManifest:
+    """The checkpoint's record, or a ConfigError naming what differs from this run (unless `force`)."""
     saved = read_manifest(folder)
-    diff = differences(saved, now)
+    diff = differences(saved, config, inputs)
     if diff and not force:
         raise ConfigError(f"resuming {folder} with a config that changes the training: {'; '.join(diff)}. "
                           f"Pass --force-resume to resume anyway, or --resume never to start over")
     return saved
 
 
-def save(root: Path, step: int, rank: int, main: bool, barrier: Callable[[], None], rank_state: dict,
-         files: Callable[[Path], None], manifest: dict, keep: int) -> Path:
-    """Write checkpoint `step`: each rank its RNG file, the main rank the rest and the manifest, then rename."""
-    final = root / folder_name(step)
-    tmp = root / (folder_name(step) + ".partial")
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    save_file(rank_state["tensors"], str(tmp / f"rng-rank{rank}.safetensors"))
-    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rank_state["json"]), encoding="utf-8")
-    barrier()
-    if main:
-        files(tmp)
-        write_manifest(tmp, manifest)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.replace(final)
-        for old in complete(root)[:-keep]:
-            shutil.rmtree(old)
-    barrier()
-    return final
+def save(root: Path, record: CheckpointManifest, parts: dict[str, Stateful], rank_parts: dict[str, Stateful],
+         keep: int, metadata: dict[str, str], main: bool = True,
+         barrier: Callable[[], None] = lambda: None) -> Path:
+    """Checkpoint `record.step`: every rank its `rank_parts`, the main rank `parts` (tensor files carrying
+    `metadata`) and the manifest; written as `.partial` and renamed, the newest `keep` kept."""
+    return checkpoints.write(root, record, _writer(parts, metadata), keep, each_rank=_writer(rank_parts, None),
+                             main=main, barrier=barrier)
 
 
-def rng_state(device: torch.device) -> dict:
-    tensors = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        tensors["cuda"] = torch.cuda.get_rng_state(device)
-    version, state, gauss = random.getstate()
-    np_state = np.random.get_state()
-    return {"tensors": tensors,
-            "json": {"python": [version, list(state), gauss],
-                     "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
-                               float(np_state[4])]}}
+def _writer(parts: dict[str, Stateful], metadata: dict[str, str] | None) -> Callable[[Path], None]:
+    def write(folder: Path) -> None:
+        for name, part in parts.items():
+            checkpoints.write_state(folder, name, part.state_dict(), metadata)
+    return write
 
 
-def restore_rng(folder: Path, rank: int, device: torch.device) -> bool:
-    """Set this rank's RNG states from the checkpoint; False when it has none for this rank."""
-    path = folder / f"rng-rank{rank}.safetensors"
-    if not path.is_file():
-        return False
-    tensors = load_file(str(path))
-    torch.set_rng_state(tensors["torch"])
-    if device.type == "cuda" and "cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["cuda"], device)
-    data = json.loads((folder / f"rng-rank{rank}.json").read_text(encoding="utf-8"))
-    version, state, gauss = data["python"]
-    random.setstate((version, tuple(state), gauss))
-    name, keys, pos, has_gauss, cached = data["numpy"]
-    np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, cached))
-    return True
+def restore(folder: Path, parts: dict[str, Stateful]) -> list[str]:
+    """Load every part from the checkpoint, in the order given; the names of those it holds no state of (left
+    as they are). An empty saved state (a disabled scaler's) is not loaded."""
+    missing = []
+    for name, part in parts.items():
+        state = checkpoints.read_state(folder, name)
+        if state is None:
+            missing.append(name)
+        elif not (isinstance(state, dict) and not state):
+            part.load_state_dict(state)
+    return missing
 
 
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+class RNGState:
+    """This process's global generators (torch CPU, CUDA of `device`, Python, NumPy) as a checkpoint part. Only
+    LoRA dropout draws from them; every other draw has its own seeded generator."""
 
+    def __init__(self, device: torch.device):
+        self.device = device
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
-        raise InputError(f"{path}: unreadable ({str(e)[:120]}); use another checkpoint") from None
+    def state_dict(self) -> dict:
+        version, state, gauss = random.getstate()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        out = {"torch": torch.get_rng_state(), "python": [version, list(state), gauss],
+               "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+        if self.device.type == "cuda":
+            out["cuda"] = torch.cuda.get_rng_state(self.device)
+        return out
 
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: unreadable ({e}); use another checkpoint") from None
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        if self.device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+        version, keys, gauss = state["python"]
+        random.setstate((version, tuple(keys), gauss))
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, cached))

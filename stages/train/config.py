@@ -1,17 +1,30 @@
-"""`sdxl train`'s configuration: one frozen dataclass, every field documented (pipeline.toml `[train]`).
+"""`sdxl train`'s configuration: one frozen dataclass of flat keys, every field documented (the CLI flags and
+pipeline.toml `[train]`), and its groups, each declared beside the code that uses it.
 
 Fields marked fingerprint=False do not change the trained weights (paths, logging, checkpoint cadence,
 kernels); every other field does, so a finished output is reused only when all of them are unchanged, and a
 checkpoint is resumed only by a config whose fingerprinted fields equal the checkpoint's (see checkpoint.py).
+
+The groups are typed views of the flat fields of the same names, made once per config: `objective`
+(objective.py), `unet` and `adapter` (model.py), `optimizer` (optim.py), `data` (feed.py), `checkpointing`
+(checkpoint.py), `logging` (logs.py). Functions take their group, not the whole config.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from shared.core.config import SEED_RANGE, opt
 from shared.core.errors import ConfigError
-from shared.models.lora import PRESETS
+from shared.models.lora import PRESETS, LoraSpec
+from stages.train.checkpoint import CheckpointConfig
+from stages.train.feed import DataConfig
+from stages.train.logs import LogConfig
+from stages.train.model import UnetConfig
+from stages.train.objective import ObjectiveConfig
+from stages.train.optim import SCHEDULES, OptimizerConfig
 
 DTYPES = ("float32", "bfloat16")
 
@@ -60,8 +73,13 @@ class Config:
     max_steps: int = opt(0, "Optimizer steps to train; 0 = `epochs` epochs.", ge=0)
     epochs: int = opt(1, "Epochs to train when max_steps is 0.", ge=1)
     learning_rate: float = opt(1e-4, "Peak learning rate.", gt=0)
-    lr_schedule: str = opt("constant", "Learning-rate schedule after warmup.", choices=("constant", "cosine", "linear"))
+    lr_schedule: str = opt("constant", "Learning-rate schedule after warmup (diffusers' schedules): constant, linear "
+                                       "or cosine to 0, cosine_with_restarts (lr_cycles cycles), polynomial (power "
+                                       "lr_power down to lr_end); constant_with_warmup is constant.", choices=SCHEDULES)
     warmup_steps: int = opt(0, "Linear warmup steps from 0 to the peak learning rate.", ge=0)
+    lr_cycles: int = opt(1, "cosine_with_restarts: number of cosine cycles (hard restarts).", ge=1)
+    lr_power: float = opt(1.0, "polynomial: power of the decay (1 = linear).", gt=0)
+    lr_end: float = opt(1e-7, "polynomial: learning rate at the last step (below learning_rate).", ge=0)
     adam_beta1: float = opt(0.9, "AdamW β1.", ge=0, lt=1)
     adam_beta2: float = opt(0.999, "AdamW β2.", ge=0, lt=1)
     adam_eps: float = opt(1e-8, "AdamW ε.", gt=0)
@@ -110,5 +128,44 @@ class Config:
                               f"(the input is the noise); use --prediction v_prediction")
         if self.prediction == "flow" and self.min_snr_gamma:
             raise ConfigError("min_snr_gamma applies to epsilon / v prediction, not to flow")
+        if self.lr_schedule == "polynomial" and self.lr_end >= self.learning_rate:
+            raise ConfigError(f"lr_end {self.lr_end:g} must be below learning_rate {self.learning_rate:g} "
+                              f"(the polynomial schedule decays from one to the other)")
         object.__setattr__(self, "input", self.input or self.workdir / "encode")
         object.__setattr__(self, "output", self.output or self.workdir / "train")
+
+    @cached_property
+    def objective(self) -> ObjectiveConfig:
+        return _view(self, ObjectiveConfig)
+
+    @cached_property
+    def adapter(self) -> LoraSpec | None:
+        """The LoRA's shape (method lora), else None."""
+        if self.method != "lora":
+            return None
+        return LoraSpec(self.lora_preset, self.lora_rank, self.lora_alpha, self.lora_dropout, self.dora)
+
+    @cached_property
+    def unet(self) -> UnetConfig:
+        return _view(self, UnetConfig)
+
+    @cached_property
+    def optimizer(self) -> OptimizerConfig:
+        return _view(self, OptimizerConfig)
+
+    @cached_property
+    def data(self) -> DataConfig:
+        return _view(self, DataConfig)
+
+    @cached_property
+    def checkpointing(self) -> CheckpointConfig:
+        return _view(self, CheckpointConfig)
+
+    @cached_property
+    def logging(self) -> LogConfig:
+        return _view(self, LogConfig)
+
+
+def _view(cfg: Config, group: type) -> Any:
+    """The group made from the config's fields (or group properties) of the same names."""
+    return group(**{f.name: getattr(cfg, f.name) for f in fields(group)})

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import queue
 import random
 import re
@@ -25,11 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
-
 from shared.core import artifacts
-from shared.formats import shards
 from shared.core.errors import ConfigError, DataError, InputError
+from shared.formats import samples as fmt
+from shared.formats import shards
+from shared.formats.samples import ENCODE_VERSION, EmptyCaption, Sample
+from shared.formats.shard_index import Index, ShardEntry
+from shared.formats.shard_index import read_index as read_index_file
 
 Ref = tuple[int, int]  # (shard number, sample index within the shard)
 
@@ -43,27 +44,22 @@ class ShardInfo:
     repeats: tuple[int, ...]    # per sample
     bytes: int | None = None    # of the tar, as encode wrote it
     sha256: str | None = None   # of the tar
-    zarr_sha256: str | None = None  # of its rows in the zarr store (shards.zarr_digest)
+    zarr_sha256: str | None = None  # of its rows in the zarr store (samples.rows_digest)
 
     @property
     def samples(self) -> int:
         return len(self.repeats)
 
+    @classmethod
+    def of(cls, number: int, group: str, entry: ShardEntry) -> "ShardInfo":
+        return cls(number, group, entry.name, entry.first, entry.repeats, entry.bytes, entry.sha256,
+                   entry.zarr_sha256)
 
-def read_index(folder: Path, manifest: artifacts.Manifest) -> tuple[dict, list[ShardInfo]]:
-    """index.json, checked against the hash in encode's manifest, and its shards in order."""
-    path = manifest.verified(folder, "index.json", f"sdxl encode --out {folder}")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-        infos = []
-        for b in index["buckets"]:
-            group = f"{b['bucket'][0]}x{b['bucket'][1]}"
-            for s in b["shards"]:
-                infos.append(ShardInfo(len(infos), group, s.get("name"), s["first"], tuple(s["repeats"]),
-                                       s.get("bytes"), s.get("sha256"), s.get("zarr_sha256")))
-    except (ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{path}: not a valid encode index ({type(e).__name__}: {e}); re-encode") from None
-    return index, infos
+
+def read_index(folder: Path, manifest: artifacts.Manifest) -> tuple[Index, list[ShardInfo]]:
+    """index.json (checked against encode's manifest and its format version), and its shards in order."""
+    index = read_index_file(folder, manifest)
+    return index, [ShardInfo.of(n, b.group, s) for n, (b, s) in enumerate(index.shards())]
 
 
 def expand_urls(patterns: tuple[str, ...]) -> list[str]:
@@ -188,7 +184,7 @@ class Schedule:
 
 
 class ShardReader:
-    """Samples of one shard, in stored order, as {latent, latent_flip, te, windows, pooled, time_ids, ...}.
+    """Samples of one shard, in stored order, as `Sample` records (shared/formats/samples.py).
 
     Each shard is checked whole before any of its samples is used: a tar's bytes against the size and sha256
     in index.json, a zarr shard's rows against their digest there. A mismatch is a DataError naming the
@@ -196,9 +192,10 @@ class ShardReader:
 
     def __init__(self, folder: Path, infos: list[ShardInfo], source: str, urls: dict[int, str]):
         self.folder, self.infos, self.source, self.urls = Path(folder), infos, source, urls
+        self.fix = fmt.fix_for(self.folder)
         self.store = shards.open_store(self.folder / "zarr", mode="r") if source == "zarr" else None
 
-    def __call__(self, number: int) -> Iterator[tuple[int, dict]]:
+    def __call__(self, number: int) -> Iterator[tuple[int, Sample]]:
         info = self.infos[number]
         if self.store is not None:
             yield from self._zarr(info)
@@ -206,31 +203,25 @@ class ShardReader:
         url = self.urls.get(number) or str(self.folder / str(info.name))
         count = 0
         for j, raw in enumerate(shards.tar_members(io.BytesIO(_verified_tar(url, info)), url)):
-            yield j, _from_tar(raw)
+            yield j, fmt.from_tar(raw, url, self.fix)
             count += 1
         if count != info.samples:
             raise DataError(f"{url}: {count} samples, but index.json says {info.samples}; the shard is "
                             f"incomplete or not this encode's (re-encode, or check --shards)")
 
-    def _zarr(self, info: ShardInfo) -> Iterator[tuple[int, dict]]:
-        g = self.store[info.group]
+    def _zarr(self, info: ShardInfo) -> Iterator[tuple[int, Sample]]:
+        where = self.folder / "zarr" / info.group
         lo, hi = info.first, info.first + info.samples
         try:
-            rows = {name: np.asarray(g[name][lo:hi]) for name in sorted(g.array_keys())}
-            keys = list(g.attrs["keys"][lo:hi])
+            group = self.store[info.group]
+            fmt.check_group(group, str(where), self.fix)
+            rows, keys = fmt.read_rows(group, lo, hi)
         except (KeyError, ValueError, OSError) as e:
-            raise DataError(f"{self.folder / 'zarr' / info.group}: unreadable rows {lo}..{hi - 1} ({e}); "
-                            f"re-encode") from None
-        if shards.zarr_digest(rows, keys) != info.zarr_sha256:
-            raise DataError(f"{self.folder / 'zarr' / info.group}: rows {lo}..{hi - 1} (shard {info.name or lo}) "
-                            f"differ from what encode recorded in index.json; re-encode")
-        for j in range(info.samples):
-            n = int(rows["te_windows"][j].max()) * 77
-            yield j, {"key": keys[j], "latent": rows["latent"][j],
-                      "latent_flip": rows["latent_flip"][j] if "latent_flip" in rows else None,
-                      "te": rows["te"][j][:, :n], "windows": rows["te_windows"][j].astype(int),
-                      "pooled": rows["pooled"][j], "time_ids": rows["time_ids"][j],
-                      "time_ids_flip": rows["time_ids_flip"][j], "tag_weight": float(rows["tag_weight"][j])}
+            raise DataError(f"{where}: unreadable rows {lo}..{hi - 1} ({e}); re-encode") from None
+        if fmt.rows_digest(rows, keys) != info.zarr_sha256:
+            raise DataError(f"{where}: rows {lo}..{hi - 1} (shard {info.name or lo}) differ from what encode "
+                            f"recorded in index.json; re-encode")
+        yield from enumerate(fmt.from_rows(rows, keys))
 
 
 def _verified_tar(url: str, info: ShardInfo) -> bytes:
@@ -247,18 +238,6 @@ def _verified_tar(url: str, info: ShardInfo) -> bytes:
                         f"{hashlib.sha256(data).hexdigest()[:12]}; index.json: {info.bytes} bytes, "
                         f"{str(info.sha256)[:12]}); it is damaged or another shard — re-encode, or check --shards")
     return data
-
-
-def _from_tar(raw: dict) -> dict:
-    def npy(name: str) -> Any:
-        return shards.decode_member(name, raw[name]) if name in raw else None
-
-    meta = shards.decode_member("json", raw["json"])
-    return {"key": raw["__key__"], "latent": npy("latent.npy"), "latent_flip": npy("latent_flip.npy"),
-            "te": npy("te.npy"), "windows": np.asarray(meta["windows"], int), "pooled": npy("pooled.npy"),
-            "time_ids": np.asarray(meta["time_ids"], np.float32),
-            "time_ids_flip": np.asarray(meta["time_ids_flip"], np.float32),
-            "tag_weight": float(meta.get("tag_weight", 1.0))}
 
 
 def stream_batches(plan: list[tuple[Ref, ...]], read: Callable[[int], Iterator[tuple[int, dict]]]
@@ -313,21 +292,7 @@ def prefetch(items: Iterator[Any], depth: int) -> Iterator[Any]:
         yield item
 
 
-def load_empty(folder: Path, manifest: artifacts.Manifest) -> dict:
+def load_empty(folder: Path, manifest: artifacts.Manifest) -> EmptyCaption:
     """The empty caption's cached embedding (caption dropout, and padding of shorter captions), checked."""
-    fix = f"sdxl encode --out {folder}"
-    out = {}
-    for name in ("te", "pooled"):
-        path = manifest.verified(folder, f"empty/{name}.npy", fix)
-        try:
-            out[name] = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise InputError(f"{path}: unreadable ({e}); rerun: {fix}") from None
-    return out
+    return fmt.read_empty(folder, manifest)
 
-
-ENCODE_VERSIONS = (3,)
-
-
-def require_encode(folder: Path) -> artifacts.Manifest:
-    return artifacts.require_input(folder, "encode", ENCODE_VERSIONS, f"sdxl encode --out {folder}")

@@ -7,17 +7,28 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shared.core.errors import ConfigError
-from shared.core.log import warn
 
 BINS = 10
 
 
+@dataclass(frozen=True)
+class LogConfig:
+    """What the main rank measures and where it goes (flat keys of the same names)."""
+    log_every: int        # optimizer steps between metrics lines
+    eval_samples: int     # fixed evaluation samples (fixed noise and timesteps); 0 = no evaluation loss
+    tensorboard: bool     # TensorBoard scalars under <out>/logs/tensorboard
+    wandb: bool           # also Weights & Biases (the wandb package)
+    wandb_project: str
+
+
 class TrainLog:
-    def __init__(self, cfg: Any, folder: Path, total: int, start: int, batch_per_step: int):
+    def __init__(self, cfg: LogConfig, folder: Path, total: int, start: int, batch_per_step: int,
+                 run_config: dict):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.metrics = folder / "metrics.jsonl"
@@ -25,7 +36,7 @@ class TrainLog:
         self.batch_per_step = batch_per_step
         self.bar = _bar(total, start)
         self.tb = _tensorboard(folder / "tensorboard") if cfg.tensorboard else None
-        self.wandb = _wandb(cfg, folder) if cfg.wandb else None
+        self.wandb = _wandb(cfg.wandb_project, folder, run_config) if cfg.wandb else None
         self.clock, self.clock_step = time.monotonic(), start
 
     def step(self, step: int, loss: float, lr: float) -> None:
@@ -98,19 +109,14 @@ def _bar(total: int, start: int) -> Any:
 
 
 def _tensorboard(folder: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        warn("tensorboard is not installed; TensorBoard logging is off (pip install tensorboard)")
-        return None
+    from torch.utils.tensorboard import SummaryWriter  # tensorboard is a required dependency
+
     return SummaryWriter(log_dir=str(folder))
 
 
-def _wandb(cfg: Any, folder: Path) -> Any:
+def _wandb(project: str, folder: Path, run_config: dict) -> Any:
     try:
         import wandb
     except ImportError:
         raise ConfigError("--wandb: the wandb package is not installed (pip install wandb)") from None
-    from shared.core.config import to_plain
-
-    return wandb.init(project=cfg.wandb_project, dir=str(folder), config=to_plain(cfg), resume="allow")
+    return wandb.init(project=project, dir=str(folder), config=run_config, resume="allow")

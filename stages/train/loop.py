@@ -10,98 +10,90 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ContextManager
 
 import torch
 
 from shared.core import artifacts, ranks
-from shared.core.config import fingerprinted
-from shared.core.errors import DataError, InputError
+from shared.core.config import fingerprinted, to_plain
+from shared.core.errors import DataError
 from shared.core.faults import checkpoint as fault_point
 from shared.core.log import say, warn
 from shared.core.stage import BuildResult
 from stages.train import checkpoint as ckpt
 from stages.train import data as D
-from stages.train import logs, model as M, objective, step as S
+from stages.train import feed, logs, model as M, objective, optim as O, step as S
+from stages.train.config import Config
+
+
+@dataclass
+class Progress:
+    """The loop's position and counters, a checkpoint part. The step is the data position too (the data plan is
+    a function of the config); epoch and step in epoch are stored for reading."""
+    schedule: D.Schedule
+    step: int = 0                  # optimizer steps done
+    skipped: int = 0               # steps skipped for a non-finite loss or gradient
+    bad_in_row: int = 0            # of them, the latest in a row
+    eval: list = field(default_factory=list)   # [[step, evaluation loss], ...]
+
+    def state_dict(self) -> dict:
+        epoch, in_epoch = self.schedule.locate(self.step)
+        return {"step": self.step, "epoch": epoch, "step_in_epoch": in_epoch, "skipped": self.skipped,
+                "bad_in_row": self.bad_in_row, "eval": [list(e) for e in self.eval]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.skipped, self.bad_in_row = state["step"], state["skipped"], state["bad_in_row"]
+        self.eval = [list(e) for e in state["eval"]]
 
 
 @dataclass
 class Run:
-    cfg: Any
+    cfg: Config
     staging: Path
     rank: ranks.Rank
     device: torch.device
-    record: dict                       # fingerprinted config + inputs, stored in each checkpoint
-    data: Any = None
-    schedule: Any = None
+    record: dict                       # {"config": fingerprinted config, "inputs": their fingerprints}
+    data: feed.Data | None = None
+    schedule: D.Schedule | None = None
     unet: Any = None
     model: Any = None                  # the UNet, or its DDP wrapper
     params: list = field(default_factory=list)
-    opt: Any = None
-    ema: Any = None
-    scaler: Any = None
-    sigmas: Any = None
-    state: dict = field(default_factory=lambda: {"step": 0, "bad_in_row": 0, "skipped": 0, "eval": []})
+    weights: M.TrainedWeights | None = None
+    opt: torch.optim.Optimizer | None = None
+    lr: O.LRSchedule | None = None
+    ema: O.EMA | None = None
+    scaler: torch.amp.GradScaler | None = None   # built once; disabled unless fp16
+    precision: S.Precision | None = None
+    sigmas: torch.Tensor | None = None
+    progress: Progress | None = None
     eval_set: list = field(default_factory=list)
-    log: Any = None
+    log: logs.TrainLog | None = None
+
+    def parts(self) -> dict[str, ckpt.Stateful]:
+        """What a checkpoint holds, restored in this order (the schedule after the optimizer: it sets the
+        optimizer's learning rate). A new stateful part of training is one more entry here."""
+        parts = {"weights": self.weights, "ema": self.ema, "optimizer": self.opt, "scheduler": self.lr,
+                 "scaler": self.scaler, "progress": self.progress}
+        return {name: part for name, part in parts.items() if part is not None}
+
+    def rank_parts(self) -> dict[str, ckpt.Stateful]:
+        """What each rank saves of its own."""
+        return {f"rng-rank{self.rank.rank}": ckpt.RNGState(self.device)}
 
     def barrier(self) -> None:
         if self.rank.world > 1:
             torch.distributed.barrier()
 
 
-@dataclass
-class Data:
-    folder: Path
-    index: dict
-    infos: list
-    read: Any
-    empty: dict
-
-
-def open_data(cfg: Any) -> Data:
-    manifest = D.require_encode(cfg.input)
-    index, infos = D.read_index(cfg.input, manifest)
-    source = cfg.source if cfg.source != "auto" else ("wds" if index["format"] in ("wds", "both") else "zarr")
-    if source == "wds" and index["format"] == "zarr" or source == "zarr" and index["format"] == "wds":
-        raise InputError(f"{cfg.input}: encode wrote format {index['format']}, so --source {source} cannot be read")
-    urls: dict[int, str] = {}
-    if cfg.shards:
-        if source == "zarr":
-            raise InputError("--shards lists tar shards; it cannot be used with --source zarr")
-        urls = D.match_urls(infos, D.expand_urls(cfg.shards))
-        if len(urls) < len(infos):
-            say(f"train: reading {len(urls)} of the {len(infos)} shards of {cfg.input} (those given by --shards)")
-        infos, urls = D.select(infos, urls)
-    return Data(Path(cfg.input), index, infos, D.ShardReader(cfg.input, infos, source, urls),
-                D.load_empty(cfg.input, manifest))
-
-
-def check_shapes(unet: Any, index: dict, where: Path) -> None:
-    c = unet.config
-    want = {"latent channels": (c.in_channels, index["latent_channels"]),
-            "text width": (c.cross_attention_dim, index["te_dim"]),
-            "pooled + time ids width": (c.projection_class_embeddings_input_dim,
-                                        index["pooled_dim"] + 6 * c.addition_time_embed_dim)}
-    bad = [f"{k}: UNet {a}, shards {b}" for k, (a, b) in want.items() if a != b]
-    if bad:
-        raise InputError(f"{where}: the shards do not fit this UNet ({'; '.join(bad)}); encode with this model")
-
-
 def setup(run: Run) -> None:
     cfg = run.cfg
-    run.data = open_data(cfg)
-    run.schedule = D.Schedule.make(run.data.infos, run.rank.world, cfg.seed, cfg.batch_size, cfg.accumulate,
-                                   cfg.epochs, cfg.max_steps)
-    run.unet = M.build_unet(cfg, run.device)
+    run.data = feed.open_data(cfg.data)
+    run.schedule = feed.plan(run.data, cfg.data, run.rank.world)
+    run.unet = M.build_unet(cfg.unet, run.device)
     torch.manual_seed(cfg.seed + run.rank.rank)  # the global generator drives LoRA dropout only
-    check_shapes(run.unet, run.data.index, run.data.folder)
-    run.params = M.trainable(run.unet)
-    run.opt = M.make_optimizer(cfg, run.params)
-    run.ema = M.EMA(run.params, cfg.ema_decay) if cfg.ema_decay else None
-    run.scaler = torch.amp.GradScaler(run.device.type) if cfg.mixed_precision == "fp16" else None
-    run.sigmas = objective.schedule(cfg.schedule).float().to(run.device)
-    start = ckpt.resolve_resume(cfg.resume, run.staging, run.rank.main)
+    feed.check_shapes(run.unet, run.data.index, run.data.folder)
+    make_state(run)
+    start = ckpt.resolve_resume(cfg.checkpointing.resume, run.staging, run.rank.main)
     if start is not None:
         restore(run, start)
     run.model = run.unet
@@ -109,125 +101,106 @@ def setup(run: Run) -> None:
         ids = [run.device.index] if run.device.type == "cuda" else None
         run.model = torch.nn.parallel.DistributedDataParallel(run.unet, device_ids=ids)
     if run.rank.main:
-        run.eval_set = eval_samples(run)
-        run.log = logs.TrainLog(cfg, run.staging / "logs", run.schedule.total, run.state["step"],
-                                cfg.batch_size * cfg.accumulate * run.rank.world)
+        run.eval_set = feed.first_samples(run.data, cfg.logging.eval_samples)
+        run.log = logs.TrainLog(cfg.logging, run.staging / "logs", run.schedule.total, run.progress.step,
+                                cfg.batch_size * cfg.accumulate * run.rank.world, to_plain(cfg))
 
 
-def eval_samples(run: Run) -> list[dict]:
-    out: list[dict] = []
-    for info in run.data.infos:
-        for _, sample in run.data.read(info.number):
-            if len(out) == run.cfg.eval_samples:
-                return out
-            out.append(sample)
-    return out
+def make_state(run: Run) -> None:
+    """The stateful parts around the UNet, and the precision and sigmas of the step."""
+    cfg, opt_cfg = run.cfg, run.cfg.optimizer
+    run.params = M.trainable(run.unet)
+    run.weights = M.TrainedWeights(run.unet, cfg.method)
+    run.opt = O.make_optimizer(opt_cfg, run.params)
+    run.lr = O.LRSchedule(run.opt, opt_cfg, run.schedule.total)
+    run.ema = O.EMA(run.weights, run.params, opt_cfg.ema_decay) if opt_cfg.ema_decay else None
+    run.scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.mixed_precision == "fp16")
+    run.precision = S.Precision.make(cfg.weights_dtype, cfg.mixed_precision, run.device.type)
+    run.sigmas = objective.schedule(cfg.schedule).float().to(run.device)
+    run.progress = Progress(run.schedule)
 
 
 def restore(run: Run, folder: Path) -> None:
-    saved = ckpt.check_resumable(folder, run.record, run.cfg.force_resume)
-    if run.ema is not None and (folder / "ema.safetensors").is_file():
-        M.load_weights_state(run.unet, run.cfg, ckpt.read_tensors(folder / "ema.safetensors"))
-        run.ema.take_from_params()
-    M.load_weights_state(run.unet, run.cfg, ckpt.read_tensors(folder / "weights.safetensors"))
-    M.load_optimizer_state(run.opt, ckpt.read_tensors(folder / "optimizer.safetensors"),
-                           ckpt.read_json(folder / "optimizer.json"))
-    state = ckpt.read_json(folder / "state.json")
-    if run.scaler is not None and state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
-    run.state.update(state["loop"])
-    if not ckpt.restore_rng(folder, run.rank.rank, run.device):
-        warn(f"{folder} has no RNG state of rank {run.rank.rank}; LoRA dropout draws will differ")
+    saved = ckpt.check_resumable(folder, run.record["config"], run.record["inputs"],
+                                 run.cfg.checkpointing.force_resume)
+    missing = ckpt.restore(folder, {**run.parts(), **run.rank_parts()})
+    if missing:
+        warn(f"{folder} holds no state of {', '.join(missing)} (it starts afresh; with an RNG state missing, "
+             f"LoRA dropout draws differ from an uninterrupted run)")
     if run.rank.main:
-        say(f"train: resuming from {folder} (step {saved['step']} of {run.schedule.total})")
-
-
-def micro_batches(run: Run) -> Iterator[tuple[list[dict], int, int]]:
-    """(samples, step, micro-batch index) from the current position to the end of the schedule."""
-    cfg, sched = run.cfg, run.schedule
-    epoch, in_epoch = sched.locate(run.state["step"])
-    base = sum(sched.steps[:epoch])
-    for e in range(epoch, len(sched.steps)):
-        plan = D.epoch_plan(run.data.infos, run.rank.rank, run.rank.world, cfg.seed, e, cfg.batch_size,
-                            cfg.shuffle_buffer)[:sched.steps[e] * cfg.accumulate]
-        first = in_epoch * cfg.accumulate if e == epoch else 0
-        for i, samples in enumerate(D.stream_batches(plan[first:], run.data.read), start=first):
-            yield samples, base + i // cfg.accumulate, i % cfg.accumulate
-        base += sched.steps[e]
+        say(f"train: resuming from {folder} (step {saved.step} of {run.schedule.total})")
 
 
 def train_steps(run: Run) -> None:
-    cfg, total = run.cfg, run.schedule.total
+    cfg, data, total = run.cfg, run.cfg.data, run.schedule.total
     # the reader thread only reads and decodes (numpy); tensors are made here, because torch ops in a second
     # thread start a second OpenMP team that competes with the step (measured: 3x slower steps on 2 cores)
-    batches = D.prefetch(micro_batches(run), cfg.prefetch)
+    batches = D.prefetch(feed.micro_batches(run.data, run.schedule, data, run.rank.rank, run.rank.world,
+                                            run.progress.step), data.prefetch)
     window = Window(run.device)
-    for step in range(run.state["step"], total):
-        lr = objective.learning_rate(step, cfg.learning_rate, total, cfg.warmup_steps, cfg.lr_schedule)
-        for group in run.opt.param_groups:
-            group["lr"] = lr
-        for micro in range(cfg.accumulate):
-            batch = S.assemble(*next(batches), run.data.empty, cfg).to(run.device)
-            with sync(run, last=micro == cfg.accumulate - 1):
-                loss, per_sample, u = S.loss(run.model, batch, cfg, run.sigmas)
-                backward(run, loss / cfg.accumulate)
+    for step in range(run.progress.step, total):
+        lr = run.lr.lr
+        for micro in range(data.accumulate):
+            batch = S.assemble(*next(batches), run.data.empty, cfg.objective).to(run.device)
+            with sync(run, last=micro == data.accumulate - 1):
+                loss, per_sample, u = S.loss(run.model, batch, cfg.objective, run.sigmas, run.precision)
+                run.scaler.scale(loss / data.accumulate).backward()
             window.add(loss.detach(), per_sample, u)
-        norm = optimizer_step(run, step, loss.detach())
-        run.state["step"] = step + 1
+        window.norm = optimizer_step(run, step, loss.detach())
+        run.lr.step()
+        run.progress.step = step + 1
         fault_point("train.step")
-        window.norm = norm
         if run.log is not None:
             run.log.step(step + 1, float(loss.detach()), lr)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+        if (step + 1) % cfg.logging.log_every == 0 or step + 1 == total:
             report(run, step + 1, window.reduce(run.rank.world), lr)
             window = Window(run.device)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+        if (step + 1) % cfg.checkpointing.checkpoint_every == 0 or step + 1 == total:
             save(run)
 
 
-def sync(run: Run, last: bool) -> Any:
+def sync(run: Run, last: bool) -> ContextManager:
     """DDP all-reduces gradients only on the last micro-batch of a step."""
     if run.model is run.unet or last:
         return contextlib.nullcontext()
     return run.model.no_sync()
 
 
-def backward(run: Run, loss: torch.Tensor) -> None:
-    (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
-
-
 def optimizer_step(run: Run, step: int, loss: torch.Tensor) -> float:
     """Clip, then step — unless the loss or the gradient is not finite: then the step is skipped and counted,
-    and `max_bad_steps` such steps in a row stop the run with an error."""
-    cfg = run.cfg
-    if run.scaler is not None:
-        run.scaler.unscale_(run.opt)
+    and `max_bad_steps` such steps in a row stop the run with an error. (With fp16 the scaler skips a step
+    whose gradient overflowed by itself, lowering its scale; that is not a bad step.)"""
+    cfg = run.cfg.optimizer
+    run.scaler.unscale_(run.opt)
     norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm or float("inf"))
     bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=run.device)
     if run.rank.world > 1:
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-    if bad.item() or (run.scaler is None and not torch.isfinite(norm)):
-        run.opt.zero_grad(set_to_none=True)
-        run.state["skipped"] += 1
-        run.state["bad_in_row"] += 1
-        if run.rank.main:
-            warn(f"step {step + 1}: non-finite loss or gradient (loss {float(loss):.4g}, grad norm "
-                 f"{float(norm):.4g}); step skipped ({run.state['skipped']} so far)")
-        if run.state["bad_in_row"] >= cfg.max_bad_steps:
-            raise DataError(f"{run.state['bad_in_row']} steps in a row had a non-finite loss or gradient (last at "
-                            f"step {step + 1}); lower the learning rate, use --mixed-precision bf16 instead of "
-                            f"fp16, or check the shards (latents from an fp16 VAE overflow)")
+    if bad.item() or (not run.scaler.is_enabled() and not torch.isfinite(norm)):
+        skip_step(run, step, float(loss), float(norm), cfg.max_bad_steps)
         return float(norm)
-    if run.scaler is not None:
-        run.scaler.step(run.opt)
-        run.scaler.update()
-    else:
-        run.opt.step()
+    run.scaler.step(run.opt)
+    run.scaler.update()
     run.opt.zero_grad(set_to_none=True)
-    run.state["bad_in_row"] = 0
+    run.progress.bad_in_row = 0
     if run.ema is not None:
         run.ema.update(step)
     return float(norm)
+
+
+def skip_step(run: Run, step: int, loss: float, norm: float, max_bad_steps: int) -> None:
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.update()  # ends this step's unscale_ (and lowers an fp16 scale); no-op when disabled
+    progress = run.progress
+    progress.skipped += 1
+    progress.bad_in_row += 1
+    if run.rank.main:
+        warn(f"step {step + 1}: non-finite loss or gradient (loss {loss:.4g}, grad norm {norm:.4g}); step "
+             f"skipped ({progress.skipped} so far)")
+    if progress.bad_in_row >= max_bad_steps:
+        raise DataError(f"{progress.bad_in_row} steps in a row had a non-finite loss or gradient (last at "
+                        f"step {step + 1}); lower the learning rate, use --mixed-precision bf16 instead of "
+                        f"fp16, or check the shards (latents from an fp16 VAE overflow)")
 
 
 class Window:
@@ -256,49 +229,42 @@ class Window:
 def report(run: Run, step: int, stats: dict, lr: float) -> None:
     if run.log is not None:
         run.log.write(step, {"loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"],
-                             "skipped_steps": run.state["skipped"]}, stats["bins"])
+                             "skipped_steps": run.progress.skipped}, stats["bins"])
+
+
+def evaluate(run: Run) -> None:
+    """The evaluation loss at the current step, noted in the progress and the logs (main rank)."""
+    if run.rank.main and run.eval_set:
+        step = run.progress.step
+        value = S.evaluate(run.unet, run.eval_set, run.cfg.objective, run.sigmas, run.precision, run.device)
+        run.progress.eval.append([step, value])
+        run.log.note(step, "eval_loss", value)
 
 
 def save(run: Run) -> None:
-    cfg, step = run.cfg, run.state["step"]
-    if run.rank.main and run.eval_set:
-        value = S.evaluate(run.unet, run.eval_set, cfg, run.sigmas, run.device)
-        run.state["eval"].append([step, value])
-        run.log.note(step, "eval_loss", value)
-    epoch, _ = run.schedule.locate(step)
-
-    def files(folder: Path) -> None:
-        meta = {"format": "sdxl-stages", "method": cfg.method,
-                "lora": M.lora_spec(cfg).to_json() if cfg.method == "lora" else ""}
-        ckpt.write_tensors(folder / "weights.safetensors", M.weights_state(run.unet, cfg), meta)
-        if run.ema is not None:
-            with run.ema.swapped():
-                ckpt.write_tensors(folder / "ema.safetensors", M.weights_state(run.unet, cfg), meta)
-        tensors, opt_meta = M.optimizer_state(run.opt)
-        ckpt.write_tensors(folder / "optimizer.safetensors", tensors)
-        (folder / "optimizer.json").write_text(M.dumps(opt_meta), encoding="utf-8")
-        state = {"loop": run.state, "epoch": epoch, "scaler": M.scaler_state(run.scaler)}
-        (folder / "state.json").write_text(M.dumps(state), encoding="utf-8")
-
-    manifest = {"step": step, "epoch": epoch,
-                "fingerprint": artifacts.hash_json(run.record), "created": artifacts.now(), **run.record,
-                "method": cfg.method, "lora": M.lora_spec(cfg).__dict__ if cfg.method == "lora" else None,
-                "model": cfg.model, "weights_dtype": cfg.weights_dtype}
-    ckpt.save(run.staging / "checkpoints", step, run.rank.rank, run.rank.main, run.barrier,
-              ckpt.rng_state(run.device), files, manifest, cfg.keep_checkpoints)
+    evaluate(run)
+    cfg, step = run.cfg, run.progress.step
+    record = ckpt.CheckpointManifest(
+        step=step, epoch=run.schedule.locate(step)[0], method=cfg.method, lora=cfg.adapter, model=cfg.model,
+        weights_dtype=cfg.weights_dtype, config=run.record["config"], inputs=run.record["inputs"],
+        fingerprint=artifacts.hash_json(run.record), created=artifacts.now())
+    metadata = {"format": "sdxl-stages", "method": cfg.method,
+                "lora": cfg.adapter.to_json() if cfg.adapter is not None else ""}
+    ckpt.save(run.staging / "checkpoints", record, run.parts(), run.rank_parts(), cfg.checkpointing.keep_checkpoints,
+              metadata, run.rank.main, run.barrier)
 
 
-def record(cfg: Any, inputs: dict) -> dict:
+def record(cfg: Config, inputs: dict) -> dict:
     return {"config": fingerprinted(cfg), "inputs": {k: v["fingerprint"] for k, v in inputs.items()}}
 
 
 def result(run: Run, started: float) -> BuildResult:
-    cfg, index = run.cfg, run.data.index
+    cfg, index, sched = run.cfg, run.data.index, run.schedule
     buckets = sorted(([*b["bucket"], b["samples"]] for b in index["buckets"]), key=lambda b: -b[2])
-    evals = run.state["eval"]
-    extra = {"final_checkpoint": f"checkpoints/{ckpt.folder_name(run.schedule.total)}",
-             "steps": run.schedule.total, "epochs": round(run.schedule.total / max(run.schedule.steps[0], 1), 4),
-             "steps_per_epoch": list(run.schedule.steps[:3]), "skipped_steps": run.state["skipped"],
+    evals = run.progress.eval
+    extra = {"final_checkpoint": f"checkpoints/{ckpt.folder_name(sched.total)}",
+             "steps": sched.total, "epochs": round(sched.total / max(sched.steps[0], 1), 4),
+             "steps_per_epoch": list(sched.steps[:3]), "skipped_steps": run.progress.skipped,
              "eval_loss": {"first": evals[0] if evals else None, "last": evals[-1] if evals else None,
                            "history": evals},
              "tag_frequency": index.get("tag_frequency", {}), "resolution": buckets[0][:2] if buckets else None,
@@ -306,16 +272,9 @@ def result(run: Run, started: float) -> BuildResult:
     per_step = cfg.batch_size * cfg.accumulate * run.rank.world
     occurrences = sum(sum(i.repeats) for i in run.data.infos)
     extra["epoch_samples"] = occurrences  # per epoch, counting repeats
-    extra["epoch_unused"] = occurrences - run.schedule.steps[0] * per_step  # first epoch's remainder, not trained
-    return BuildResult({"in": index["samples"], "out": run.schedule.total, "dropped": {},
-                        "samples_trained": run.schedule.total * per_step}, extra)
-
-
-def eval_at_start(run: Run) -> None:
-    if run.rank.main and run.eval_set and not run.state["eval"]:
-        value = S.evaluate(run.unet, run.eval_set, run.cfg, run.sigmas, run.device)
-        run.state["eval"].append([0, value])
-        run.log.note(0, "eval_loss", value)
+    extra["epoch_unused"] = occurrences - sched.steps[0] * per_step  # first epoch's remainder, not trained
+    return BuildResult({"in": index["samples"], "out": sched.total, "dropped": {},
+                        "samples_trained": sched.total * per_step}, extra)
 
 
 def init_distributed(rank: ranks.Rank, device: torch.device) -> bool:
@@ -327,7 +286,7 @@ def init_distributed(rank: ranks.Rank, device: torch.device) -> bool:
     return True
 
 
-def build(cfg: Any, staging: Path, inputs: dict) -> BuildResult | None:
+def build(cfg: Config, staging: Path, inputs: dict) -> BuildResult | None:
     rank = ranks.current()
     device = torch.device(ranks.device(cfg.device, rank.local))
     made_group = init_distributed(rank, device)
@@ -335,7 +294,8 @@ def build(cfg: Any, staging: Path, inputs: dict) -> BuildResult | None:
     run = Run(cfg, staging, rank, device, record(cfg, inputs))
     try:
         setup(run)
-        eval_at_start(run)
+        if not run.progress.eval:
+            evaluate(run)  # the evaluation loss at the start
         train_steps(run)
         if run.log is not None:
             run.log.close()

@@ -1,22 +1,31 @@
-"""What is trained and how it is stepped: the UNet (LoRA via peft, or all of it), precision, AdamW, EMA, and
-their states as plain tensors + JSON (checkpoints hold no pickle)."""
+"""What is trained: the model's UNet with a LoRA (peft) or all of it, in which dtype, and its trained weights as
+a checkpoint part (plain tensors; checkpoints hold no pickle)."""
 from __future__ import annotations
 
-import contextlib
-import json
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from shared.models import lora, loading as models
 from shared.core.errors import ConfigError
+from shared.models import lora, loading as models
 
 
-def lora_spec(cfg: Any) -> lora.LoraSpec:
-    return lora.LoraSpec(cfg.lora_preset, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.dora)
+@dataclass(frozen=True)
+class UnetConfig:
+    """The UNet being trained and how it is held (flat keys of the same names; `adapter` is made from the
+    lora_* keys and `dora`)."""
+    model: str                     # builtin:tiny | builtin:sdxl-random | a diffusers folder | a single file
+    method: str                    # lora (an adapter on the frozen UNet) | full (every UNet weight)
+    adapter: lora.LoraSpec | None  # the LoRA's shape (method lora), else None
+    weights_dtype: str             # the UNet's dtype (float32 | bfloat16); LoRA weights stay float32
+    mixed_precision: str           # autocast of the forward pass: no | bf16 | fp16 (with a gradient scaler)
+    gradient_checkpointing: bool   # recompute activations in the backward pass
+    tf32: bool                     # TF32 matmuls on NVIDIA GPUs
+    seed: int                      # the adapter's initialisation follows it alone
 
 
-def build_unet(cfg: Any, device: torch.device) -> Any:
+def build_unet(cfg: UnetConfig, device: torch.device) -> Any:
     """The model's UNet prepared for training: LoRA injected (base frozen) or fully trainable, in
     `weights_dtype` (LoRA weights in float32), gradient checkpointing as asked, on `device`."""
     unet = models.load_model(cfg.model, ("unet",)).unet
@@ -24,7 +33,7 @@ def build_unet(cfg: Any, device: torch.device) -> Any:
     if cfg.method == "lora":
         with torch.random.fork_rng(devices=[]):  # the adapter's init follows `seed` alone (not what ran before)
             torch.manual_seed(cfg.seed)
-            lora.apply_lora(unet, lora_spec(cfg))
+            lora.apply_lora(unet, cfg.adapter)
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
@@ -43,90 +52,23 @@ def trainable(unet: Any) -> list[torch.nn.Parameter]:
     return [p for p in unet.parameters() if p.requires_grad]
 
 
-def weights_state(unet: Any, cfg: Any) -> dict[str, torch.Tensor]:
-    """The trained weights as checkpoints and export store them: `unet.` + peft's LoRA keys, or + the UNet's
-    own parameter names for a full fine-tune."""
-    state = lora.lora_state(unet) if cfg.method == "lora" else unet.state_dict()
-    return {"unet." + k: v.detach().contiguous() for k, v in state.items()}
+class TrainedWeights:
+    """The trained weights as checkpoints and export store them: `unet.` + peft's LoRA keys, or + the UNet's own
+    parameter names for a full fine-tune. A checkpoint part; loading copies into the live parameters (the
+    optimizer's and the EMA's references stay valid)."""
 
+    def __init__(self, unet: Any, method: str):
+        self.unet, self.method = unet, method
 
-def load_weights_state(unet: Any, cfg: Any, state: dict[str, torch.Tensor]) -> None:
-    own = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-    if cfg.method == "lora":
-        lora.load_lora_state(unet, own)
-    else:
-        missing, unexpected = unet.load_state_dict(own, strict=False)
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = lora.lora_state(self.unet) if self.method == "lora" else self.unet.state_dict()
+        return {"unet." + k: v.detach().contiguous() for k, v in state.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+        if self.method == "lora":
+            lora.load_lora_state(self.unet, own)
+            return
+        missing, unexpected = self.unet.load_state_dict(own, strict=False)
         if missing or unexpected:
             raise ConfigError(f"checkpoint weights do not fit this UNet ({(missing or unexpected)[0]})")
-
-
-def make_optimizer(cfg: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-
-
-def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """The optimizer's state_dict as named tensors plus JSON (param groups, non-tensor values)."""
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, entries in sd["state"].items():
-        for name, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{name}"] = value.detach().contiguous()
-            else:
-                scalars[f"{pid}.{name}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-class EMA:
-    """Exponential moving average of the trained weights (float32), with the usual warmup of the decay:
-    decay_t = min(decay, (1 + t) / (10 + t))."""
-
-    def __init__(self, params: list[torch.nn.Parameter], decay: float):
-        self.params, self.decay = params, decay
-        self.shadow = [p.detach().float().clone() for p in params]
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        for s, p in zip(self.shadow, self.params):
-            s.mul_(d).add_(p.detach().float(), alpha=1 - d)
-
-    @contextlib.contextmanager
-    def swapped(self) -> Iterator[None]:
-        """The model's trained parameters temporarily replaced by the averages."""
-        saved = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, s in zip(self.params, self.shadow):
-                p.copy_(s.to(p.dtype))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, s in zip(self.params, saved):
-                    p.copy_(s)
-
-    @torch.no_grad()
-    def take_from_params(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            s.copy_(p.detach().float())
-
-
-def scaler_state(scaler: Any) -> dict | None:
-    if scaler is None:
-        return None
-    sd = scaler.state_dict()
-    return {k: (float(v) if isinstance(v, float) else v) for k, v in sd.items()}
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=1, sort_keys=True)

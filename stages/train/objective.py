@@ -8,10 +8,29 @@ practical infinity), Karras et al. 2022 (sigma ladder), Hang et al. 2023 (min-SN
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 NOVELAI_SIGMA_MAX = 20000.0
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """What a training step optimises and the per-sample draws it makes (flat keys of the same names; used by
+    step.py, which passes these functions plain values)."""
+    prediction: str         # epsilon | v_prediction | flow (the UNet's target: ε, v, or ε − x0)
+    schedule: str           # sdxl | ztsnr | novelai: the training sigmas (`schedule()`)
+    timesteps: str          # uniform | logit_normal: how the timestep position u in [0, 1) is drawn
+    logit_mean: float       # logit_normal: u = sigmoid(n), n ~ N(logit_mean, logit_std²)
+    logit_std: float
+    flow_shift: float       # flow: SD3's shift of t (`flow_shift()`)
+    min_snr_gamma: float    # min-SNR-γ loss weight (`min_snr_weight()`); 0 = off
+    noise_offset: float     # `offset_noise()`'s offset; 0 = off
+    tag_weighting: bool     # multiply each sample's loss by its tag-frequency weight from ingest
+    caption_dropout: float  # probability of the empty caption's embedding
+    flip_rate: float        # probability of the flipped latent (when encode stored it)
+    seed: int               # keys every per-sample draw (caption variant, dropout, flip, timestep, noise)
 
 
 def scaled_linear_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:

@@ -7,14 +7,17 @@ state to reproduce them.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ContextManager
 
 import numpy as np
 import torch
 
+from shared.formats.samples import WINDOW_TOKENS
 from stages.train import objective as obj
+from stages.train.objective import ObjectiveConfig
 
 EVAL_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -33,6 +36,19 @@ class Batch:
         return Batch(**{k: v.to(device, non_blocking=True) for k, v in vars(self).items()})
 
 
+@dataclass(frozen=True)
+class Precision:
+    """The forward pass's dtype and its autocast context, made once (the context is re-entered every call)."""
+    dtype: torch.dtype           # of the UNet's inputs (its weights' dtype)
+    autocast: ContextManager     # torch.autocast for bf16 / fp16, else a no-op
+
+    @classmethod
+    def make(cls, weights_dtype: str, mixed_precision: str, device_type: str) -> "Precision":
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+        context = torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        return cls(getattr(torch, weights_dtype), context)
+
+
 def sample_generator(seed: int, step: int, micro: int, key: str, occurrence: int) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}:{step}:{micro}:{key}:{occurrence}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
@@ -41,11 +57,11 @@ def sample_generator(seed: int, step: int, micro: int, key: str, occurrence: int
 def _padded(te: np.ndarray, length: int, empty_te: np.ndarray) -> np.ndarray:
     """Caption states padded to `length` rows with the empty caption's 77-row window (what a shorter caption's
     missing windows would encode to), as kohya / A1111 pad long prompts."""
-    missing = (length - te.shape[0]) // 77
+    missing = (length - te.shape[0]) // WINDOW_TOKENS
     return np.concatenate([te] + [empty_te] * missing) if missing else te
 
 
-def assemble(samples: list[dict], step: int, micro: int, empty: dict, cfg: Any) -> Batch:
+def assemble(samples: list[dict], step: int, micro: int, empty: dict, cfg: ObjectiveConfig) -> Batch:
     """A batch of one bucket's samples with this step's draws."""
     chosen, latents, noise, u, time_ids = [], [], [], [], []
     seen: dict[str, int] = {}
@@ -64,7 +80,7 @@ def assemble(samples: list[dict], step: int, micro: int, empty: dict, cfg: Any) 
         if drop:
             chosen.append((empty["te"], empty["pooled"]))
         else:
-            chosen.append((s["te"][v][:int(s["windows"][v]) * 77], s["pooled"][v]))
+            chosen.append((s["te"][v][:int(s["windows"][v]) * WINDOW_TOKENS], s["pooled"][v]))
     length = max(te.shape[0] for te, _ in chosen)
     te = np.stack([_padded(t, length, empty["te"]) for t, _ in chosen]).astype(np.float32)
     return Batch(latents=torch.stack(latents), noise=torch.cat(noise), u=torch.cat(u), te=torch.from_numpy(te),
@@ -73,7 +89,7 @@ def assemble(samples: list[dict], step: int, micro: int, empty: dict, cfg: Any) 
                  tag_weight=torch.tensor([float(s["tag_weight"]) for s in samples], dtype=torch.float32))
 
 
-def noised(batch: Batch, cfg: Any, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def noised(batch: Batch, cfg: ObjectiveConfig, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(UNet input, UNet timestep, target, σ or t per sample) for the batch's draws."""
     x0 = batch.latents
     if cfg.prediction == "flow":
@@ -87,19 +103,19 @@ def noised(batch: Batch, cfg: Any, sigmas: torch.Tensor) -> tuple[torch.Tensor, 
             sigma)
 
 
-def predict(unet: Any, x: torch.Tensor, timestep: torch.Tensor, batch: Batch, cfg: Any) -> torch.Tensor:
-    dtype = getattr(torch, cfg.weights_dtype)
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-    with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+def predict(unet: Any, x: torch.Tensor, timestep: torch.Tensor, batch: Batch, precision: Precision) -> torch.Tensor:
+    dtype = precision.dtype
+    with precision.autocast:
         return unet(x.to(dtype), timestep, encoder_hidden_states=batch.te.to(dtype),
                     added_cond_kwargs={"text_embeds": batch.pooled.to(dtype), "time_ids": batch.time_ids.to(dtype)}
                     ).sample
 
 
-def loss(unet: Any, batch: Batch, cfg: Any, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def loss(unet: Any, batch: Batch, cfg: ObjectiveConfig, sigmas: torch.Tensor, precision: Precision
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean weighted loss, per-sample unweighted loss, per-sample timestep position in [0, 1])."""
     x, timestep, tgt, level = noised(batch, cfg, sigmas)
-    pred = predict(unet, x, timestep, batch, cfg)
+    pred = predict(unet, x, timestep, batch, precision)
     per = ((pred.float() - tgt.float()) ** 2).mean(dim=tuple(range(1, pred.ndim)))
     weight = torch.ones_like(per)
     if cfg.tag_weighting:
@@ -110,7 +126,8 @@ def loss(unet: Any, batch: Batch, cfg: Any, sigmas: torch.Tensor) -> tuple[torch
 
 
 @torch.no_grad()
-def evaluate(unet: Any, samples: list[dict], cfg: Any, sigmas: torch.Tensor, device: torch.device) -> float:
+def evaluate(unet: Any, samples: list[dict], cfg: ObjectiveConfig, sigmas: torch.Tensor, precision: Precision,
+             device: torch.device) -> float:
     """Mean unweighted loss of fixed samples at fixed timestep positions (10 % … 90 %) with fixed noise: a
     number comparable across the run (caption as written, no flip, no dropout)."""
     was_training = unet.training
@@ -119,7 +136,7 @@ def evaluate(unet: Any, samples: list[dict], cfg: Any, sigmas: torch.Tensor, dev
     k = len(EVAL_FRACTIONS)
     for s in samples:
         lat = torch.from_numpy(np.asarray(s["latent"], np.float32))
-        te = torch.from_numpy(np.asarray(s["te"][0][:int(s["windows"][0]) * 77], np.float32))
+        te = torch.from_numpy(np.asarray(s["te"][0][:int(s["windows"][0]) * WINDOW_TOKENS], np.float32))
         g = sample_generator(cfg.seed, -1, 0, s["key"], 0)
         batch = Batch(latents=lat.expand(k, *lat.shape).clone(), noise=torch.randn((k,) + tuple(lat.shape), generator=g),
                       u=torch.tensor(EVAL_FRACTIONS, dtype=torch.float64), te=te.expand(k, -1, -1).clone(),
@@ -127,7 +144,7 @@ def evaluate(unet: Any, samples: list[dict], cfg: Any, sigmas: torch.Tensor, dev
                       time_ids=torch.from_numpy(np.asarray(s["time_ids"], np.float32)).expand(k, -1).clone(),
                       tag_weight=torch.ones(k)).to(device)
         x, timestep, tgt, _ = noised(batch, cfg, sigmas)
-        pred = predict(unet, x, timestep, batch, cfg)
+        pred = predict(unet, x, timestep, batch, precision)
         total.append(((pred.float() - tgt.float()) ** 2).mean().item())
     unet.train(was_training)
     return float(np.mean(total)) if total else float("nan")

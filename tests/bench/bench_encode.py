@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 from shared.core.config import resolve
-from stages.encode.decode import dali_batches, pil_batches
-from shared.formats.jsonl import read_jsonl
+from shared.formats.plan import read_plan
 from stages import bucket, encode, ingest
+from stages.encode.decode import dali_batches, pil_batches
+from stages.encode.writer import plan_shards
 from tests.bench.bench_ingest import make_images
 
 
@@ -35,9 +36,9 @@ def main() -> None:
         ingest.run(resolve(ingest.Config, "ingest", {}, {"sources": (str(root / "src"),), "workdir": work}))
         bucket.run(resolve(bucket.Config, "bucket", {}, {"workdir": work, "max_area": args.area ** 2,
                                                          "min_side": 256, "max_side": 1024}))
-        items = list(read_jsonl(work / "bucket" / "plan.jsonl"))
-        batches = [s.items[i:i + args.batch] for s in encode.layout(items, 256)
-                   for i in range(0, len(s.items), args.batch)]
+        items = read_plan(work / "bucket")
+        batches = [s.rows[i:i + args.batch] for s in plan_shards(items, 256)
+                   for i in range(0, len(s.rows), args.batch)]
         for name, make in (("pil", lambda: pil_batches(batches, args.workers, pin=False)),
                            ("dali", lambda: dali_batches(batches, args.batch, args.workers, None))):
             t = time.perf_counter()

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from shared.core.config import resolve
+from shared.formats import samples
 from stages import pipeline, train
 from stages.train import data as D, model as M, objective, step as S
 
@@ -38,12 +39,13 @@ def stage_seconds_per_step(work: Path, out: Path, steps: int, batch: int) -> tup
 
 def bare_seconds_per_step(work: Path, steps: int, batch: int) -> float:
     cfg = resolve(train.Config, "train", {}, {"workdir": work, "model": "builtin:tiny", "batch_size": batch})
-    index, infos = D.read_index(cfg.input)
+    manifest = samples.require_encode(cfg.input)
+    index, infos = D.read_index(cfg.input, manifest)
     reader = D.ShardReader(cfg.input, infos, "wds", {})
-    empty = D.load_empty(cfg.input)
+    empty = D.load_empty(cfg.input, manifest)
     plan = D.epoch_plan(infos, 0, 1, 0, 0, batch, 256)
-    batches = [S.assemble(s, 0, 0, empty, cfg) for s in D.stream_batches(plan, reader)]
-    unet = M.build_unet(cfg, torch.device("cpu"))
+    batches = [S.assemble(s, 0, 0, empty, cfg.objective) for s in D.stream_batches(plan, reader)]
+    unet = M.build_unet(cfg.unet, torch.device("cpu"))
     params = M.trainable(unet)
     opt = torch.optim.AdamW(params, lr=1e-4)
     sigmas = objective.schedule("sdxl").float()

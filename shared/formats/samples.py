@@ -1,0 +1,270 @@
+"""Encoded samples (encode → train): the per-sample record, its tar members and zarr rows, and the empty
+caption's record; with the constants both stages share (text window, encoder parts, format version).
+
+A `Sample` is one planned item after encoding. In a tar shard it is a run of members `<key>.latent.npy`,
+`.latent_flip.npy`, `.te.npy`, `.pooled.npy`, `.ids.npy`, `.clip_image.npy`, `.clip_text.npy` and `.json`
+(the scalars and what the item was: path, captions, sizes; with the format `version`); in the zarr store it is
+row k of each array of its bucket's group (`zarr_specs`), `te` padded to `max_windows` windows with the valid
+count in `te_windows`, the keys and the `version` in the group's attributes. `Layout` says what every sample
+of one encode output holds. The empty caption's states sit in `empty/` (`EmptyCaption`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from shared.core import artifacts
+from shared.core.errors import InputError
+from shared.formats import shards
+
+WINDOW_TOKENS = 77  # one text window: BOS + 75 caption tokens + EOS (CLIP's context length)
+#: the model parts encode uses; train refuses shards whose parts differ from its model's
+ENCODER_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+#: the encode output's format (2: per-shard repeats, tag frequency; 3: file hashes, zarr digests; 4: typed
+#: records: the version in index.json, in each sample's json and in each zarr group, `clip_dim`)
+ENCODE_VERSION = 4
+EMPTY = "empty"
+
+
+def fix_for(folder: Path | str) -> str:
+    """The command that rewrites the encode output at `folder`."""
+    return f"sdxl encode --out {folder}"
+
+
+def check_version(found: Any, where: str, fix: str) -> None:
+    """One line naming the version found and the command that rewrites it, unless it is ENCODE_VERSION."""
+    if found != ENCODE_VERSION:
+        shown = found if found is not None else "unrecorded (3 or older)"
+        raise InputError(f"{where}: encode format version {shown}, but this sdxl reads version {ENCODE_VERSION}; "
+                         f"rewrite it: {fix}")
+
+
+def require_encode(folder: Path) -> artifacts.Manifest:
+    """The finished encode output at `folder`, of this format version (else one line naming the fix)."""
+    return artifacts.require_input(folder, "encode", (ENCODE_VERSION,), fix_for(folder))
+
+
+class ByName:
+    """`record["te"]` / `record.get("te")`: read access by field name for callers written against the dict
+    records of format 3 (train's loop and step until they use attributes)."""
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return getattr(self, name)
+        except AttributeError:
+            raise KeyError(name) from None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name, default)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What every sample of one encode output holds, and in which shapes."""
+    storage_dtype: str      # float16 | float32: latents, text states, pooled
+    latent_channels: int
+    scaling_factor: float   # the VAE's; latents are stored scaled (minus its shift factor)
+    te_dim: int             # both encoders' penultimate states, concatenated (2048 on SDXL)
+    pooled_dim: int
+    variants: int           # captions per sample: as written, then tag shuffles
+    max_windows: int        # longest caption, in WINDOW_TOKENS windows
+    flip: bool              # latent_flip present
+    token_ids: bool         # ids present
+    clip_dim: int = 0       # width of clip_image / clip_text; 0: none stored
+
+    @property
+    def te_length(self) -> int:
+        return self.max_windows * WINDOW_TOKENS
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Layout":
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Sample(ByName):
+    """One encoded item. Arrays are numpy in the stored dtype; `te[v]` holds variant v's states in its first
+    `windows[v] * WINDOW_TOKENS` rows (zeros after). The fields from `path` on are descriptive and kept in tar
+    shards only (a zarr row holds the arrays, the scalars and the key)."""
+    key: str                         # the item id
+    latent: np.ndarray               # [C, H/8, W/8]
+    te: np.ndarray                   # [variants, max(windows) * 77, te_dim]
+    windows: tuple[int, ...]         # per variant
+    pooled: np.ndarray               # [variants, pooled_dim]
+    time_ids: tuple[float, ...]      # SDXL micro-conditioning (heights first), 6 numbers
+    time_ids_flip: tuple[float, ...]  # the same for the mirrored crop
+    tag_weight: float = 1.0
+    repeats: int = 1
+    latent_flip: np.ndarray | None = None   # the mirrored crop's latent
+    ids: np.ndarray | None = None           # [variants, 2, max(windows) * 77] int32, both tokenizers
+    clip_image: np.ndarray | None = None    # [clip_dim] float32, L2-normalised
+    clip_text: np.ndarray | None = None
+    clip_similarity: float | None = None
+    path: str = ""
+    source: str = ""
+    bucket: tuple[int, int] = (0, 0)
+    caption: str = ""
+    tags: tuple[str, ...] = ()
+    variants: tuple[str, ...] = ()           # the captions encoded, variant 0 as written
+    original_size: tuple[int, int] = (0, 0)  # [h, w], as in time_ids
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] = (0, 0)
+
+
+ARRAYS = ("latent", "latent_flip", "te", "pooled", "ids", "clip_image", "clip_text")  # .npy members
+META = ("path", "source", "bucket", "caption", "tags", "variants", "windows", "tag_weight", "repeats",
+        "original_size", "crop_top_left", "target_size", "time_ids", "time_ids_flip")
+
+
+def to_tar(sample: Sample) -> dict[str, Any]:
+    """The sample as webdataset members: {"__key__": key, "latent.npy": array, ..., "json": metadata}."""
+    out: dict[str, Any] = {"__key__": sample.key}
+    for name in ARRAYS:
+        value = getattr(sample, name)
+        if value is not None:
+            out[f"{name}.npy"] = value
+    meta = {"version": ENCODE_VERSION, "id": sample.key}
+    meta.update({k: _plain(getattr(sample, k)) for k in META})
+    if sample.clip_similarity is not None:
+        meta["clip_similarity"] = sample.clip_similarity
+    out["json"] = meta
+    return out
+
+
+def from_tar(raw: dict[str, Any], where: str, fix: str) -> Sample:
+    """A sample from its tar members (raw bytes, as `shards.tar_members` yields them)."""
+    meta = shards.decode_member("json", raw["json"])
+    check_version(meta.get("version"), f"{where}: sample {raw['__key__']}", fix)
+    arrays = {name: shards.decode_member(f"{name}.npy", raw[f"{name}.npy"])
+              for name in ARRAYS if f"{name}.npy" in raw}
+    tuples = {k: tuple(meta[k]) for k in ("bucket", "tags", "variants", "windows", "original_size",
+                                          "crop_top_left", "target_size", "time_ids", "time_ids_flip")}
+    return Sample(key=raw["__key__"], **arrays, **tuples, tag_weight=meta["tag_weight"], repeats=meta["repeats"],
+                  clip_similarity=meta.get("clip_similarity"), path=meta["path"], source=meta["source"],
+                  caption=meta["caption"])
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+# ---------------------------------------------------------------- zarr rows
+
+
+def zarr_specs(layout: Layout, bucket: tuple[int, int], count: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The arrays of one bucket's group of `count` samples: {name: (shape, dtype)}."""
+    store, v, length = layout.storage_dtype, layout.variants, layout.te_length
+    lat = (layout.latent_channels, bucket[1] // 8, bucket[0] // 8)
+    specs = {"latent": ((count,) + lat, store), "te": ((count, v, length, layout.te_dim), store),
+             "te_windows": ((count, v), "int16"), "pooled": ((count, v, layout.pooled_dim), store),
+             "time_ids": ((count, 6), "float32"), "time_ids_flip": ((count, 6), "float32"),
+             "tag_weight": ((count,), "float32"), "repeats": ((count,), "int32")}
+    if layout.flip:
+        specs["latent_flip"] = ((count,) + lat, store)
+    if layout.token_ids:
+        specs["ids"] = ((count, v, 2, length), "int32")
+    if layout.clip_dim:
+        specs.update(clip_image=((count, layout.clip_dim), "float32"),
+                     clip_text=((count, layout.clip_dim), "float32"), clip_similarity=((count,), "float32"))
+    return specs
+
+
+def zarr_attrs(bucket: tuple[int, int], keys: list[str]) -> dict:
+    """A bucket group's attributes: its sample keys in row order, the bucket, the format version."""
+    return {"keys": list(keys), "bucket": list(bucket), "version": ENCODE_VERSION}
+
+
+def write_rows(group: Any, first: int, samples: list[Sample]) -> None:
+    """Store `samples` as rows first.. of a bucket group made from `zarr_specs`."""
+    lo, hi = first, first + len(samples)
+    te = np.zeros((len(samples),) + group["te"].shape[1:], group["te"].dtype)
+    ids = np.zeros((len(samples),) + group["ids"].shape[1:], np.int32) if "ids" in group.array_keys() else None
+    for k, s in enumerate(samples):
+        te[k, :, :s.te.shape[1]] = s.te
+        if ids is not None:
+            ids[k, :, :, :s.ids.shape[2]] = s.ids
+    group["te"][lo:hi] = te
+    if ids is not None:
+        group["ids"][lo:hi] = ids
+    columns = {"latent": [s.latent for s in samples], "latent_flip": [s.latent_flip for s in samples],
+               "pooled": [s.pooled for s in samples], "te_windows": [s.windows for s in samples],
+               "time_ids": [s.time_ids for s in samples], "time_ids_flip": [s.time_ids_flip for s in samples],
+               "tag_weight": [s.tag_weight for s in samples], "repeats": [s.repeats for s in samples],
+               "clip_image": [s.clip_image for s in samples], "clip_text": [s.clip_text for s in samples],
+               "clip_similarity": [s.clip_similarity for s in samples]}
+    present = set(group.array_keys())
+    for name, values in columns.items():
+        if name in present:
+            group[name][lo:hi] = np.asarray(np.stack([np.asarray(x) for x in values]), group[name].dtype)
+
+
+def check_group(group: Any, where: str, fix: str) -> None:
+    """A bucket group written by this format version (else one line naming the version and the fix)."""
+    check_version(group.attrs.get("version"), where, fix)
+
+
+def read_rows(group: Any, lo: int, hi: int) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Rows lo..hi-1 of every array of a bucket group, and their keys. Unreadable rows raise KeyError,
+    ValueError or OSError, which the caller turns into an error naming the shard."""
+    rows = {name: np.asarray(group[name][lo:hi]) for name in sorted(group.array_keys())}
+    return rows, list(group.attrs["keys"][lo:hi])
+
+
+def rows_digest(rows: dict[str, np.ndarray], keys: list[str]) -> str:
+    """What encode records per shard and train recomputes (see shards.zarr_digest)."""
+    return shards.zarr_digest(rows, keys)
+
+
+def from_rows(rows: dict[str, np.ndarray], keys: list[str]) -> Iterator[Sample]:
+    """The samples of rows read by `read_rows`, each `te` cut to its longest variant (as in a tar)."""
+    for j, key in enumerate(keys):
+        windows = tuple(int(w) for w in rows["te_windows"][j])
+        n = max(windows) * WINDOW_TOKENS
+        optional = {name: rows[name][j] for name in ("latent_flip", "clip_image", "clip_text") if name in rows}
+        if "ids" in rows:
+            optional["ids"] = rows["ids"][j][:, :, :n]
+        if "clip_similarity" in rows:
+            optional["clip_similarity"] = float(rows["clip_similarity"][j])
+        yield Sample(key=key, latent=rows["latent"][j], te=rows["te"][j][:, :n], windows=windows,
+                     pooled=rows["pooled"][j], time_ids=tuple(float(x) for x in rows["time_ids"][j]),
+                     time_ids_flip=tuple(float(x) for x in rows["time_ids_flip"][j]),
+                     tag_weight=float(rows["tag_weight"][j]), repeats=int(rows["repeats"][j]), **optional)
+
+
+# ---------------------------------------------------------------- the empty caption
+
+
+@dataclass(frozen=True, eq=False)
+class EmptyCaption(ByName):
+    """The empty caption's encoding: what caption dropout trains on and what pads shorter captions."""
+    te: np.ndarray       # [WINDOW_TOKENS, te_dim], stored dtype
+    pooled: np.ndarray   # [pooled_dim]
+    ids: np.ndarray      # [2, WINDOW_TOKENS] int32, both tokenizers
+
+
+def write_empty(folder: Path, empty: EmptyCaption) -> None:
+    """`folder/empty/{te,pooled,ids}.npy` (no pickle)."""
+    out = Path(folder) / EMPTY
+    out.mkdir(parents=True, exist_ok=True)
+    for f in fields(EmptyCaption):
+        np.save(out / f"{f.name}.npy", getattr(empty, f.name), allow_pickle=False)
+
+
+def read_empty(folder: Path, manifest: artifacts.Manifest) -> EmptyCaption:
+    """The empty caption of the encode output at `folder`, each file checked against its manifest."""
+    fix = fix_for(folder)
+    check_version(manifest.version, f"{Path(folder) / EMPTY}", fix)
+    arrays = {}
+    for f in fields(EmptyCaption):
+        path = manifest.verified(folder, f"{EMPTY}/{f.name}.npy", fix)
+        try:
+            arrays[f.name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{path}: unreadable ({e}); rerun: {fix}") from None
+    return EmptyCaption(**arrays)

@@ -1,0 +1,160 @@
+"""encode's writing side: the shards of a plan, the layout rank 0 prepares (the empty caption, one zarr group
+per bucket), one shard's tar and zarr rows with its completion record, and the check a repair makes of it.
+
+A shard's tar is written to `<name>.partial` and renamed once its zarr rows are in too; only then is its
+record returned, and the executor marks it complete (shared/core/sharded.py). A crash leaves at most a
+`.partial` file, and the shard is redone.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from shared.core.artifacts import sha256_file
+from shared.core.faults import checkpoint
+from shared.formats import samples as fmt
+from shared.formats import shards
+from shared.formats.plan import PlanRow
+from shared.formats.samples import EmptyCaption, Layout, Sample
+from shared.formats.shard_index import ShardEntry
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Consecutive plan rows of one bucket: the unit of work of ranks and of resumption."""
+    number: int             # global, in bucket order then shard order
+    bucket: tuple[int, int]
+    index: int              # within the bucket
+    first: int              # row of its first sample within the bucket
+    rows: tuple[PlanRow, ...]
+
+    @property
+    def group(self) -> str:
+        return f"{self.bucket[0]}x{self.bucket[1]}"
+
+    @property
+    def name(self) -> str:
+        """Its unit name (completion marker `done/<name>.json`)."""
+        return f"{self.group}/{self.index:06d}"
+
+    @property
+    def tar(self) -> str:
+        return f"shards/{self.name}.tar"
+
+
+def plan_shards(rows: list[PlanRow], shard_samples: int) -> list[Shard]:
+    """Per bucket (sorted by width, height), consecutive runs of the plan's rows."""
+    by_bucket: dict[tuple[int, int], list[PlanRow]] = {}
+    for row in rows:
+        by_bucket.setdefault(row.bucket, []).append(row)
+    out: list[Shard] = []
+    for bucket in sorted(by_bucket):
+        members = by_bucket[bucket]
+        for k, start in enumerate(range(0, len(members), shard_samples)):
+            out.append(Shard(len(out), bucket, k, start, tuple(members[start:start + shard_samples])))
+    return out
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """What a completed shard's marker holds: its index entry, and what encode's finish sums up."""
+    entry: ShardEntry
+    bucket: tuple[int, int]
+    keys: tuple[str, ...]
+    tags: dict[str, int]                        # tag -> samples carrying it
+    truncated_captions: int                     # captions (variants counted) cut at max_windows
+    clip_similarity: tuple[float, ...] | None = None
+
+    def to_json(self) -> dict:
+        out = {**self.entry.to_json(), "bucket": list(self.bucket), "keys": list(self.keys), "tags": self.tags,
+               "truncated_captions": self.truncated_captions}
+        if self.clip_similarity is not None:
+            out["clip_similarity"] = list(self.clip_similarity)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ShardRecord":
+        sims = data.get("clip_similarity")
+        return cls(ShardEntry.from_json(data), tuple(data["bucket"]), tuple(data["keys"]), dict(data["tags"]),
+                   int(data["truncated_captions"]), None if sims is None else tuple(sims))
+
+
+def prepare(staging: Path, plan: list[Shard], layout: Layout, empty: EmptyCaption, codecs: dict | None) -> None:
+    """Before any shard: the empty caption, and (codecs given: a zarr store) each bucket's arrays."""
+    fmt.write_empty(staging, empty)
+    if codecs is None:
+        return
+    store = shards.open_store(staging / "zarr", mode="a")
+    groups: dict[tuple[int, int], list[str]] = {}
+    for s in plan:
+        groups.setdefault(s.bucket, []).extend(r.id for r in s.rows)
+    for bucket, keys in groups.items():
+        shards.create_arrays(store, f"{bucket[0]}x{bucket[1]}", fmt.zarr_specs(layout, bucket, len(keys)), codecs,
+                             fmt.zarr_attrs(bucket, keys))
+
+
+def write_shard(staging: Path, shard: Shard, samples: list[Sample], truncated: int, wds: bool,
+                zarr: bool) -> ShardRecord:
+    """The shard's tar (to a temporary name, renamed last) and zarr rows; its record."""
+    members = [fmt.to_tar(s) for s in samples]
+    entry: dict[str, Any] = {"shard": shard.index, "first": shard.first, "samples": len(samples),
+                             "repeats": tuple(int(s.repeats) for s in samples),
+                             "content_sha256": content_hash(members)}
+    final = staging / shard.tar
+    tmp = final.with_name(final.name + ".partial")
+    if wds:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        written = shards.write_tar(tmp, members)
+        entry.update(name=shard.tar, bytes=written["bytes"], sha256=written["sha256"])
+    if zarr:
+        group = shards.open_store(staging / "zarr", mode="a")[shard.group]
+        fmt.write_rows(group, shard.first, samples)
+        entry["zarr_sha256"] = zarr_rows_digest(group, shard.first, len(samples))
+    if wds:
+        tmp.replace(final)
+    checkpoint("encode.shard")
+    sims = tuple(s.clip_similarity for s in samples) if samples and samples[0].clip_similarity is not None \
+        else None
+    return ShardRecord(ShardEntry(**entry), shard.bucket, tuple(s.key for s in samples),
+                       tag_counts(s.tags for s in samples), truncated, sims)
+
+
+def zarr_rows_digest(group: Any, first: int, count: int) -> str:
+    """The digest of what the store now holds for a shard's rows (read back, as train will read them)."""
+    return fmt.rows_digest(*fmt.read_rows(group, first, first + count))
+
+
+def content_hash(members: list[dict]) -> str:
+    """sha256 of the samples' tar members (names and bytes), whatever format holds them."""
+    h = hashlib.sha256()
+    for m in members:
+        for name, data in shards.sample_members(m):
+            h.update(name.encode("utf-8", "surrogateescape"))
+            h.update(data)
+    return h.hexdigest()
+
+
+def tag_counts(tag_lists: Iterable[Iterable[str]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for tags in tag_lists:
+        for t in tags:
+            counts[t] = counts.get(t, 0) + 1
+    return counts
+
+
+def shard_intact(staging: Path, record: ShardRecord, store: Any) -> bool:
+    """Whether a finished shard's tar and zarr rows (`store`: the open store, or None) still match its record."""
+    entry = record.entry
+    if entry.name:
+        tar = staging / entry.name
+        if not tar.is_file() or tar.stat().st_size != entry.bytes or sha256_file(tar) != entry.sha256:
+            return False
+    if store is None:
+        return True
+    try:
+        group = store[f"{record.bucket[0]}x{record.bucket[1]}"]
+        return zarr_rows_digest(group, entry.first, entry.samples) == entry.zarr_sha256
+    except Exception:  # noqa: BLE001 - unreadable rows are damaged rows
+        return False
