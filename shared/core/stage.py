@@ -39,7 +39,7 @@ class Stage:
     module: str  # the stage's module: its code version covers it and every project module it imports
     out_dir: Callable[[Any], Path]
     inputs: Callable[[Any], dict]
-    build: Callable[[Any, Path], BuildResult | None]
+    build: Callable[[Any, Path, dict], BuildResult | None]  # (config, staging folder, the decided inputs)
     resumable: bool = False  # keeps its staging folder across crashes (build resumes from what is there)
     #: (what, folder) pairs `--out` must stay apart from: inputs, sources, model folders (read from cfg only)
     protected: Callable[[Any], list[tuple[str, Path]]] = _nothing
@@ -183,7 +183,7 @@ def _execute(stage: Stage, cfg: Any, force: bool, decision: Decision) -> Manifes
         return artifacts.read_manifest(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = _staging(stage, cfg, decision, rank, job)
-    result = stage.build(cfg, staging)
+    result = stage.build(cfg, staging, decision.inputs)
     if result is None:
         return None
     manifest = Manifest(stage=stage.name, version=stage.version, code_version=decision.code_version,

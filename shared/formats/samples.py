@@ -47,20 +47,6 @@ def require_encode(folder: Path) -> artifacts.Manifest:
     return artifacts.require_input(folder, "encode", (ENCODE_VERSION,), fix_for(folder))
 
 
-class ByName:
-    """`record["te"]` / `record.get("te")`: read access by field name for callers written against the dict
-    records of format 3 (train's loop and step until they use attributes)."""
-
-    def __getitem__(self, name: str) -> Any:
-        try:
-            return getattr(self, name)
-        except AttributeError:
-            raise KeyError(name) from None
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return getattr(self, name, default)
-
-
 @dataclass(frozen=True)
 class Layout:
     """What every sample of one encode output holds, and in which shapes."""
@@ -88,7 +74,7 @@ class Layout:
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class Sample(ByName):
+class Sample:
     """One encoded item. Arrays are numpy in the stored dtype; `te[v]` holds variant v's states in its first
     `windows[v] * WINDOW_TOKENS` rows (zeros after). The fields from `path` on are descriptive and kept in tar
     shards only (a zarr row holds the arrays, the scalars and the key)."""
@@ -241,7 +227,7 @@ def from_rows(rows: dict[str, np.ndarray], keys: list[str]) -> Iterator[Sample]:
 
 
 @dataclass(frozen=True, eq=False)
-class EmptyCaption(ByName):
+class EmptyCaption:
     """The empty caption's encoding: what caption dropout trains on and what pads shorter captions."""
     te: np.ndarray       # [WINDOW_TOKENS, te_dim], stored dtype
     pooled: np.ndarray   # [pooled_dim]

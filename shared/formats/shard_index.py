@@ -10,17 +10,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from shared.core import artifacts
 from shared.core.errors import InputError
-from shared.formats.samples import ENCODE_VERSION, ByName, Layout, check_version, fix_for
+from shared.formats.samples import ENCODE_VERSION, Layout, check_version, fix_for
 
 FILE = "index.json"
 
 
 @dataclass(frozen=True, kw_only=True)
-class ShardEntry(ByName):
+class ShardEntry:
     """One shard: `samples` consecutive items of a bucket, rows `first`.. of its zarr group."""
     name: str | None = None         # the tar, relative to the encode folder (None: zarr only)
     shard: int                      # within its bucket
@@ -47,7 +47,7 @@ class ShardEntry(ByName):
 
 
 @dataclass(frozen=True)
-class BucketEntry(ByName):
+class BucketEntry:
     bucket: tuple[int, int]         # (width, height)
     shards: tuple[ShardEntry, ...]
 
@@ -62,7 +62,7 @@ class BucketEntry(ByName):
 
 
 @dataclass(frozen=True)
-class Index(ByName):
+class Index:
     format: str                     # wds | zarr | both
     layout: Layout
     buckets: tuple[BucketEntry, ...]
@@ -78,9 +78,6 @@ class Index(ByName):
         for b in self.buckets:
             for s in b.shards:
                 yield b, s
-
-    def __getitem__(self, name: str) -> Any:  # format 3's flat keys, the layout's included
-        return getattr(self.layout, name) if name in Layout.__dataclass_fields__ else super().__getitem__(name)
 
     def to_json(self) -> dict:
         return {"version": self.version, "format": self.format, "samples": self.samples, **self.layout.to_json(),

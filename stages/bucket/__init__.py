@@ -109,7 +109,7 @@ def _assign(cfg: Config, buckets: list) -> tuple[Counter, Counter]:
     return counts, too_small
 
 
-def _build(cfg: Config, staging: Path) -> BuildResult:
+def _build(cfg: Config, staging: Path, inputs: dict) -> BuildResult:
     buckets = cfg.bucket_list()
     counts, too_small = _assign(cfg, buckets)
     merged = bucketing.merge_small(counts, cfg.min_bucket_items)

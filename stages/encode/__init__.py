@@ -47,7 +47,7 @@ def _inputs(cfg: Config) -> dict:
             "decoder": {"name": decoder, "fingerprint": decoder, "what": f"decoder is now {decoder}"}}
 
 
-def _build(cfg: Config, staging: Path) -> BuildResult | None:
+def _build(cfg: Config, staging: Path, inputs: dict) -> BuildResult | None:
     """prepare (rank 0) → encode this rank's shards → finish (rank 0), run by the sharded executor."""
     rank = ranks.current()
     rows = plans.read_plan(cfg.input)

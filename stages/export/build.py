@@ -212,7 +212,7 @@ def verify_models(job: Job, written: dict[str, Path], inputs: dict, ref: Referen
     return records
 
 
-def build(cfg: Any, staging: Path) -> BuildResult:
+def build(cfg: Any, staging: Path, inputs: dict) -> BuildResult:
     """The stage's build. Only one full model is held at a time: references are taken and full-model files
     written from the trained model, which is then dropped before anything is loaded back."""
     ckpt = source.locate(cfg.input, cfg.weights, cfg.model)

@@ -341,7 +341,7 @@ def _inputs(cfg: Config) -> dict:
     return found
 
 
-def _build(cfg: Config, staging: Path) -> BuildResult:
+def _build(cfg: Config, staging: Path, inputs: dict) -> BuildResult:
     sources = [cfg.effective(s) for s in cfg.sources]
     tasks = list(tasks_for(sources, cfg.own_folders()))
     reasons: Counter = Counter()

@@ -48,10 +48,6 @@ def _inputs(cfg: Config) -> dict:
             "world": {"fingerprint": f"{world} processes", "what": f"now {world} processes"}}
 
 
-def _build(cfg: Config, staging: Path):
-    return loop.build(cfg, staging, _inputs(cfg))
-
-
 def _kept(staging: Path) -> str:
     found = ckpt.complete(staging / "checkpoints")
     return f"checkpoint {found[-1]} is kept" if found else f"no checkpoint was written yet in {staging}"
@@ -63,7 +59,7 @@ def _protected(cfg: Config) -> list[tuple[str, Path]]:
 
 STAGE = Stage(name="train", version=VERSION,
               module=__name__,
-              out_dir=lambda cfg: cfg.output, inputs=_inputs, build=_build, resumable=True,
+              out_dir=lambda cfg: cfg.output, inputs=_inputs, build=loop.build, resumable=True,
               protected=_protected, trees=("checkpoints",), skip=("logs",), kept=_kept)
 
 

@@ -9,6 +9,8 @@ from typing import Any, Callable, Iterator
 from shared.core.errors import InputError
 from shared.core.log import say
 from shared.formats import samples
+from shared.formats.samples import EmptyCaption
+from shared.formats.shard_index import Index
 from stages.train import data as D
 
 
@@ -30,18 +32,18 @@ class DataConfig:
 @dataclass
 class Data:
     folder: Path
-    index: dict
+    index: Index
     infos: list
     read: Callable[[int], Iterator[tuple[int, dict]]]
-    empty: dict
+    empty: EmptyCaption
 
 
 def open_data(cfg: DataConfig) -> Data:
     manifest = samples.require_encode(cfg.input)
     index, infos = D.read_index(cfg.input, manifest)
-    source = cfg.source if cfg.source != "auto" else ("wds" if index["format"] in ("wds", "both") else "zarr")
-    if source == "wds" and index["format"] == "zarr" or source == "zarr" and index["format"] == "wds":
-        raise InputError(f"{cfg.input}: encode wrote format {index['format']}, so --source {source} cannot be read")
+    source = cfg.source if cfg.source != "auto" else ("wds" if index.format in ("wds", "both") else "zarr")
+    if source == "wds" and index.format == "zarr" or source == "zarr" and index.format == "wds":
+        raise InputError(f"{cfg.input}: encode wrote format {index.format}, so --source {source} cannot be read")
     urls: dict[int, str] = {}
     if cfg.shards:
         if source == "zarr":
@@ -59,12 +61,12 @@ def plan(data: Data, cfg: DataConfig, world: int) -> D.Schedule:
     return D.Schedule.make(data.infos, world, cfg.seed, cfg.batch_size, cfg.accumulate, cfg.epochs, cfg.max_steps)
 
 
-def check_shapes(unet: Any, index: dict, where: Path) -> None:
+def check_shapes(unet: Any, index: Index, where: Path) -> None:
     c = unet.config
-    want = {"latent channels": (c.in_channels, index["latent_channels"]),
-            "text width": (c.cross_attention_dim, index["te_dim"]),
+    want = {"latent channels": (c.in_channels, index.layout.latent_channels),
+            "text width": (c.cross_attention_dim, index.layout.te_dim),
             "pooled + time ids width": (c.projection_class_embeddings_input_dim,
-                                        index["pooled_dim"] + 6 * c.addition_time_embed_dim)}
+                                        index.layout.pooled_dim + 6 * c.addition_time_embed_dim)}
     bad = [f"{k}: UNet {a}, shards {b}" for k, (a, b) in want.items() if a != b]
     if bad:
         raise InputError(f"{where}: the shards do not fit this UNet ({'; '.join(bad)}); encode with this model")

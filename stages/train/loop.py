@@ -260,20 +260,20 @@ def record(cfg: Config, inputs: dict) -> dict:
 
 def result(run: Run, started: float) -> BuildResult:
     cfg, index, sched = run.cfg, run.data.index, run.schedule
-    buckets = sorted(([*b["bucket"], b["samples"]] for b in index["buckets"]), key=lambda b: -b[2])
+    buckets = sorted(([*b.bucket, b.samples] for b in index.buckets), key=lambda b: -b[2])
     evals = run.progress.eval
     extra = {"final_checkpoint": f"checkpoints/{ckpt.folder_name(sched.total)}",
              "steps": sched.total, "epochs": round(sched.total / max(sched.steps[0], 1), 4),
              "steps_per_epoch": list(sched.steps[:3]), "skipped_steps": run.progress.skipped,
              "eval_loss": {"first": evals[0] if evals else None, "last": evals[-1] if evals else None,
                            "history": evals},
-             "tag_frequency": index.get("tag_frequency", {}), "resolution": buckets[0][:2] if buckets else None,
+             "tag_frequency": index.tag_frequency, "resolution": buckets[0][:2] if buckets else None,
              "buckets": buckets, "comment": cfg.comment, "seconds": round(time.monotonic() - started, 1)}
     per_step = cfg.batch_size * cfg.accumulate * run.rank.world
     occurrences = sum(sum(i.repeats) for i in run.data.infos)
     extra["epoch_samples"] = occurrences  # per epoch, counting repeats
     extra["epoch_unused"] = occurrences - sched.steps[0] * per_step  # first epoch's remainder, not trained
-    return BuildResult({"in": index["samples"], "out": sched.total, "dropped": {},
+    return BuildResult({"in": index.samples, "out": sched.total, "dropped": {},
                         "samples_trained": sched.total * per_step}, extra)
 
 

@@ -15,7 +15,7 @@ from typing import Any, ContextManager
 import numpy as np
 import torch
 
-from shared.formats.samples import WINDOW_TOKENS
+from shared.formats.samples import WINDOW_TOKENS, EmptyCaption, Sample
 from stages.train import objective as obj
 from stages.train.objective import ObjectiveConfig
 
@@ -61,32 +61,32 @@ def _padded(te: np.ndarray, length: int, empty_te: np.ndarray) -> np.ndarray:
     return np.concatenate([te] + [empty_te] * missing) if missing else te
 
 
-def assemble(samples: list[dict], step: int, micro: int, empty: dict, cfg: ObjectiveConfig) -> Batch:
+def assemble(samples: list[Sample], step: int, micro: int, empty: EmptyCaption, cfg: ObjectiveConfig) -> Batch:
     """A batch of one bucket's samples with this step's draws."""
     chosen, latents, noise, u, time_ids = [], [], [], [], []
     seen: dict[str, int] = {}
     for s in samples:
-        occurrence = seen.get(s["key"], 0)
-        seen[s["key"]] = occurrence + 1
-        g = sample_generator(cfg.seed, step, micro, s["key"], occurrence)
-        v = int(torch.randint(0, s["te"].shape[0], (1,), generator=g))
+        occurrence = seen.get(s.key, 0)
+        seen[s.key] = occurrence + 1
+        g = sample_generator(cfg.seed, step, micro, s.key, occurrence)
+        v = int(torch.randint(0, s.te.shape[0], (1,), generator=g))
         drop = float(torch.rand(1, generator=g)) < cfg.caption_dropout
-        flip = float(torch.rand(1, generator=g)) < cfg.flip_rate and s["latent_flip"] is not None
+        flip = float(torch.rand(1, generator=g)) < cfg.flip_rate and s.latent_flip is not None
         u.append(obj.sample_u(1, cfg.timesteps, g, cfg.logit_mean, cfg.logit_std))
-        lat = s["latent_flip"] if flip else s["latent"]
+        lat = s.latent_flip if flip else s.latent
         noise.append(obj.offset_noise((1,) + tuple(lat.shape), cfg.noise_offset, g))
         latents.append(torch.from_numpy(np.asarray(lat, np.float32)))
-        time_ids.append(s["time_ids_flip"] if flip else s["time_ids"])
+        time_ids.append(s.time_ids_flip if flip else s.time_ids)
         if drop:
-            chosen.append((empty["te"], empty["pooled"]))
+            chosen.append((empty.te, empty.pooled))
         else:
-            chosen.append((s["te"][v][:int(s["windows"][v]) * WINDOW_TOKENS], s["pooled"][v]))
+            chosen.append((s.te[v][:int(s.windows[v]) * WINDOW_TOKENS], s.pooled[v]))
     length = max(te.shape[0] for te, _ in chosen)
-    te = np.stack([_padded(t, length, empty["te"]) for t, _ in chosen]).astype(np.float32)
+    te = np.stack([_padded(t, length, empty.te) for t, _ in chosen]).astype(np.float32)
     return Batch(latents=torch.stack(latents), noise=torch.cat(noise), u=torch.cat(u), te=torch.from_numpy(te),
                  pooled=torch.from_numpy(np.stack([p for _, p in chosen]).astype(np.float32)),
                  time_ids=torch.from_numpy(np.stack(time_ids).astype(np.float32)),
-                 tag_weight=torch.tensor([float(s["tag_weight"]) for s in samples], dtype=torch.float32))
+                 tag_weight=torch.tensor([float(s.tag_weight) for s in samples], dtype=torch.float32))
 
 
 def noised(batch: Batch, cfg: ObjectiveConfig, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,7 +126,7 @@ def loss(unet: Any, batch: Batch, cfg: ObjectiveConfig, sigmas: torch.Tensor, pr
 
 
 @torch.no_grad()
-def evaluate(unet: Any, samples: list[dict], cfg: ObjectiveConfig, sigmas: torch.Tensor, precision: Precision,
+def evaluate(unet: Any, samples: list[Sample], cfg: ObjectiveConfig, sigmas: torch.Tensor, precision: Precision,
              device: torch.device) -> float:
     """Mean unweighted loss of fixed samples at fixed timestep positions (10 % … 90 %) with fixed noise: a
     number comparable across the run (caption as written, no flip, no dropout)."""
@@ -135,13 +135,13 @@ def evaluate(unet: Any, samples: list[dict], cfg: ObjectiveConfig, sigmas: torch
     total = []
     k = len(EVAL_FRACTIONS)
     for s in samples:
-        lat = torch.from_numpy(np.asarray(s["latent"], np.float32))
-        te = torch.from_numpy(np.asarray(s["te"][0][:int(s["windows"][0]) * WINDOW_TOKENS], np.float32))
-        g = sample_generator(cfg.seed, -1, 0, s["key"], 0)
+        lat = torch.from_numpy(np.asarray(s.latent, np.float32))
+        te = torch.from_numpy(np.asarray(s.te[0][:int(s.windows[0]) * WINDOW_TOKENS], np.float32))
+        g = sample_generator(cfg.seed, -1, 0, s.key, 0)
         batch = Batch(latents=lat.expand(k, *lat.shape).clone(), noise=torch.randn((k,) + tuple(lat.shape), generator=g),
                       u=torch.tensor(EVAL_FRACTIONS, dtype=torch.float64), te=te.expand(k, -1, -1).clone(),
-                      pooled=torch.from_numpy(np.asarray(s["pooled"][0], np.float32)).expand(k, -1).clone(),
-                      time_ids=torch.from_numpy(np.asarray(s["time_ids"], np.float32)).expand(k, -1).clone(),
+                      pooled=torch.from_numpy(np.asarray(s.pooled[0], np.float32)).expand(k, -1).clone(),
+                      time_ids=torch.from_numpy(np.asarray(s.time_ids, np.float32)).expand(k, -1).clone(),
                       tag_weight=torch.ones(k)).to(device)
         x, timestep, tgt, _ = noised(batch, cfg, sigmas)
         pred = predict(unet, x, timestep, batch, precision)
