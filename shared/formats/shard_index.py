@@ -46,6 +46,11 @@ class ShardEntry:
         return entry
 
 
+def group_name(bucket: tuple[int, int]) -> str:
+    """A bucket's name in the zarr store and under shards/: `WxH`."""
+    return f"{bucket[0]}x{bucket[1]}"
+
+
 @dataclass(frozen=True)
 class BucketEntry:
     bucket: tuple[int, int]         # (width, height)
@@ -53,8 +58,7 @@ class BucketEntry:
 
     @property
     def group(self) -> str:
-        """Its name in the zarr store and under shards/: `WxH`."""
-        return f"{self.bucket[0]}x{self.bucket[1]}"
+        return group_name(self.bucket)
 
     @property
     def samples(self) -> int:

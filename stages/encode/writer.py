@@ -18,7 +18,7 @@ from shared.formats import samples as fmt
 from shared.formats import shards
 from shared.formats.plan import PlanRow
 from shared.formats.samples import EmptyCaption, Layout, Sample
-from shared.formats.shard_index import ShardEntry
+from shared.formats.shard_index import ShardEntry, group_name
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Shard:
 
     @property
     def group(self) -> str:
-        return f"{self.bucket[0]}x{self.bucket[1]}"
+        return group_name(self.bucket)
 
     @property
     def name(self) -> str:
@@ -91,7 +91,7 @@ def prepare(staging: Path, plan: list[Shard], layout: Layout, empty: EmptyCaptio
     for s in plan:
         groups.setdefault(s.bucket, []).extend(r.id for r in s.rows)
     for bucket, keys in groups.items():
-        shards.create_arrays(store, f"{bucket[0]}x{bucket[1]}", fmt.zarr_specs(layout, bucket, len(keys)), codecs,
+        shards.create_arrays(store, group_name(bucket), fmt.zarr_specs(layout, bucket, len(keys)), codecs,
                              fmt.zarr_attrs(bucket, keys))
 
 
@@ -154,7 +154,7 @@ def shard_intact(staging: Path, record: ShardRecord, store: Any) -> bool:
     if store is None:
         return True
     try:
-        group = store[f"{record.bucket[0]}x{record.bucket[1]}"]
+        group = store[group_name(record.bucket)]
         return zarr_rows_digest(group, entry.first, entry.samples) == entry.zarr_sha256
     except Exception:  # noqa: BLE001 - unreadable rows are damaged rows
         return False
