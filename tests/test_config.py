@@ -145,3 +145,91 @@ def test_validity_of_a_config_does_not_depend_on_what_was_imported(tmp_path):
     assert resolve(bucket.Config, "bucket", only).seed == 1
     with pytest.raises(ConfigError, match=r"unknown key 'model' in \[pipeline\]"):  # no stage here reads model
         load_toml(write(tmp_path, "[pipeline]\nmodel = 'x'\n"), {"bucket": bucket.Config})
+
+
+# ---------------------------------------------------------------- issue 14: keys as kohya / diffusers users write them
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[train]\nnetwork_dim = 32\n", "unknown key 'network_dim' in [train]; did you mean 'lora_rank'? (kohya's name)"),
+    ("[train]\nnetwork_alpha = 16\n", "in [train]; did you mean 'lora_alpha'? (kohya's name)"),
+    ("[train]\ntrain_batch_size = 4\n",
+     "unknown key 'train_batch_size' in [train]; did you mean 'batch_size'? (kohya's and diffusers' name)"),
+    ("[train]\nmax_train_steps = 9\n",
+     "unknown key 'max_train_steps' in [train]; did you mean 'max_steps'? (kohya's and diffusers' name)"),
+    ("[train]\nmax_train_epochs = 9\n", "did you mean 'epochs'? (kohya's name)"),
+    ("[train]\ngradient_accumulation_steps = 2\n", "did you mean 'accumulate'?"),
+    ("[train]\nlr_scheduler = 'cosine'\n", "did you mean 'lr_schedule'?"),
+    ("[train]\nlr_warmup_steps = 10\n", "did you mean 'warmup_steps'?"),
+    ("[train]\nsave_every_n_steps = 100\n", "did you mean 'checkpoint_every'? (kohya's name)"),
+    ("[train]\ncaption_dropout_rate = 0.1\n", "did you mean 'caption_dropout'?"),
+    ("[train]\nsnr_gamma = 5\n", "did you mean 'min_snr_gamma'? (diffusers' name)"),
+    ("[train]\nv_parameterization = true\n",
+     "did you mean 'prediction'? (kohya's name; prediction = \"v_prediction\")"),
+    ("[train]\nzero_terminal_snr = true\n", "did you mean 'schedule'? (kohya's name; schedule = \"ztsnr\")"),
+    ("[train]\npretrained_model_name_or_path = 'x'\n", "did you mean 'model'?"),
+    ("[train]\noutput_dir = 'x'\n", "did you mean 'output'?"),
+    ("[train]\noptimizer_type = 'AdamW8bit'\n", "did you mean 'optimizer'? (kohya's name; lower case"),
+    ("[train]\nxformers = true\n", "kohya's 'xformers' has no counterpart here: attention is PyTorch's"),
+    ("[train]\nresolution = 1024\n",
+     "unknown key 'resolution' in [train]; kohya's and diffusers' 'resolution' is 'max_area' in [bucket] (an area in"),
+    ("[train]\nshuffle_caption = true\n", "kohya's 'shuffle_caption' is 'caption_variants' in [encode]"),
+    ("[encode]\ntrain_batch_size = 4\n", "'train_batch_size' is 'batch_size' in [train]"),  # not encode's batch_size
+    ("[encode]\nclip_skip = 2\n", "kohya's 'clip_skip' has no counterpart here: both text encoders' penultimate"),
+    ("[encode]\ncache_latents = true\n", "has no counterpart here: the encode stage always stores the latents"),
+    ("[bucket]\nresolution = 1024\n", "did you mean 'max_area'? (kohya's and diffusers' name; an area in pixels"),
+    ("[bucket]\nmin_bucket_reso = 256\n", "did you mean 'min_side'? (kohya's name)"),
+    ("[bucket]\nenable_bucket = true\n", "has no counterpart here: the bucket stage always buckets"),
+    ("[ingest]\ntrain_data_dir = 'img'\n", "did you mean 'sources'? (kohya's and diffusers' name; with layout"),
+    ("[ingest]\ncaption_extension = '.caption'\n", "did you mean 'caption_ext'? (kohya's name; kohya's default"),
+    ("[[ingest.sources]]\npath = 'a'\nnum_repeats = 5\n",
+     "unknown key 'num_repeats' in [ingest] sources[0]; did you mean 'repeats'? (kohya's name)"),
+    ("[[ingest.sources]]\nimage_dir = 'a'\n", "did you mean 'path'? (kohya's name)"),
+    ("[export]\noutput_name = 'x'\n", "did you mean 'name'? (kohya's name)"),
+    ("[export]\nsave_model_as = 'safetensors'\n", "did you mean 'format'?"),
+    ("[train]\nlora_rnak = 4\n", "unknown key 'lora_rnak' in [train]; did you mean 'lora_rank'?"),   # a typo
+    ("[bucket]\nzzz = 1\n", "unknown key 'zzz' in [bucket] (known: buckets, crop,"),                 # no idea
+])
+def test_unknown_keys_say_what_we_call_them(tmp_path, text, message):
+    from stages.pipeline import STAGES
+
+    toml = load_toml(write(tmp_path, text), TABLES)
+    table = text.strip("[]\n").split("]")[0].split(".")[0]
+    with pytest.raises(ConfigError) as e:
+        resolve(dict(STAGES)[table].Config, table, toml)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_pipeline_key_and_tables_suggest_too(tmp_path):
+    with pytest.raises(ConfigError, match=r"in \[pipeline\]; did you mean 'model'\? \(kohya's and diffusers' name\)"):
+        load_toml(write(tmp_path, "[pipeline]\npretrained_model_name_or_path = 'x'\n"), TABLES)
+    with pytest.raises(ConfigError, match=r"unknown table \[bukcet\] \(did you mean \[bucket\]\?\)"):
+        load_toml(write(tmp_path, "[bukcet]\nx = 1\n"), TABLES)
+    with pytest.raises(ConfigError, match=r"unknown table \[training_arguments\] \(a kohya config-file section"):
+        load_toml(write(tmp_path, "[training_arguments]\nmax_train_steps = 1\n"), TABLES)
+    with pytest.raises(ConfigError, match=r"unknown table \[datasets\] \(a kohya dataset-config table"):
+        load_toml(write(tmp_path, "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n"), TABLES)
+
+
+def test_every_foreign_key_maps_to_a_real_key():
+    """The mapping cannot go stale: each of our names exists in each table it names."""
+    from dataclasses import fields
+
+    from shared.core.config import FOREIGN_KEYS, pipeline_keys
+
+    classes = {**TABLES, "ingest.sources": ingest.Source}
+    known = {table: {f.name for f in fields(cls)} for table, cls in classes.items()}
+    known["pipeline"] = pipeline_keys(TABLES)
+    for name, (origin, tables, ours, note) in FOREIGN_KEYS.items():
+        assert origin in ("kohya's", "diffusers'", "kohya's and diffusers'")
+        assert ours is not None or note, name
+        for table in tables:
+            assert name not in known[table] or name == ours, f"{name} is a key of [{table}] itself"
+            assert ours is None or ours in known[table], f"{name} -> [{table}] {ours}: no such key"
+
+
+def test_kohya_key_on_the_command_line_is_one_line(tmp_path, runner):
+    cfg = write(tmp_path, "[train]\nnetwork_dim = 8\n")
+    result = runner.invoke(app, ["train", "--config", str(cfg)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr == "error: unknown key 'network_dim' in [train]; did you mean 'lora_rank'? (kohya's name)\n"

@@ -1,6 +1,7 @@
 """Each artifact format between stages (shared/formats): a round trip through its writer and reader, and a
 reader that meets another format version stops with one line naming that version and the command that
 rewrites the artifact."""
+import io
 import json
 from pathlib import Path
 
@@ -207,3 +208,21 @@ def test_encode_output_of_another_version_is_refused(tmp_path):
     with pytest.raises(InputError) as e:
         fmt.require_encode(tmp_path)
     assert f"format version {ENCODE_VERSION - 1}" in one_line(e) and f"sdxl encode --out {tmp_path}" in str(e.value)
+
+
+def test_locations_and_npy_views():
+    from shared.formats import location
+
+    assert location.is_url("https://h/enc") and location.is_url("s3://b/enc") and location.is_url("pipe:cat x")
+    assert not location.is_url("/data/enc") and not location.is_url("enc") and not location.is_url(Path("s3:/x"))
+    assert location.join("https://h/enc/", "shards", "64x64/000001.tar") == "https://h/enc/shards/64x64/000001.tar"
+    assert location.join(Path("/d/enc"), "index.json") == Path("/d/enc/index.json")
+    good = bytearray(shards.npy_bytes(np.arange(6, dtype=np.int16).reshape(2, 3)))
+    view = shards.npy_view(memoryview(good), 0, len(good))
+    assert view.tolist() == [[0, 1, 2], [3, 4, 5]] and np.shares_memory(view, np.frombuffer(good, np.uint8))
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="object"):
+        shards.npy_view(memoryview(buf.getvalue()), 0, len(buf.getvalue()))
+    with pytest.raises(ValueError, match="does not hold"):
+        shards.npy_view(memoryview(good + b"xx"), 0, len(good) + 2)

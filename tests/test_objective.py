@@ -120,13 +120,20 @@ def test_training_loss_applies_min_snr_and_tag_weights():
     assert loss.item() == pytest.approx(want, rel=1e-5)
 
 
+def _optimizer_config(**values):
+    """The optimizer group of a train config with these flat values (the rest at their defaults)."""
+    from shared.core.config import resolve
+    from stages import train
+
+    return resolve(train.Config, "train", {}, {"model": "builtin:tiny", **values}).optim
+
+
 def _lr_at(kind: str, steps: list[int], total: int = 100, warmup: int = 10, peak: float = 2.0, **kw) -> list[float]:
     """The learning rate of optimizer steps `steps` (0-based) under stages.train.optim's schedule."""
-    from stages.train.optim import LRSchedule, OptimizerConfig
+    from stages.train.optim import LRSchedule
 
-    cfg = OptimizerConfig(learning_rate=peak, lr_schedule=kind, warmup_steps=warmup, lr_cycles=kw.get("cycles", 1),
-                          lr_power=kw.get("power", 1.0), lr_end=kw.get("end", 1e-7), adam_beta1=0.9, adam_beta2=0.999,
-                          adam_eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, max_bad_steps=5, ema_decay=0.0)
+    cfg = _optimizer_config(learning_rate=peak, lr_schedule=kind, warmup_steps=warmup, lr_cycles=kw.get("cycles", 1),
+                            lr_power=kw.get("power", 1.0), lr_end=kw.get("end", 1e-7), weight_decay=0.0)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
     schedule, out = LRSchedule(opt, cfg, total), {}
     for step in range(max(steps) + 1):
@@ -161,12 +168,11 @@ def test_cosine_with_restarts_and_polynomial_by_hand():
 
 def test_lr_schedule_state_resumes_at_its_step_with_the_configs_peak():
     """A schedule restored from its state_dict continues at that step (bitwise); the peak comes from the config."""
-    from stages.train.optim import LRSchedule, OptimizerConfig
+    from stages.train.optim import LRSchedule
 
     def make(peak):
-        cfg = OptimizerConfig(learning_rate=peak, lr_schedule="cosine", warmup_steps=3, lr_cycles=1, lr_power=1.0,
-                              lr_end=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.0,
-                              max_grad_norm=1.0, max_bad_steps=5, ema_decay=0.0)
+        cfg = _optimizer_config(learning_rate=peak, lr_schedule="cosine", warmup_steps=3, lr_end=0.0,
+                                weight_decay=0.0)
         opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
         return opt, LRSchedule(opt, cfg, 20)
 

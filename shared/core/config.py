@@ -6,7 +6,9 @@ Values resolve as CLI flag > the stage's `pipeline.toml` table > the `[pipeline]
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 import tomllib
 import types
 import typing
@@ -106,15 +108,148 @@ def load_toml(path: Path | str | None, tables: dict[str, type]) -> dict:
     known_tables = {"pipeline", *tables}
     unknown = sorted(set(data) - known_tables)
     if unknown:
-        raise ConfigError(f"{path}: unknown table [{unknown[0]}] (known: {', '.join(sorted(known_tables))})")
+        raise ConfigError(f"{path}: {unknown_table(unknown[0], known_tables)}")
     for name, table in data.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: '{name}' must be a table [{name}], not a value")
     keys = pipeline_keys(tables)
     for key in data.get("pipeline", {}):
         if key not in keys:
-            raise ConfigError(f"{path}: unknown key '{key}' in [pipeline] (known: {', '.join(sorted(keys))})")
+            raise ConfigError(f"{path}: {unknown_key(key, '[pipeline]', keys)}")
     return data
+
+
+_K, _D, _KD = "kohya's", "diffusers'", "kohya's and diffusers'"  # whose name it is
+_ANY_STAGE = ("export", "train", "encode", "bucket", "ingest")
+_ATTENTION = "attention is PyTorch's scaled_dot_product_attention, always"
+_LOGS = "set tensorboard = true or wandb = true"
+
+#: Keys as kohya's sd-scripts (train_network.py, sdxl_train.py, library/train_util.py, dataset config files) and
+#: the diffusers training scripts (train_text_to_image_lora_sdxl.py, train_dreambooth_lora_sdxl.py) name them:
+#: name -> (whose name it is, tables holding ours (the first is named when the key sits in another), our key or None
+#: when there is no such option here, a note). tests/test_config.py checks every key against the stage configs.
+FOREIGN_KEYS: dict[str, tuple[str, tuple[str, ...], str | None, str]] = {
+    "network_dim": (_K, ("train",), "lora_rank", ""),
+    "network_alpha": (_K, ("train",), "lora_alpha", ""),
+    "network_dropout": (_K, ("train",), "lora_dropout", ""),
+    "network_module": (_K, ("train",), "method", 'a LoRA is method = "lora"'),
+    "rank": (_D, ("train",), "lora_rank", ""),
+    "use_dora": (_D, ("train",), "dora", ""),
+    "train_batch_size": (_KD, ("train",), "batch_size", ""),
+    "max_train_steps": (_KD, ("train",), "max_steps", ""),
+    "max_train_epochs": (_K, ("train",), "epochs", ""),
+    "num_train_epochs": (_D, ("train",), "epochs", ""),
+    "lr_scheduler": (_KD, ("train",), "lr_schedule", ""),
+    "lr_warmup_steps": (_KD, ("train",), "warmup_steps", ""),
+    "lr_scheduler_num_cycles": (_K, ("train",), "lr_cycles", ""),
+    "lr_num_cycles": (_D, ("train",), "lr_cycles", ""),
+    "lr_scheduler_power": (_K, ("train",), "lr_power", ""),
+    "gradient_accumulation_steps": (_KD, ("train",), "accumulate", ""),
+    "save_every_n_steps": (_K, ("train",), "checkpoint_every", ""),
+    "save_every_n_epochs": (_K, ("train",), "checkpoint_every", "counted in optimizer steps here"),
+    "checkpointing_steps": (_D, ("train",), "checkpoint_every", ""),
+    "checkpoints_total_limit": (_D, ("train",), "keep_checkpoints", ""),
+    "resume_from_checkpoint": (_D, ("train",), "resume", ""),
+    "snr_gamma": (_D, ("train",), "min_snr_gamma", ""),
+    "caption_dropout_rate": (_K, ("train",), "caption_dropout", ""),
+    "proportion_empty_prompts": (_D, ("train",), "caption_dropout", ""),
+    "v_parameterization": (_K, ("train",), "prediction", 'prediction = "v_prediction"'),
+    "prediction_type": (_D, ("train",), "prediction", ""),
+    "zero_terminal_snr": (_K, ("train",), "schedule", 'schedule = "ztsnr"'),
+    "weighting_scheme": (_D, ("train",), "timesteps", 'timesteps = "logit_normal"'),
+    "full_bf16": (_K, ("train",), "weights_dtype", 'weights_dtype = "bfloat16"'),
+    "allow_tf32": (_D, ("train",), "tf32", ""),
+    "use_ema": (_D, ("train",), "ema_decay", "ema_decay > 0 turns it on"),
+    "adam_weight_decay": (_D, ("train",), "weight_decay", ""),
+    "adam_epsilon": (_D, ("train",), "adam_eps", ""),
+    "optimizer_type": (_K, ("train",), "optimizer", 'lower case: AdamW8bit -> "adamw8bit"'),
+    "use_8bit_adam": (_KD, ("train",), "optimizer", 'optimizer = "adamw8bit"'),
+    "training_comment": (_K, ("train", "export"), "comment", ""),
+    "log_with": (_K, ("train",), None, _LOGS),
+    "report_to": (_D, ("train",), None, _LOGS),
+    "logging_dir": (_K, ("train",), None, "logs are written to <train output>/logs"),
+    "xformers": (_K, ("train",), None, _ATTENTION),
+    "sdpa": (_K, ("train",), None, _ATTENTION),
+    "enable_xformers_memory_efficient_attention": (_D, ("train",), None, _ATTENTION),
+    "cache_latents": (_K, ("encode",), None, "the encode stage always stores the latents"),
+    "cache_latents_to_disk": (_K, ("encode",), None, "the encode stage always stores the latents"),
+    "cache_text_encoder_outputs": (_K, ("encode",), None, "the encode stage always stores the text embeddings"),
+    "cache_text_encoder_outputs_to_disk": (_K, ("encode",), None, "the encode stage always stores them"),
+    "clip_skip": (_K, ("encode",), None, "both text encoders' penultimate layers, always"),
+    "no_half_vae": (_K, ("encode",), "vae_dtype", 'vae_dtype = "float32", the default'),
+    "vae": (_K, ("encode",), "vae", ""),
+    "pretrained_vae_model_name_or_path": (_D, ("encode",), "vae", ""),
+    "shuffle_caption": (_K, ("encode",), "caption_variants", "tag-shuffled captions are encoded ahead: N variants"),
+    "keep_tokens": (_K, ("encode",), "keep_tags", ""),
+    "max_token_length": (_K, ("encode",), "max_windows", "in 75-token windows: 225 -> 3"),
+    "flip_aug": (_K, ("encode",), "flip", "and [train] flip_rate"),
+    "random_flip": (_D, ("encode",), "flip", "and [train] flip_rate"),
+    "resolution": (_KD, ("bucket",), "max_area", "an area in pixels: 1024 -> 1048576"),
+    "enable_bucket": (_K, ("bucket",), None, "the bucket stage always buckets"),
+    "min_bucket_reso": (_K, ("bucket",), "min_side", ""),
+    "max_bucket_reso": (_K, ("bucket",), "max_side", ""),
+    "bucket_reso_steps": (_K, ("bucket",), "step", ""),
+    "bucket_no_upscale": (_K, ("bucket",), "max_upscale", "max_upscale = 1"),
+    "random_crop": (_K, ("bucket",), "crop", 'crop = "random"'),
+    "center_crop": (_D, ("bucket",), "crop", 'crop = "center"'),
+    "train_data_dir": (_KD, ("ingest",), "sources", 'with layout = "kohya" for <repeats>_<name> folders'),
+    "instance_data_dir": (_D, ("ingest",), "sources", ""),
+    "image_dir": (_K, ("ingest.sources",), "path", ""),
+    "num_repeats": (_K, ("ingest", "ingest.sources"), "repeats", ""),
+    "dataset_repeats": (_K, ("ingest", "ingest.sources"), "repeats", ""),
+    "caption_extension": (_K, ("ingest", "ingest.sources"), "caption_ext", "kohya's default is .caption, ours .txt"),
+    "caption_separator": (_K, ("ingest", "ingest.sources"), "tag_separator", ""),
+    "output_dir": (_KD, _ANY_STAGE, "output", ""),
+    "output_name": (_K, ("export",), "name", ""),
+    "save_model_as": (_K, ("export",), "format", "kohya, peft, diffusers or single-file"),
+    "save_precision": (_K, ("export",), "dtype", ""),
+    "pretrained_model_name_or_path": (_KD, ("pipeline", "encode", "train", "export"), "model", ""),
+}
+
+
+def unknown_key(key: str, where: str, known: Any) -> str:
+    """The one-line error for an unknown key in `where` ("[train]", "[ingest] sources[0]"): "did you mean" our
+    name for a kohya or diffusers key, or the closest known key; else the known keys."""
+    known = sorted(known)
+    hint = _suggestion(key, _table_of(where), set(known))
+    head = f"unknown key '{key}' in {where}"
+    return f"{head}; {hint}" if hint else f"{head} (known: {', '.join(known)})"
+
+
+def unknown_table(name: str, known: Any) -> str:
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=1)
+    if close:
+        hint = f"did you mean [{close[0]}]?"
+    elif name.endswith("_arguments"):  # the sections of a kohya config file (kohya_ss's saved TOML)
+        hint = "a kohya config-file section: put its keys in the stage tables (each unknown one names ours)"
+    elif name in ("general", "datasets"):  # kohya's dataset config (--dataset_config)
+        hint = "a kohya dataset-config table: folders go in [[ingest.sources]] (path, repeats, layout = \"kohya\")"
+    else:
+        hint = f"known: {', '.join(known)}"
+    return f"unknown table [{name}] ({hint})"
+
+
+def _table_of(where: str) -> str:
+    """The table a `where` names: "[train]" -> "train", "[ingest] sources[0]" -> "ingest.sources"."""
+    found = re.match(r"\[([\w.]+)\](?:\s+(\w+)\[\d+\])?", where)
+    if not found:
+        return where
+    return found[1] + (f".{found[2]}" if found[2] else "")
+
+
+def _suggestion(key: str, table: str, known: set[str]) -> str | None:
+    entry = FOREIGN_KEYS.get(key.lower().replace("-", "_"))
+    if entry is not None:
+        origin, tables, ours, note = entry
+        if ours is None:
+            return f"{origin} '{key}' has no counterpart here: {note}"
+        if table in tables and ours in known:
+            return f"did you mean '{ours}'? ({origin} name{'; ' + note if note else ''})"
+        if table not in tables:
+            return f"{origin} '{key}' is '{ours}' in [{tables[0]}]{f' ({note})' if note else ''}"
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f"did you mean '{close[0]}'?" if close else None
 
 
 def resolve(cls: type, table: str, toml: dict, cli: dict[str, Any] | None = None) -> Any:
@@ -124,7 +259,7 @@ def resolve(cls: type, table: str, toml: dict, cli: dict[str, Any] | None = None
     known = {f.name for f in fields(cls)}
     for key in own:
         if key not in known:
-            raise ConfigError(f"unknown key '{key}' in [{table}] (known: {', '.join(sorted(known))})")
+            raise ConfigError(unknown_key(key, f"[{table}]", known))
     values: dict[str, Any] = {}
     for f in fields(cls):
         if cli and cli.get(f.name) is not None:
@@ -141,7 +276,7 @@ def build(cls: type, values: dict, where: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     for key in values:
         if key not in known:
-            raise ConfigError(f"unknown key '{key}' in {where} (known: {', '.join(known)})")
+            raise ConfigError(unknown_key(key, where, known))
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
@@ -177,7 +312,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return coerce(value, inner[0], where)
+        exact = [a for a in inner if a in (str, Path) and isinstance(value, a)]  # `str | Path`: either as given
+        return coerce(value, (exact or inner)[0], where)
     if origin is tuple:
         return _coerce_tuple(value, typing.get_args(tp), where)
     if is_dataclass(tp):

@@ -1,5 +1,6 @@
 """Which process this is among several launched by `torchrun` / `accelerate launch` (RANK, WORLD_SIZE,
-LOCAL_RANK), and file-based coordination between them.
+LOCAL_RANK) or by Slurm's `srun` (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), and file-based coordination
+between them.
 
 Stages that split work across ranks coordinate through files in their staging folder (markers written
 atomically), not through a process group: nothing hangs on a collective timeout during a day-long encode, and
@@ -13,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from shared.core.errors import ConfigError, PipelineError
 
@@ -33,9 +34,20 @@ class Rank:
         return index % self.world == self.rank
 
 
-def current() -> Rank:
+#: (rank, world size, local rank, set only inside a launch) per launcher, in order of precedence: torchrun /
+#: accelerate first (torchrun inside an sbatch job sees both), then Slurm's srun. An sbatch script itself also
+#: has SLURM_NTASKS and SLURM_PROCID=0 but is one process: SLURM_STEP_NUM_TASKS, which only srun sets, tells
+#: the tasks of an srun step from it.
+LAUNCHERS = (("RANK", "WORLD_SIZE", "LOCAL_RANK", "WORLD_SIZE"),
+             ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS"))
+
+
+def current(env: Mapping[str, str] | None = None) -> Rank:
+    """This process's rank from the launcher's variables (`env`: os.environ); one process when none is set."""
+    env = os.environ if env is None else env
+
     def read(name: str, default: int) -> int:
-        value = os.environ.get(name)
+        value = env.get(name)
         if value in (None, ""):
             return default
         try:
@@ -43,11 +55,11 @@ def current() -> Rank:
         except ValueError:
             raise ConfigError(f"{name}={value!r} in the environment is not an integer") from None
 
-    world = read("WORLD_SIZE", 1)
-    rank = read("RANK", 0)
+    names = next((n for n in LAUNCHERS if env.get(n[3]) not in (None, "")), LAUNCHERS[0])
+    world, rank = read(names[1], 1), read(names[0], 0)
     if world < 1 or not 0 <= rank < world:
-        raise ConfigError(f"RANK={rank} WORLD_SIZE={world} in the environment are inconsistent")
-    return Rank(rank, world, read("LOCAL_RANK", rank))
+        raise ConfigError(f"{names[0]}={rank} {names[1]}={world} in the environment are inconsistent")
+    return Rank(rank, world, read(names[2], rank))
 
 
 def device(choice: str, local: int = 0) -> str:

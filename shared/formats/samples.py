@@ -10,15 +10,17 @@ of one encode output holds. The empty caption's states sit in `empty/` (`EmptyCa
 """
 from __future__ import annotations
 
+import io
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from shared.core import artifacts
 from shared.core.errors import InputError
-from shared.formats import shards
+from shared.formats import location, shards
 
 WINDOW_TOKENS = 77  # one text window: BOS + 75 caption tokens + EOS (CLIP's context length)
 #: the model parts encode uses; train refuses shards whose parts differ from its model's
@@ -42,9 +44,12 @@ def check_version(found: Any, where: str, fix: str) -> None:
                          f"rewrite it: {fix}")
 
 
-def require_encode(folder: Path) -> artifacts.Manifest:
-    """The finished encode output at `folder`, of this format version (else one line naming the fix)."""
-    return artifacts.require_input(folder, "encode", (ENCODE_VERSION,), fix_for(folder))
+def require_encode(folder: Path | str) -> artifacts.Manifest:
+    """The finished encode output at `folder` (a local folder or an fsspec URL), of this format version (else one
+    line naming the fix)."""
+    if location.is_url(folder):
+        return location.require_remote(str(folder), "encode", (ENCODE_VERSION,), fix_for(folder))
+    return artifacts.require_input(Path(folder), "encode", (ENCODE_VERSION,), fix_for(folder))
 
 
 @dataclass(frozen=True)
@@ -124,16 +129,20 @@ def to_tar(sample: Sample) -> dict[str, Any]:
 
 
 def from_tar(raw: dict[str, Any], where: str, fix: str) -> Sample:
-    """A sample from its tar members (raw bytes, as `shards.tar_members` yields them)."""
+    """A sample from its tar members: raw bytes (as `shards.tar_members` yields them) or, for the arrays,
+    arrays already (as `shards.tar_samples` yields them)."""
     meta = shards.decode_member("json", raw["json"])
     check_version(meta.get("version"), f"{where}: sample {raw['__key__']}", fix)
-    arrays = {name: shards.decode_member(f"{name}.npy", raw[f"{name}.npy"])
-              for name in ARRAYS if f"{name}.npy" in raw}
+    arrays = {name: _array(raw[f"{name}.npy"]) for name in ARRAYS if f"{name}.npy" in raw}
     tuples = {k: tuple(meta[k]) for k in ("bucket", "tags", "variants", "windows", "original_size",
                                           "crop_top_left", "target_size", "time_ids", "time_ids_flip")}
     return Sample(key=raw["__key__"], **arrays, **tuples, tag_weight=meta["tag_weight"], repeats=meta["repeats"],
                   clip_similarity=meta.get("clip_similarity"), path=meta["path"], source=meta["source"],
                   caption=meta["caption"])
+
+
+def _array(value: Any) -> np.ndarray:
+    return value if isinstance(value, np.ndarray) else shards.decode_member(".npy", value)
 
 
 def _plain(value: Any) -> Any:
@@ -159,6 +168,11 @@ def zarr_specs(layout: Layout, bucket: tuple[int, int], count: int) -> dict[str,
         specs.update(clip_image=((count, layout.clip_dim), "float32"),
                      clip_text=((count, layout.clip_dim), "float32"), clip_similarity=((count,), "float32"))
     return specs
+
+
+def zarr_names(layout: Layout) -> tuple[str, ...]:
+    """The arrays every bucket group of an output of `layout` holds (so a reader need not list the store)."""
+    return tuple(sorted(zarr_specs(layout, (8, 8), 0)))
 
 
 def zarr_attrs(bucket: tuple[int, int], keys: list[str]) -> dict:
@@ -195,11 +209,27 @@ def check_group(group: Any, where: str, fix: str) -> None:
     check_version(group.attrs.get("version"), where, fix)
 
 
-def read_rows(group: Any, lo: int, hi: int) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Rows lo..hi-1 of every array of a bucket group, and their keys. Unreadable rows raise KeyError,
-    ValueError or OSError, which the caller turns into an error naming the shard."""
-    rows = {name: np.asarray(group[name][lo:hi]) for name in sorted(group.array_keys())}
-    return rows, list(group.attrs["keys"][lo:hi])
+def read_rows(group: Any, lo: int, hi: int, names: Iterable[str] | None = None,
+              where: Path | str | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Rows lo..hi-1 of the arrays `names` (default: every array) of a bucket group, and their keys; the arrays
+    are read concurrently. Given the group's folder or URL (`where`), chunks are read straight from there
+    (shards.chunk_decoder). Unreadable rows raise KeyError, ValueError or OSError, which the caller turns into
+    an error naming the shard."""
+    names = sorted(names if names is not None else group.array_keys())
+    with ThreadPoolExecutor(max(1, min(len(names), 8))) as pool:
+        arrays = list(pool.map(lambda name: _rows(group[name], lo, hi, where, name), names))
+    return dict(zip(names, arrays)), list(group.attrs["keys"][lo:hi])
+
+
+def _rows(array: Any, lo: int, hi: int, where: Path | str | None, name: str) -> np.ndarray:
+    decode = shards.chunk_decoder(array.metadata.to_dict()) if where is not None and hi > lo else None
+    if decode is None:
+        return np.asarray(array[lo:hi])
+    raws = shards.read_objects([location.join(where, name, key) for key in shards.chunk_keys(array, lo, hi)])
+    out = np.empty((hi - lo,) + tuple(array.shape[1:]), array.dtype)
+    for k, raw in enumerate(raws):
+        decode(raw, out[k, ...])  # a view even of a 1-d array's row
+    return out
 
 
 def rows_digest(rows: dict[str, np.ndarray], keys: list[str]) -> str:
@@ -242,15 +272,17 @@ def write_empty(folder: Path, empty: EmptyCaption) -> None:
         np.save(out / f"{f.name}.npy", getattr(empty, f.name), allow_pickle=False)
 
 
-def read_empty(folder: Path, manifest: artifacts.Manifest) -> EmptyCaption:
-    """The empty caption of the encode output at `folder`, each file checked against its manifest."""
+def read_empty(folder: Path | str, manifest: artifacts.Manifest) -> EmptyCaption:
+    """The empty caption of the encode output at `folder` (a folder or URL), each file checked against its
+    manifest."""
     fix = fix_for(folder)
-    check_version(manifest.version, f"{Path(folder) / EMPTY}", fix)
+    check_version(manifest.version, f"{location.join(folder, EMPTY)}", fix)
     arrays = {}
     for f in fields(EmptyCaption):
-        path = manifest.verified(folder, f"{EMPTY}/{f.name}.npy", fix)
+        rel = f"{EMPTY}/{f.name}.npy"
+        data = location.verified_bytes(folder, rel, manifest.files, fix)
         try:
-            arrays[f.name] = np.load(path, allow_pickle=False)
+            arrays[f.name] = np.load(io.BytesIO(data), allow_pickle=False)
         except (OSError, ValueError) as e:
-            raise InputError(f"{path}: unreadable ({e}); rerun: {fix}") from None
+            raise InputError(f"{location.join(folder, rel)}: unreadable ({e}); rerun: {fix}") from None
     return EmptyCaption(**arrays)

@@ -14,6 +14,7 @@ from typing import Iterator
 
 from shared.core import artifacts
 from shared.core.errors import InputError
+from shared.formats import location
 from shared.formats.samples import ENCODE_VERSION, Layout, check_version, fix_for
 
 FILE = "index.json"
@@ -107,13 +108,13 @@ def write_index(folder: Path, index: Index) -> None:
     artifacts.write_atomic(Path(folder) / FILE, json.dumps(index.to_json(), indent=1) + "\n")
 
 
-def read_index(folder: Path, manifest: artifacts.Manifest) -> Index:
-    """`folder/index.json`, checked against encode's manifest, its version and its own sums."""
+def read_index(folder: Path | str, manifest: artifacts.Manifest) -> Index:
+    """`folder/index.json` (a folder or URL), checked against encode's manifest, its version and its own sums."""
     fix = fix_for(folder)
-    path = manifest.verified(folder, FILE, fix)
+    path = location.join(folder, FILE)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        data = json.loads(location.verified_bytes(folder, FILE, manifest.files, fix).decode("utf-8"))
+    except ValueError as e:
         raise InputError(f"{path}: unreadable ({e}); rerun: {fix}") from None
     check_version(data.get("version") if isinstance(data, dict) else None, str(path), fix)
     try:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import tarfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -108,6 +109,94 @@ def read_tar(path: Path | str) -> Iterator[dict[str, Any]]:
             yield {k: (v if k == "__key__" else decode_member(k, v)) for k, v in raw.items()}
 
 
+# ---------------------------------------------------------------- a tar held in memory
+
+
+def ustar_members(view: memoryview) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file of a USTAR tar held in memory.
+
+    Written by hand: tarfile parses every header field in Python (~20 µs a member, most of a shard's listing
+    time); this reads only what `write_tar` sets — name, prefix, size, type — and is used on bytes already
+    checked against encode's sha256, so they are `write_tar`'s. Anything else (pax / GNU headers) is refused."""
+    pos, end = 0, len(view)
+    while pos + 512 <= end:
+        header = view[pos:pos + 512].tobytes()
+        if header == _ZERO_BLOCK:
+            return
+        if header[257:262] != b"ustar" or header[156:157] not in (b"0", b"\0", b"5"):
+            raise ValueError(f"member at byte {pos}: not a plain USTAR file header")
+        size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        name = header[:100].split(b"\0", 1)[0]
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+        if pos + 512 + size > end:
+            raise ValueError(f"member {name!r} runs past the end")
+        if header[156:157] != b"5":
+            yield name.decode("utf-8", "surrogateescape"), pos + 512, size
+        pos += 512 + -(-size // 512) * 512
+    raise ValueError("no end-of-archive marker")
+
+
+_ZERO_BLOCK = bytes(512)
+
+
+def tar_samples(data: Any, where: str) -> Iterator[dict[str, Any]]:
+    """Samples of a whole tar written by `write_tar`, held in memory, in stored order: {"__key__": key,
+    "<name>.npy": array, "<field>": bytes}. Arrays are views of `data` (no copy; writable if `data` is)."""
+    view = memoryview(data).cast("B")
+    current: dict[str, Any] | None = None
+    try:
+        for name, offset, size in ustar_members(view):
+            key, _, field = name.partition(".")
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key}
+            current[field] = (npy_view(view, offset, size) if field.endswith(".npy")
+                              else view[offset:offset + size].tobytes())
+    except ValueError as e:
+        raise DataError(f"{where}: unreadable shard ({e})") from None
+    if current is not None:
+        yield current
+
+
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
+
+
+def npy_view(view: memoryview, offset: int, size: int) -> np.ndarray:
+    """The array of the `.npy` bytes view[offset:offset+size], viewing them. Pickled (object) arrays are
+    refused, as np.load(allow_pickle=False) does; headers are parsed once per distinct header."""
+    head = view[offset:offset + 12].tobytes()
+    if head[:6] != b"\x93NUMPY" or len(head) < 10:
+        raise ValueError("not a .npy member")
+    start = 10 + int.from_bytes(head[8:10], "little") if head[6] == 1 else 12 + int.from_bytes(head[8:12], "little")
+    header = view[offset:offset + start].tobytes()
+    parsed = _NPY_HEADERS.get(header)
+    if parsed is None:
+        parsed = _npy_header(header)
+        if len(_NPY_HEADERS) < 4096:
+            _NPY_HEADERS[header] = parsed
+    dtype, shape, fortran = parsed
+    count = math.prod(shape)
+    if start + count * dtype.itemsize != size:
+        raise ValueError(f"a .npy member of {size} bytes does not hold {shape} {dtype}")
+    array = np.frombuffer(view, dtype, count, offset + start)
+    return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+
+
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
+    fp = io.BytesIO(header)
+    version = np.lib.format.read_magic(fp)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        raise ValueError(f".npy format {version} (np.save writes 1.0 or 2.0)")
+    shape, fortran, dtype = readers[version](fp)
+    if dtype.hasobject:
+        raise ValueError("an object (pickled) array; refused")
+    return dtype, tuple(shape), fortran
+
+
 # ---------------------------------------------------------------- zarr
 
 
@@ -148,6 +237,77 @@ def zarr_digest(rows: dict[str, np.ndarray], keys: list[str]) -> str:
     for name in sorted(rows):
         a = np.ascontiguousarray(rows[name])
         h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
-        h.update(a.tobytes())
+        h.update(a.data if a.size else b"")  # the bytes of tobytes(), without the copy
     h.update(json.dumps(list(keys), ensure_ascii=False).encode("utf-8", "surrogateescape"))
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------- zarr rows, read chunk by chunk
+
+
+def chunk_decoder(meta: dict) -> Callable[[Any, np.ndarray], None] | None:
+    """A decoder of one chunk of the array whose zarr.json is `meta` into a row of the caller's array, for what
+    `create_arrays` writes (one row per chunk, codecs bytes + none / zstd / blosc); None for any other array
+    (read it through zarr).
+
+    Written by hand because zarr reads one-row chunks at ~0.1–0.3 ms each in Python (most of a zarr shard's
+    time; on a remote store one request per chunk, ten at a time); the rows are then checked against encode's
+    digest, so a misread is an error, never a silent change."""
+    import numcodecs
+
+    codecs, chunk = meta["codecs"], tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+    separator = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
+    if (meta["chunk_key_encoding"]["name"] != "default" or separator != "/" or chunk[0] != 1
+            or chunk[1:] != tuple(meta["shape"][1:]) or codecs[0]["name"] != "bytes" or len(codecs) > 2):
+        return None
+    endian = codecs[0].get("configuration", {}).get("endian", "little")
+    dtype = np.dtype(meta["data_type"]).newbyteorder("<" if endian == "little" else ">")
+    inner = codecs[1]["name"] if len(codecs) == 2 else None
+    if inner not in (None, "zstd", "blosc"):
+        return None
+    codec = {None: None, "zstd": numcodecs.Zstd(), "blosc": numcodecs.Blosc()}[inner]
+    fill = np.full(chunk[1:], meta["fill_value"], dtype)
+
+    def decode(raw: Any, out: np.ndarray) -> None:
+        if raw is None:  # a chunk never written holds the fill value, as zarr reads it
+            out[...] = fill
+        elif codec is not None:
+            codec.decode(raw, out=out.reshape(-1).view(np.uint8))
+        else:
+            out[...] = np.frombuffer(raw, dtype).reshape(chunk[1:])
+    return decode
+
+
+def chunk_keys(array: Any, lo: int, hi: int) -> list[str]:
+    """The store keys of rows lo..hi-1 of a one-row-per-chunk array, relative to the array."""
+    tail = (0,) * (array.ndim - 1)
+    return [array.metadata.encode_chunk_key((i, *tail)) for i in range(lo, hi)]
+
+
+def read_objects(urls: list[str | Path]) -> list[Any]:
+    """The bytes of each path or URL, None where it does not exist; URLs fetched concurrently by fsspec."""
+    from shared.formats import location
+
+    if not urls or not location.is_url(str(urls[0])):
+        return [_read_file(Path(u)) for u in urls]
+    import fsspec
+
+    fs, _ = fsspec.core.url_to_fs(str(urls[0]))
+    got = fs.cat([str(u) for u in urls], on_error="return")
+    out = []
+    for u in urls:
+        value = got.get(str(u))
+        if isinstance(value, FileNotFoundError):
+            value = None
+        elif isinstance(value, BaseException):
+            raise OSError(f"{u}: {type(value).__name__}: {value}")
+        out.append(value)
+    return out
+
+
+def _read_file(path: Path) -> bytes | None:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None

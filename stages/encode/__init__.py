@@ -4,7 +4,9 @@ Reads bucket's plan. Items of one bucket are cut into shards of `shard_samples`;
 of ranks (shard i belongs to rank i mod WORLD_SIZE) and of resumption. The sharded executor
 (shared/core/sharded.py) runs the ranks: rank 0 prepares the layout (empty caption, zarr groups), every rank
 encodes its unfinished shards, each finished shard is marked done, and rank 0 writes the index and the
-manifest once every shard is marked. See README "encode" for the arrays stored per sample.
+manifest once every shard is marked. An item whose sample the previous output at `--out` already holds (same
+image, crop, captions, model and options) is taken from there, so adding images encodes only what is new or
+changed. See README "encode" for the arrays stored per sample.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from shared.core import artifacts, outputs, ranks, sharded
 from shared.core.artifacts import Manifest
+from shared.core.errors import ConfigError
 from shared.core.faults import checkpoint
 from shared.core.log import progress, say, table, warn
 from shared.core.stage import BuildResult, Stage, execute
@@ -30,7 +33,8 @@ from stages.encode import items, writer
 from stages.encode.config import Config
 from stages.encode.decode import dali_batches, pil_batches, resolve_decoder
 from stages.encode.encoders import Encoders
-from stages.encode.writer import Shard, ShardRecord
+from stages.encode.reuse import Previous, run_key, sample_key
+from stages.encode.writer import Made, Shard, ShardRecord
 
 __all__ = ["Config", "Encoders", "STAGE", "run", "repair"]
 VERSION = ENCODE_VERSION
@@ -44,7 +48,23 @@ def _inputs(cfg: Config) -> dict:
                        "what": "bucket plan changed"},
             "model": {"name": cfg.model, "vae": cfg.vae, "components": identity,
                       "fingerprint": artifacts.hash_json(identity), "what": f"weights of {cfg.model}"},
-            "decoder": {"name": decoder, "fingerprint": decoder, "what": f"decoder is now {decoder}"}}
+            "decoder": {"name": decoder, "fingerprint": decoder, "what": f"decoder is now {decoder}"},
+            **_clip_input(cfg)}
+
+
+def _clip_input(cfg: Config) -> dict:
+    """With --clip, the CLIP model's identity (its files' hash; the builtin tiny CLIP's name)."""
+    if not cfg.clip:
+        return {}
+    if cfg.clip_model is None:
+        name, identity = "builtin tiny CLIP", f"{cfg.model}:tiny-clip"
+    else:
+        folder = Path(cfg.clip_model).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"--clip-model {cfg.clip_model}: no such folder; expected a transformers CLIPModel "
+                              f"folder (e.g. clip-vit-large-patch14)")
+        name, identity = cfg.clip_model, models.component_identity(folder)
+    return {"clip": {"name": name, "fingerprint": identity, "what": f"weights of {name}"}}
 
 
 def _build(cfg: Config, staging: Path, inputs: dict) -> BuildResult | None:
@@ -53,12 +73,14 @@ def _build(cfg: Config, staging: Path, inputs: dict) -> BuildResult | None:
     rows = plans.read_plan(cfg.input)
     plan = writer.plan_shards(rows, cfg.shard_samples)
     enc = Encoders(cfg, ranks.device(cfg.device, rank.local))
+    previous = Previous.open(cfg.output, cfg.reuse)  # read-only until commit replaces it
+    run = run_key(cfg, inputs, artifacts.code_version(__name__), enc.numerics())
     records = sharded.run(staging, plan, prepare=lambda: _prepare(cfg, staging, plan, enc),
-                          work=lambda todo: _encode(cfg, staging, todo, enc, rank), alive=_alive(cfg, rank),
-                          rank=rank, label="encode", noun="shards")
+                          work=lambda todo: _encode(cfg, staging, todo, enc, rank, previous, run),
+                          alive=_alive(cfg, rank), rank=rank, label="encode", noun="shards")
     if records is None:
         return None
-    return _finish(cfg, staging, enc, [ShardRecord.from_json(r) for r in records], len(rows))
+    return _finish(cfg, staging, enc, [ShardRecord.from_json(r) for r in records], len(rows), previous)
 
 
 def _alive(cfg: Config, rank: ranks.Rank) -> sharded.Alive:
@@ -83,28 +105,56 @@ def _prepare(cfg: Config, staging: Path, plan: list[Shard], enc: Encoders) -> No
 # ---------------------------------------------------------------- this rank's shards
 
 
-def _encode(cfg: Config, staging: Path, todo: list[Shard], enc: Encoders,
-            rank: ranks.Rank) -> Iterator[tuple[Shard, dict]]:
-    """Encode the shards `todo` in order, one decode stream across them; yield each shard with its record."""
+def _encode(cfg: Config, staging: Path, todo: list[Shard], enc: Encoders, rank: ranks.Rank, previous: Previous,
+            run: str) -> Iterator[tuple[Shard, dict]]:
+    """Make the shards `todo` in order and yield each with its record: the items `previous` holds are taken
+    from there, the others encoded in batches, one decode stream across the shards."""
     for s in todo:  # a shard killed half-way left at most a .partial file; it is redone from scratch
         (staging / (s.tar + ".partial")).unlink(missing_ok=True)
-    batches = [(s, s.rows[i:i + cfg.batch_size]) for s in todo for i in range(0, len(s.rows), cfg.batch_size)]
+    keys = {r.id: sample_key(r, run) for s in todo for r in s.rows}
+    batches = {s.name: _batches([r for r in s.rows if keys[r.id] not in previous], cfg.batch_size) for s in todo}
+    decoded = _decoded(cfg, [b for s in todo for b in batches[s.name]], enc)
     total = sum(len(s.rows) for s in todo)
     bar = progress(range(total), total, "encode" if rank.world == 1 else f"encode rank {rank.rank}", "img")
-    pending: list[Sample] = []
-    truncated = 0
-    for k, ((shard, rows), pixels) in enumerate(zip(batches, _decoded(cfg, [b for _, b in batches], enc))):
-        for sample, cut in _encode_batch(cfg, enc, rows, pixels):
-            pending.append(sample)
-            truncated += cut
+    for shard in todo:
+        made: dict[str, Made] = {}
+        for rows in batches[shard.name]:
+            made.update(_made(cfg, enc, rows, next(decoded), keys))
+            checkpoint("encode.batch")
+        taken = previous.take({r.id: keys[r.id] for r in shard.rows if r.id not in made})
+        made.update({r.id: _reused(cfg, r, *taken[r.id], keys[r.id]) for r in shard.rows if r.id in taken})
+        made.update(_encoded_now(cfg, enc, [r for r in shard.rows if r.id not in made], keys))
+        record = writer.write_shard(staging, shard, [made[r.id] for r in shard.rows], cfg.wds, cfg.zarr)
+        for _ in shard.rows:
             next(bar, None)
-        checkpoint("encode.batch")
-        if k + 1 == len(batches) or batches[k + 1][0] is not shard:
-            record = writer.write_shard(staging, shard, pending, truncated, cfg.wds, cfg.zarr)
-            pending, truncated = [], 0
-            yield shard, record.to_json()
+        yield shard, record.to_json()
     for _ in bar:  # close the bar
         pass
+
+
+def _batches(rows: list[PlanRow], size: int) -> list[tuple[PlanRow, ...]]:
+    return [tuple(rows[i:i + size]) for i in range(0, len(rows), size)]
+
+
+def _made(cfg: Config, enc: Encoders, rows: tuple[PlanRow, ...], pixels: Any, keys: dict[str, str]) -> dict:
+    return {r.id: Made(sample, keys[r.id], cut, False)
+            for r, (sample, cut) in zip(rows, _encode_batch(cfg, enc, rows, pixels))}
+
+
+def _reused(cfg: Config, row: PlanRow, stored: Sample, cut: int, key: str) -> Made:
+    """A sample of the previous output, described as its item is now (items.described)."""
+    variants = items.caption_variants(row, cfg.caption_variants, cfg.keep_tags, cfg.tag_join, cfg.seed)
+    return Made(items.described(row, variants, stored), key, cut, True)
+
+
+def _encoded_now(cfg: Config, enc: Encoders, rows: list[PlanRow], keys: dict[str, str]) -> dict[str, Made]:
+    """Items the previous output was to give but could not (a shard that no longer checks out): encoded now,
+    in their own decode stream."""
+    batches = _batches(rows, cfg.batch_size)
+    out: dict[str, Made] = {}
+    for b, pixels in zip(batches, _decoded(cfg, batches, enc)):
+        out.update(_made(cfg, enc, b, pixels, keys))
+    return out
 
 
 def _decoded(cfg: Config, batches: list[tuple[PlanRow, ...]], enc: Encoders) -> Iterator[Any]:
@@ -137,7 +187,8 @@ def _encode_batch(cfg: Config, enc: Encoders, rows: tuple[PlanRow, ...], pixels:
 # ---------------------------------------------------------------- finish (rank 0)
 
 
-def _finish(cfg: Config, staging: Path, enc: Encoders, records: list[ShardRecord], n_items: int) -> BuildResult:
+def _finish(cfg: Config, staging: Path, enc: Encoders, records: list[ShardRecord], n_items: int,
+            previous: Previous) -> BuildResult:
     """The index from the shards' records, once every shard is done."""
     by_bucket: dict[tuple[int, int], list] = {}
     tags: dict[str, int] = {}
@@ -152,7 +203,11 @@ def _finish(cfg: Config, staging: Path, enc: Encoders, records: list[ShardRecord
         warn(f"{truncated} captions (counting variants) were longer than max_windows = {cfg.max_windows} windows "
              f"({cfg.max_windows * 75} tokens) and were cut")
     say(table(["bucket", "samples", "shards"], [[b.group, b.samples, len(b.shards)] for b in index.buckets]))
-    extra: dict[str, Any] = {"shards": len(records), "truncated_captions": truncated}
+    reused = sum(r.reused for r in records)
+    say(f"encode: {n_items - reused} of {n_items} items encoded, " +
+        (f"{reused} reused from {previous.folder}" if reused else
+         f"none reused ({previous.note or f'no sample of {previous.folder} matches'})"))
+    extra: dict[str, Any] = {"shards": len(records), "truncated_captions": truncated, "reused": reused}
     if cfg.clip:
         extra["clip"] = _clip_summary(records)
     return BuildResult({"in": n_items, "out": index.samples, "dropped": {}}, extra)

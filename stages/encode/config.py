@@ -51,6 +51,10 @@ class Config:
     clip_model: str | None = opt(None, "A transformers CLIPModel folder (e.g. clip-vit-large-patch14) for "
                                        "--clip [default with a builtin model: a tiny random CLIP].",
                                  fingerprint=False, nonempty=True)
+    reuse: bool = opt(True, "Reuse the samples of the previous output at --out whose item (content, crop, "
+                            "captions), model and shaping options are unchanged: only new or changed items are "
+                            "encoded, and the output equals a fresh encode. --no-reuse encodes every item.",
+                      fingerprint=False)
     decoder: str = opt("auto", "Image decoder: DALI (GPU when present, else CPU), PIL, or auto (DALI when "
                                "installed). The resolved decoder is fingerprinted.",
                        choices=("auto", "dali", "pil"), fingerprint=False)

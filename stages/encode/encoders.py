@@ -1,6 +1,12 @@
 """encode's models on this rank's device: the VAE, both SDXL text encoders and (with --clip) a CLIP model, with
 the precision policy (an fp16 VAE only when its config says it is fp16-safe; NaN/inf outputs are errors that
-name the fix). Outputs come back as numpy in float32 (latents, states) for the pure packing in items.py."""
+name the fix). Outputs come back as numpy in float32 (latents, states) for the pure packing in items.py.
+
+Every model call has a fixed batch shape: `batch_size` images (a short batch is padded by repeating its first
+image), text windows in groups of exactly `windows_per_call` (filled with empty captions). Kernels pick their
+algorithm, and with it the order of their sums, by the batch size; at one size a row's result does not
+depend on the other rows. So an item's arrays do not depend on which items shared its batch, which is what
+lets a later run reuse them (reuse.py) and still equal a fresh encode to the byte."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +17,7 @@ import numpy as np
 from shared.core.errors import ConfigError, DataError
 from shared.formats.samples import ENCODER_PARTS, WINDOW_TOKENS
 from shared.models import loading as models
-from shared.models.text import encode_captions
+from shared.models.text import encode_captions, tokenize_pair
 from stages.encode.config import Config
 from stages.encode.items import Text, item_seed
 
@@ -35,6 +41,8 @@ class Encoders:
         vae.to(self.device, self.vae_dtype)
         for part in ("text_encoder", "text_encoder_2"):
             getattr(self.model, part).to(self.device, getattr(torch, cfg.text_dtype))
+        self.batch = cfg.batch_size
+        self.windows_per_call = max(cfg.max_windows, cfg.batch_size * (1 + cfg.caption_variants))
         self.scale = float(vae.config.scaling_factor)
         self.shift = float(vae.config.get("shift_factor") or 0.0)
         self.clip = self.clip_tokenizer = None
@@ -82,17 +90,17 @@ class Encoders:
         the fix."""
         import torch
 
-        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        x = _padded(pixels.to(self.device, non_blocking=True), self.batch).permute(0, 3, 1, 2)
         if flipped:
             x = x.flip(-1)
         x = x.to(self.vae_dtype) / 127.5 - 1.0
         with torch.no_grad():
             dist = self.model.vae.encode(x).latent_dist
-            z = dist.mean
+            z, std = dist.mean[:len(ids)], dist.std[:len(ids)]
             if self.cfg.latent == "sample":
                 noise = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(
                     item_seed(self.cfg.seed, i + (":flip" if flipped else ""), "latent"))) for i in ids])
-                z = z + dist.std * noise.to(z.device, z.dtype)
+                z = z + std * noise.to(z.device, z.dtype)
             z = (z.float() - self.shift) * self.scale
         bad = [ids[k] for k in range(len(ids)) if not torch.isfinite(z[k]).all()]
         if bad:
@@ -102,15 +110,29 @@ class Encoders:
         return z.cpu().numpy()
 
     def texts(self, captions: list[str]) -> list[Text]:
-        """Each caption through both text encoders, in `max_windows` windows at most."""
+        """Each caption through both text encoders, in `max_windows` windows at most; `windows_per_call`
+        windows per call of the encoders (captions grouped in order, each group filled with empty captions)."""
         out = []
-        for c, r in zip(captions, encode_captions(self.model, captions, self.cfg.max_windows)):
-            hidden, pooled = r["hidden"].float().cpu().numpy(), r["pooled"].float().cpu().numpy()
-            if not (np.isfinite(hidden).all() and np.isfinite(pooled).all()):
-                raise DataError(f"the text encoders produced NaN/inf for caption {c[:60]!r} in "
-                                f"{self.cfg.text_dtype}; use --text-dtype float32")
-            out.append(Text(c, hidden, pooled, r["ids"].numpy(), r["windows"], r["truncated"]))
+        for group in self._window_groups(captions):
+            fill = self.windows_per_call - sum(n for _, n in group)
+            texts = [c for c, _ in group] + [""] * fill
+            for c, r in zip(texts, encode_captions(self.model, texts, self.cfg.max_windows)[:len(group)]):
+                hidden, pooled = r["hidden"].float().cpu().numpy(), r["pooled"].float().cpu().numpy()
+                if not (np.isfinite(hidden).all() and np.isfinite(pooled).all()):
+                    raise DataError(f"the text encoders produced NaN/inf for caption {c[:60]!r} in "
+                                    f"{self.cfg.text_dtype}; use --text-dtype float32")
+                out.append(Text(c, hidden, pooled, r["ids"].numpy(), r["windows"], r["truncated"]))
         return out
+
+    def _window_groups(self, captions: list[str]) -> list[list[tuple[str, int]]]:
+        """Consecutive captions with their window counts, grouped to at most `windows_per_call` windows each."""
+        groups: list[list[tuple[str, int]]] = [[]]
+        for c in captions:
+            n = len(tokenize_pair(self.model, c, self.cfg.max_windows)[0])
+            if sum(k for _, k in groups[-1]) + n > self.windows_per_call:
+                groups.append([])
+            groups[-1].append((c, n))
+        return [g for g in groups if g]
 
     def clip_embeddings(self, pixels: Any, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """L2-normalised CLIP image and caption embeddings (OpenAI CLIP preprocessing: shortest side to the
@@ -119,7 +141,8 @@ class Encoders:
         import torch.nn.functional as F
 
         size = self.clip.config.vision_config.image_size
-        x = pixels.to(self.device).permute(0, 3, 1, 2).float() / 255.0
+        n = len(captions)
+        x = _padded(pixels.to(self.device), self.batch).permute(0, 3, 1, 2).float() / 255.0
         h, w = x.shape[-2:]
         scale = size / min(h, w)
         x = F.interpolate(x, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bicubic",
@@ -128,11 +151,40 @@ class Encoders:
         x = x[..., top:top + size, left:left + size].clamp(0, 1)
         mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=x.device).view(1, 3, 1, 1)
         std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=x.device).view(1, 3, 1, 1)
-        tokens = self.clip_tokenizer(captions, padding="max_length", truncation=True, max_length=WINDOW_TOKENS,
-                                     return_tensors="pt").to(self.device)
+        tokens = self.clip_tokenizer(captions + [""] * (x.shape[0] - n), padding="max_length", truncation=True,
+                                     max_length=WINDOW_TOKENS, return_tensors="pt").to(self.device)
         with torch.no_grad():
             image = self.clip.get_image_features(pixel_values=(x - mean) / std)
             text = self.clip.get_text_features(**tokens)
-        image = getattr(image, "pooler_output", image)
-        text = getattr(text, "pooler_output", text)
+        image = getattr(image, "pooler_output", image)[:n]
+        text = getattr(text, "pooler_output", text)[:n]
         return (F.normalize(image.float(), dim=-1).cpu().numpy(), F.normalize(text.float(), dim=-1).cpu().numpy())
+
+    def numerics(self) -> dict:
+        """What decides the last bits of the arrays besides the weights and the options: the batch shape, the
+        device (and CPU threads), the libraries that compute them. A sample is reused only where these match."""
+        import importlib.metadata as meta
+
+        import torch
+
+        if self.device.type == "cuda":
+            tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+            where = f"{torch.cuda.get_device_name(self.device)}, tf32 (matmul, cudnn) {tf32}"
+        else:
+            where = f"cpu, {torch.get_num_threads()} threads"
+        versions = {}
+        for lib in ("torch", "diffusers", "transformers", "pillow", "nvidia-dali-cuda120"):
+            try:
+                versions[lib] = meta.version(lib)
+            except meta.PackageNotFoundError:
+                pass
+        return {"batch_size": self.batch, "windows_per_call": self.windows_per_call, "device": where,
+                "libraries": versions}
+
+
+def _padded(x: Any, size: int) -> Any:
+    """`x` [n, ...] with its first row repeated up to `size` rows (unchanged when n >= size)."""
+    import torch
+
+    n = x.shape[0]
+    return x if n >= size else torch.cat([x, x[:1].expand(size - n, *x.shape[1:])])

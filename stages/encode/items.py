@@ -3,9 +3,11 @@ item's encoder outputs into its sample record. No model and no file here; each i
 inputs (tests/test_encode.py)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -71,8 +73,18 @@ def pack_sample(row: PlanRow, latent: np.ndarray, texts: list[Text], storage_dty
     if clip is not None:
         image, text = (np.asarray(x, np.float32) for x in clip)
         extra = {"clip_image": image, "clip_text": text, "clip_similarity": round(float((image * text).sum()), 6)}
-    return Sample(key=row.id, latent=latent.astype(store), te=te, windows=tuple(t.windows for t in texts),
-                  pooled=np.stack([t.pooled for t in texts]).astype(store), tag_weight=row.tag_weight,
-                  repeats=row.repeats, latent_flip=None if latent_flip is None else latent_flip.astype(store),
-                  ids=ids, path=row.path, source=row.source, bucket=row.bucket, caption=row.caption or "",
-                  tags=row.tags, variants=tuple(t.caption for t in texts), **conditioning(row), **extra)
+    arrays = Sample(key=row.id, latent=latent.astype(store), te=te, windows=tuple(t.windows for t in texts),
+                    pooled=np.stack([t.pooled for t in texts]).astype(store), time_ids=(), time_ids_flip=(),
+                    latent_flip=None if latent_flip is None else latent_flip.astype(store), ids=ids, **extra)
+    return described(row, [t.caption for t in texts], arrays)
+
+
+def described(row: PlanRow, variants: Sequence[str], sample: Sample) -> Sample:
+    """`sample`'s arrays (latents, text states and windows, ids, CLIP) with everything else from `row`: what
+    the plan says of the item and its micro-conditioning. Fresh and reused samples both go through here, so a
+    reused one describes its item as it is now (tag weight, repeats, path), and equals a fresh one."""
+    sim = sample.clip_similarity  # a zarr row holds it as float32; rounding gives back the stored value
+    return dataclasses.replace(sample, key=row.id, tag_weight=row.tag_weight, repeats=row.repeats, path=row.path,
+                               source=row.source, bucket=row.bucket, caption=row.caption or "", tags=row.tags,
+                               variants=tuple(variants), clip_similarity=None if sim is None else round(float(sim), 6),
+                               **conditioning(row))

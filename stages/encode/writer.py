@@ -57,28 +57,44 @@ def plan_shards(rows: list[PlanRow], shard_samples: int) -> list[Shard]:
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class Made:
+    """One sample of a shard as the shard's record keeps it."""
+    sample: Sample
+    key: str        # its sample key (reuse.sample_key): what a later run looks it up by
+    cut: int        # its captions (variants counted) cut at max_windows
+    reused: bool    # taken from the previous output rather than encoded
+
+
 @dataclass(frozen=True)
 class ShardRecord:
-    """What a completed shard's marker holds: its index entry, and what encode's finish sums up."""
+    """What a completed shard's marker holds: its index entry, what encode's finish sums up, and per sample
+    its sample key and cut captions (what lets a later run reuse it)."""
     entry: ShardEntry
     bucket: tuple[int, int]
     keys: tuple[str, ...]
     tags: dict[str, int]                        # tag -> samples carrying it
     truncated_captions: int                     # captions (variants counted) cut at max_windows
     clip_similarity: tuple[float, ...] | None = None
+    sample_keys: tuple[str, ...] = ()           # per sample (none in records of an older sdxl)
+    cuts: tuple[int, ...] = ()                  # per sample: its captions cut at max_windows
+    reused: int = 0                             # samples taken from the previous output
 
     def to_json(self) -> dict:
         out = {**self.entry.to_json(), "bucket": list(self.bucket), "keys": list(self.keys), "tags": self.tags,
                "truncated_captions": self.truncated_captions}
         if self.clip_similarity is not None:
             out["clip_similarity"] = list(self.clip_similarity)
+        out.update(sample_keys=list(self.sample_keys), cuts=list(self.cuts), reused=self.reused)
         return out
 
     @classmethod
     def from_json(cls, data: dict) -> "ShardRecord":
         sims = data.get("clip_similarity")
         return cls(ShardEntry.from_json(data), tuple(data["bucket"]), tuple(data["keys"]), dict(data["tags"]),
-                   int(data["truncated_captions"]), None if sims is None else tuple(sims))
+                   int(data["truncated_captions"]), None if sims is None else tuple(sims),
+                   tuple(data.get("sample_keys", ())), tuple(int(c) for c in data.get("cuts", ())),
+                   int(data.get("reused", 0)))
 
 
 def prepare(staging: Path, plan: list[Shard], layout: Layout, empty: EmptyCaption, codecs: dict | None) -> None:
@@ -95,9 +111,9 @@ def prepare(staging: Path, plan: list[Shard], layout: Layout, empty: EmptyCaptio
                              fmt.zarr_attrs(bucket, keys))
 
 
-def write_shard(staging: Path, shard: Shard, samples: list[Sample], truncated: int, wds: bool,
-                zarr: bool) -> ShardRecord:
+def write_shard(staging: Path, shard: Shard, made: list[Made], wds: bool, zarr: bool) -> ShardRecord:
     """The shard's tar (to a temporary name, renamed last) and zarr rows; its record."""
+    samples = [m.sample for m in made]
     members = [fmt.to_tar(s) for s in samples]
     entry: dict[str, Any] = {"shard": shard.index, "first": shard.first, "samples": len(samples),
                              "repeats": tuple(int(s.repeats) for s in samples),
@@ -118,7 +134,8 @@ def write_shard(staging: Path, shard: Shard, samples: list[Sample], truncated: i
     sims = tuple(s.clip_similarity for s in samples) if samples and samples[0].clip_similarity is not None \
         else None
     return ShardRecord(ShardEntry(**entry), shard.bucket, tuple(s.key for s in samples),
-                       tag_counts(s.tags for s in samples), truncated, sims)
+                       tag_counts(s.tags for s in samples), sum(m.cut for m in made), sims,
+                       tuple(m.key for m in made), tuple(m.cut for m in made), sum(m.reused for m in made))
 
 
 def zarr_rows_digest(group: Any, first: int, count: int) -> str:

@@ -16,6 +16,11 @@ import statistics
 from typing import Iterable, Mapping, Sequence
 
 
+def clean_caption(text: str) -> str:
+    """A caption as kept: whitespace runs, newlines included, become one space (a stray NUL counts as one)."""
+    return " ".join(text.replace("\x00", " ").split())
+
+
 def split_tags(caption: str, separator: str = ",", lowercase: bool = False,
                underscores_to_spaces: bool = False) -> list[str]:
     """Tags of a caption: split on `separator`, stripped, empty ones dropped, duplicates dropped (first kept)."""

@@ -6,7 +6,8 @@ refuses shards encoded with another VAE / text encoders than the model's, and wr
 progress = loader position, each rank's RNG; newest K kept; format: shared/formats/checkpoints.py) and `logs/`
 (metrics.jsonl, TensorBoard). When the last step is done the folder becomes `<out>` with its manifest. A
 rerun of an unfinished run continues from its newest checkpoint (--resume auto). Under `torchrun` /
-`accelerate launch` every process runs this command; rank 0 logs and saves.
+`accelerate launch` every process runs this command; rank 0 logs and saves. `--plan` prints the run's predicted
+peak device memory (planner.py) and exits without training.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from shared.core.artifacts import Manifest
 from shared.core.errors import ConfigError, InputError
 from shared.core.log import say, warn
 from shared.core.stage import Stage, claimed, decide, execute
-from shared.formats import samples
+from shared.formats import location, samples
 from stages.train import checkpoint as ckpt
 from stages.train import loop
 from stages.train.config import Config
@@ -54,7 +55,8 @@ def _kept(staging: Path) -> str:
 
 
 def _protected(cfg: Config) -> list[tuple[str, Path]]:
-    return [("input folder", cfg.input)] + outputs.local_paths({"model": cfg.model})
+    local = [] if location.is_url(cfg.input) else [("input folder", cfg.input)]
+    return local + outputs.local_paths({"model": cfg.model})
 
 
 STAGE = Stage(name="train", version=VERSION,
@@ -91,7 +93,13 @@ def _adopt_unfinished(cfg: Config, fingerprint: str, record: dict) -> None:
 
 
 def run(cfg: Config, force: bool = False) -> Manifest | None:
-    """Train; rank 0 returns the manifest (the output is skipped when up to date)."""
+    """Train; rank 0 returns the manifest (the output is skipped when up to date). With `plan`, print the
+    predicted peak device memory instead and return None (nothing is read but the encode index, nothing written)."""
+    if cfg.plan:
+        from stages.train import planner
+
+        planner.print_plan(cfg)
+        return None
     with claimed(STAGE, cfg):
         decision = decide(STAGE, cfg)
         if ranks.current().main and (decision.reasons or force):

@@ -6,7 +6,7 @@ kernels); every other field does, so a finished output is reused only when all o
 checkpoint is resumed only by a config whose fingerprinted fields equal the checkpoint's (see checkpoint.py).
 
 The groups are typed views of the flat fields of the same names, made once per config: `objective`
-(objective.py), `unet` and `adapter` (model.py), `optimizer` (optim.py), `data` (feed.py), `checkpointing`
+(objective.py), `unet` and `adapter` (model.py), `optim` (optim.py), `data` (feed.py), `checkpointing`
 (checkpoint.py), `logging` (logs.py). Functions take their group, not the whole config.
 """
 from __future__ import annotations
@@ -18,13 +18,14 @@ from typing import Any
 
 from shared.core.config import SEED_RANGE, opt
 from shared.core.errors import ConfigError
+from shared.formats import location
 from shared.models.lora import PRESETS, LoraSpec
 from stages.train.checkpoint import CheckpointConfig
 from stages.train.feed import DataConfig
 from stages.train.logs import LogConfig
 from stages.train.model import UnetConfig
 from stages.train.objective import ObjectiveConfig
-from stages.train.optim import SCHEDULES, OptimizerConfig
+from stages.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 
 DTYPES = ("float32", "bfloat16")
 
@@ -33,8 +34,10 @@ DTYPES = ("float32", "bfloat16")
 class Config:
     workdir: Path = opt(Path("work"), "Pipeline work folder; default parent of every stage's output.",
                         pipeline=True, fingerprint=False)
-    input: Path | None = opt(None, "Encode output folder (its manifest, index.json and empty/ are read from "
-                                   "here) [default: <workdir>/encode].", flag="--in", fingerprint=False)
+    # a string, so that a URL keeps its `//`; made a Path below unless it is a URL
+    input: str | Path | None = opt(None, "Encode output folder or fsspec URL (its manifest, index.json and empty/ are "
+                                  "read from there) [default: <workdir>/encode].", flag="--in", fingerprint=False,
+                            nonempty=True)
     output: Path | None = opt(None, "Output folder [default: <workdir>/train].", flag="--out", fingerprint=False)
     model: str | None = opt(None, "The model whose UNet is trained: builtin:tiny, builtin:sdxl-random, a "
                                   "diffusers SDXL folder or a single-file checkpoint.", pipeline=True,
@@ -72,7 +75,16 @@ class Config:
     accumulate: int = opt(1, "Micro-batches accumulated per optimizer step.", ge=1)
     max_steps: int = opt(0, "Optimizer steps to train; 0 = `epochs` epochs.", ge=0)
     epochs: int = opt(1, "Epochs to train when max_steps is 0.", ge=1)
-    learning_rate: float = opt(1e-4, "Peak learning rate.", gt=0)
+    optimizer: str = opt("adamw", "The optimizer: adamw (torch; its fused kernel on CUDA), adamw8bit and "
+                                  "paged_adamw8bit (bitsandbytes, 8-bit states), adafactor (transformers'), prodigy "
+                                  "(prodigyopt), lion (bitsandbytes, 8-bit), schedulefree_adamw (schedulefree). "
+                                  "Those of other packages say which `pip install` they need.", choices=OPTIMIZERS)
+    learning_rate: float = opt(1e-4, "Peak learning rate of every parameter group without its own (unet_lr, "
+                                     "adapter_lr); prodigy: the multiplier of its estimated step (1.0 usual).", gt=0)
+    unet_lr: float | None = opt(None, "Peak learning rate of the UNet's own weights (method full) "
+                                      "[default: learning_rate].", gt=0)
+    adapter_lr: float | None = opt(None, "Peak learning rate of the LoRA weights on the UNet (method lora) "
+                                         "[default: learning_rate].", gt=0)
     lr_schedule: str = opt("constant", "Learning-rate schedule after warmup (diffusers' schedules): constant, linear "
                                        "or cosine to 0, cosine_with_restarts (lr_cycles cycles), polynomial (power "
                                        "lr_power down to lr_end); constant_with_warmup is constant.", choices=SCHEDULES)
@@ -84,12 +96,36 @@ class Config:
     adam_beta2: float = opt(0.999, "AdamW β2.", ge=0, lt=1)
     adam_eps: float = opt(1e-8, "AdamW ε.", gt=0)
     weight_decay: float = opt(0.01, "AdamW decoupled weight decay.", ge=0)
+    stochastic_rounding: bool = opt(True, "bf16 weights (full fine-tune, weights_dtype bfloat16) with adamw or "
+                                          "adafactor: round each update (and AdamW's bf16 moments) to bf16 "
+                                          "stochastically, so updates below bf16's resolution add up in "
+                                          "expectation instead of being lost; false = round to nearest.")
+    kahan_summation: bool = opt(False, "bf16 weights with adamw or adafactor: keep each update's rounding error in "
+                                       "a bf16 buffer (2 more bytes per weight) and add it into the next update.")
+    adafactor_relative_step: bool = opt(False, "adafactor: its own step size 1/sqrt(step) instead of "
+                                               "learning_rate and its schedule (kohya's full fine-tune: false).")
+    adafactor_scale_parameter: bool = opt(False, "adafactor: scale the step by each weight's RMS.")
+    adafactor_warmup_init: bool = opt(False, "adafactor with relative step: warm the step up from 1e-6 per step.")
+    prodigy_d_coef: float = opt(1.0, "prodigy: multiplier of the estimated step size d.", gt=0)
+    prodigy_decouple: bool = opt(True, "prodigy: AdamW-style decoupled weight decay.")
+    prodigy_bias_correction: bool = opt(True, "prodigy: Adam's bias correction.")
+    prodigy_safeguard_warmup: bool = opt(True, "prodigy: leave the learning rate out of d's denominator during "
+                                               "warmup.")
+    fused_backward: bool = opt(False, "Step each weight inside the backward pass as soon as its gradient is ready, "
+                                      "and free that gradient: the whole model's gradients never exist together "
+                                      "(adamw, adafactor; needs accumulate 1 and max_grad_norm 0; one process).",
+                               fingerprint=False)
     max_grad_norm: float = opt(1.0, "Clip the gradient's global norm to this; 0 = no clipping.", ge=0)
     weights_dtype: str = opt("float32", "dtype of the UNet's weights (LoRA weights stay float32).", choices=DTYPES)
     mixed_precision: str = opt("no", "Autocast the forward pass: no, bf16, or fp16 (with a gradient scaler).",
                                choices=("no", "bf16", "fp16"))
     ema_decay: float = opt(0.0, "Keep an exponential moving average of the trained weights (e.g. 0.999); 0 = off.",
                            ge=0, lt=1)
+    ema_device: str = opt("device", "Where the EMA (float32, 4 bytes per trained weight) is kept: beside the "
+                                    "weights, or in CPU memory (device memory spared; each update copies the "
+                                    "weights over).", choices=("device", "cpu"), fingerprint=False)
+    ema_every: int = opt(1, "Update the EMA every N optimizer steps (its decay raised to the power N, so it "
+                            "averages over as many steps).", ge=1)
     shuffle_buffer: int = opt(256, "Samples in the shuffle buffer (1 = stream order).", ge=1)
     seed: int = opt(0, "Seed of shard order, shuffling, noise, timesteps, caption and flip choices.", **SEED_RANGE)
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, slower).",
@@ -117,6 +153,9 @@ class Config:
     prefetch: int = opt(4, "Batches read ahead by the loader thread.", fingerprint=False, ge=1)
     device: str = opt("auto", "auto (the launcher's LOCAL_RANK GPU when CUDA is present), cpu or cuda.",
                       choices=("auto", "cpu", "cuda"), fingerprint=False)
+    plan: bool = opt(False, "Print the predicted peak GPU memory of this run (weights, gradients, optimizer "
+                            "state, EMA, activations at the largest bucket and batch, measured on fake tensors) "
+                            "and exit without training; needs no GPU.", fingerprint=False)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -131,7 +170,11 @@ class Config:
         if self.lr_schedule == "polynomial" and self.lr_end >= self.learning_rate:
             raise ConfigError(f"lr_end {self.lr_end:g} must be below learning_rate {self.learning_rate:g} "
                               f"(the polynomial schedule decays from one to the other)")
-        object.__setattr__(self, "input", self.input or self.workdir / "encode")
+        problem = self.optim.problem()
+        if problem:
+            raise ConfigError(problem)
+        where = self.input or self.workdir / "encode"
+        object.__setattr__(self, "input", where if location.is_url(where) else Path(where))
         object.__setattr__(self, "output", self.output or self.workdir / "train")
 
     @cached_property
@@ -150,7 +193,7 @@ class Config:
         return _view(self, UnetConfig)
 
     @cached_property
-    def optimizer(self) -> OptimizerConfig:
+    def optim(self) -> OptimizerConfig:
         return _view(self, OptimizerConfig)
 
     @cached_property

@@ -13,8 +13,6 @@ until its last planned use — memory stays near the shuffle buffer.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import queue
 import random
 import re
@@ -27,8 +25,7 @@ from typing import Any, Callable, Iterator
 from shared.core import artifacts
 from shared.core.errors import ConfigError, DataError, InputError
 from shared.formats import samples as fmt
-from shared.formats import shards
-from shared.formats.samples import ENCODE_VERSION, EmptyCaption, Sample
+from shared.formats.samples import EmptyCaption
 from shared.formats.shard_index import Index, ShardEntry
 from shared.formats.shard_index import read_index as read_index_file
 
@@ -56,7 +53,7 @@ class ShardInfo:
                    entry.zarr_sha256)
 
 
-def read_index(folder: Path, manifest: artifacts.Manifest) -> tuple[Index, list[ShardInfo]]:
+def read_index(folder: Path | str, manifest: artifacts.Manifest) -> tuple[Index, list[ShardInfo]]:
     """index.json (checked against encode's manifest and its format version), and its shards in order."""
     index = read_index_file(folder, manifest)
     return index, [ShardInfo.of(n, b.group, s) for n, (b, s) in enumerate(index.shards())]
@@ -183,74 +180,26 @@ class Schedule:
 # ---------------------------------------------------------------- reading
 
 
-class ShardReader:
-    """Samples of one shard, in stored order, as `Sample` records (shared/formats/samples.py).
-
-    Each shard is checked whole before any of its samples is used: a tar's bytes against the size and sha256
-    in index.json, a zarr shard's rows against their digest there. A mismatch is a DataError naming the
-    shard, raised before a sample of it reaches a training step (so no checkpoint ever holds its effect)."""
-
-    def __init__(self, folder: Path, infos: list[ShardInfo], source: str, urls: dict[int, str]):
-        self.folder, self.infos, self.source, self.urls = Path(folder), infos, source, urls
-        self.fix = fmt.fix_for(self.folder)
-        self.store = shards.open_store(self.folder / "zarr", mode="r") if source == "zarr" else None
-
-    def __call__(self, number: int) -> Iterator[tuple[int, Sample]]:
-        info = self.infos[number]
-        if self.store is not None:
-            yield from self._zarr(info)
-            return
-        url = self.urls.get(number) or str(self.folder / str(info.name))
-        count = 0
-        for j, raw in enumerate(shards.tar_members(io.BytesIO(_verified_tar(url, info)), url)):
-            yield j, fmt.from_tar(raw, url, self.fix)
-            count += 1
-        if count != info.samples:
-            raise DataError(f"{url}: {count} samples, but index.json says {info.samples}; the shard is "
-                            f"incomplete or not this encode's (re-encode, or check --shards)")
-
-    def _zarr(self, info: ShardInfo) -> Iterator[tuple[int, Sample]]:
-        where = self.folder / "zarr" / info.group
-        lo, hi = info.first, info.first + info.samples
-        try:
-            group = self.store[info.group]
-            fmt.check_group(group, str(where), self.fix)
-            rows, keys = fmt.read_rows(group, lo, hi)
-        except (KeyError, ValueError, OSError) as e:
-            raise DataError(f"{where}: unreadable rows {lo}..{hi - 1} ({e}); re-encode") from None
-        if fmt.rows_digest(rows, keys) != info.zarr_sha256:
-            raise DataError(f"{where}: rows {lo}..{hi - 1} (shard {info.name or lo}) differ from what encode "
-                            f"recorded in index.json; re-encode")
-        yield from enumerate(fmt.from_rows(rows, keys))
+def shard_order(plan: list[tuple[Ref, ...]]) -> list[int]:
+    """The shards in the order `stream_batches` opens them (first use in the plan)."""
+    return list(dict.fromkeys(ref[0] for batch in plan for ref in batch))
 
 
-def _verified_tar(url: str, info: ShardInfo) -> bytes:
-    """The whole shard from `url` (a path, pipe: or http(s) URL), once its size and sha256 are encode's."""
-    from webdataset.gopen import gopen
-
-    try:
-        with gopen(url, "rb") as stream:
-            data = stream.read()
-    except (OSError, ValueError) as e:
-        raise DataError(f"{url}: unreadable shard ({e})") from None
-    if len(data) != info.bytes or hashlib.sha256(data).hexdigest() != info.sha256:
-        raise DataError(f"{url}: not the shard encode wrote ({len(data)} bytes, sha256 "
-                        f"{hashlib.sha256(data).hexdigest()[:12]}; index.json: {info.bytes} bytes, "
-                        f"{str(info.sha256)[:12]}); it is damaged or another shard — re-encode, or check --shards")
-    return data
-
-
-def stream_batches(plan: list[tuple[Ref, ...]], read: Callable[[int], Iterator[tuple[int, dict]]]
-                   ) -> Iterator[list[dict]]:
-    """The planned batches' samples; each shard is read once, a sample kept until its last planned use."""
+def stream_batches(plan: list[tuple[Ref, ...]], read: Callable[[int], Iterator[tuple[int, Any]]]
+                   ) -> Iterator[list[Any]]:
+    """The planned batches' samples; each shard is read once and let go after its last needed sample, and a
+    sample is kept only until its last planned use."""
     need = Counter(ref for batch in plan for ref in batch)
-    cache: dict[Ref, dict] = {}
-    open_shards: dict[int, Iterator[tuple[int, dict]]] = {}
+    last: dict[int, int] = {}
+    for number, j in need:
+        last[number] = max(last.get(number, -1), j)
+    cache: dict[Ref, Any] = {}
+    open_shards: dict[int, Iterator[tuple[int, Any]]] = {}
     for batch in plan:
         out = []
         for ref in batch:
             if ref not in cache:
-                _read_until(ref, need, cache, open_shards, read)
+                _read_until(ref, need, last, cache, open_shards, read)
             out.append(cache[ref])
             need[ref] -= 1
             if need[ref] == 0:
@@ -258,12 +207,15 @@ def stream_batches(plan: list[tuple[Ref, ...]], read: Callable[[int], Iterator[t
         yield out
 
 
-def _read_until(ref: Ref, need: Counter, cache: dict, open_shards: dict, read: Callable) -> None:
+def _read_until(ref: Ref, need: Counter, last: dict[int, int], cache: dict, open_shards: dict,
+                read: Callable) -> None:
     number = ref[0]
-    it = open_shards.get(number) or open_shards.setdefault(number, read(number))
+    it = open_shards.get(number) or open_shards.setdefault(number, iter(read(number)))
     for j, sample in it:
         if need[(number, j)] > 0:
             cache[(number, j)] = sample
+        if j == last[number]:
+            del open_shards[number]  # nothing after it is needed: drop the shard's reader (and its bytes)
         if j == ref[1]:
             return
     raise DataError(f"shard {number} ended before its sample {ref[1]}; re-encode")
@@ -292,7 +244,7 @@ def prefetch(items: Iterator[Any], depth: int) -> Iterator[Any]:
         yield item
 
 
-def load_empty(folder: Path, manifest: artifacts.Manifest) -> EmptyCaption:
+def load_empty(folder: Path | str, manifest: artifacts.Manifest) -> EmptyCaption:
     """The empty caption's cached embedding (caption dropout, and padding of shorter captions), checked."""
     return fmt.read_empty(folder, manifest)
 

@@ -1,10 +1,11 @@
-"""What the loop reads: encode's output opened (tar shards, URLs or zarr), the step plan, and the stream of
-micro-batches from any step on (the plan is a function of the config, so a step is a data position)."""
+"""What the loop reads: encode's output opened (a folder or an fsspec URL; tar shards, shard URLs or zarr), the
+step plan, and the stream of micro-batches from any step on (the plan is a function of the config, so a step is
+a data position), its shards loaded ahead in background threads (reader.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from shared.core.errors import InputError
 from shared.core.log import say
@@ -12,12 +13,13 @@ from shared.formats import samples
 from shared.formats.samples import EmptyCaption
 from shared.formats.shard_index import Index
 from stages.train import data as D
+from stages.train.reader import ShardReader
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where the samples come from and how they are dealt into steps (flat keys of the same names)."""
-    input: Path                 # encode's output folder (manifest, index.json, empty/)
+    input: Path | str           # encode's output folder or URL (manifest, index.json, empty/, shards, zarr)
     shards: tuple[str, ...]     # tar shard URLs read instead of <input>/shards (matched by <bucket>/<NNNNNN>.tar)
     source: str                 # auto | wds | zarr
     batch_size: int             # samples per micro-batch per process (one bucket per batch)
@@ -31,10 +33,10 @@ class DataConfig:
 
 @dataclass
 class Data:
-    folder: Path
+    folder: Path | str
     index: Index
     infos: list
-    read: Callable[[int], Iterator[tuple[int, dict]]]
+    read: ShardReader
     empty: EmptyCaption
 
 
@@ -52,7 +54,7 @@ def open_data(cfg: DataConfig) -> Data:
         if len(urls) < len(infos):
             say(f"train: reading {len(urls)} of the {len(infos)} shards of {cfg.input} (those given by --shards)")
         infos, urls = D.select(infos, urls)
-    return Data(Path(cfg.input), index, infos, D.ShardReader(cfg.input, infos, source, urls),
+    return Data(cfg.input, index, infos, ShardReader(cfg.input, infos, source, urls, index.layout),
                 D.load_empty(cfg.input, manifest))
 
 
@@ -61,7 +63,7 @@ def plan(data: Data, cfg: DataConfig, world: int) -> D.Schedule:
     return D.Schedule.make(data.infos, world, cfg.seed, cfg.batch_size, cfg.accumulate, cfg.epochs, cfg.max_steps)
 
 
-def check_shapes(unet: Any, index: Index, where: Path) -> None:
+def check_shapes(unet: Any, index: Index, where: Path | str) -> None:
     c = unet.config
     want = {"latent channels": (c.in_channels, index.layout.latent_channels),
             "text width": (c.cross_attention_dim, index.layout.te_dim),
@@ -92,6 +94,7 @@ def micro_batches(data: Data, schedule: D.Schedule, cfg: DataConfig, rank: int, 
         batches = D.epoch_plan(data.infos, rank, world, cfg.seed, e, cfg.batch_size,
                                cfg.shuffle_buffer)[:schedule.steps[e] * cfg.accumulate]
         first = in_epoch * cfg.accumulate if e == epoch else 0
-        for i, samples in enumerate(D.stream_batches(batches[first:], data.read), start=first):
+        read = data.read.ahead(D.shard_order(batches[first:]))
+        for i, samples in enumerate(D.stream_batches(batches[first:], read), start=first):
             yield samples, base + i // cfg.accumulate, i % cfg.accumulate
         base += schedule.steps[e]

@@ -16,13 +16,13 @@ import torch
 
 from shared.core import artifacts, ranks
 from shared.core.config import fingerprinted, to_plain
-from shared.core.errors import DataError
+from shared.core.errors import ConfigError, DataError
 from shared.core.faults import checkpoint as fault_point
 from shared.core.log import say, warn
 from shared.core.stage import BuildResult
 from stages.train import checkpoint as ckpt
 from stages.train import data as D
-from stages.train import feed, logs, model as M, objective, optim as O, step as S
+from stages.train import feed, fused, logs, model as M, objective, optim as O, step as S
 from stages.train.config import Config
 
 
@@ -99,7 +99,7 @@ def setup(run: Run) -> None:
     run.model = run.unet
     if run.rank.world > 1:
         ids = [run.device.index] if run.device.type == "cuda" else None
-        run.model = torch.nn.parallel.DistributedDataParallel(run.unet, device_ids=ids)
+        run.model = torch.nn.parallel.DistributedDataParallel(run.unet, device_ids=ids, gradient_as_bucket_view=True)
     if run.rank.main:
         run.eval_set = feed.first_samples(run.data, cfg.logging.eval_samples)
         run.log = logs.TrainLog(cfg.logging, run.staging / "logs", run.schedule.total, run.progress.step,
@@ -108,22 +108,36 @@ def setup(run: Run) -> None:
 
 def make_state(run: Run) -> None:
     """The stateful parts around the UNet, and the precision and sigmas of the step."""
-    cfg, opt_cfg = run.cfg, run.cfg.optimizer
-    run.params = M.trainable(run.unet)
+    cfg, opt_cfg = run.cfg, run.cfg.optim
+    groups = O.param_groups(opt_cfg, M.trainable_groups(run.unet, cfg.method))
+    run.params = [p for g in groups for p in g["params"]]
     run.weights = M.TrainedWeights(run.unet, cfg.method)
-    run.opt = O.make_optimizer(opt_cfg, run.params)
+    run.opt = make_optimizer(opt_cfg, groups, cfg.seed, run.rank.world)
     run.lr = O.LRSchedule(run.opt, opt_cfg, run.schedule.total)
-    run.ema = O.EMA(run.weights, run.params, opt_cfg.ema_decay) if opt_cfg.ema_decay else None
+    ema_device = "cpu" if opt_cfg.ema_device == "cpu" else None
+    run.ema = (O.EMA(run.weights, run.params, opt_cfg.ema_decay, opt_cfg.ema_every, ema_device)
+               if opt_cfg.ema_decay else None)
     run.scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.mixed_precision == "fp16")
     run.precision = S.Precision.make(cfg.weights_dtype, cfg.mixed_precision, run.device.type)
     run.sigmas = objective.schedule(cfg.schedule).float().to(run.device)
     run.progress = Progress(run.schedule)
 
 
+def make_optimizer(cfg: O.OptimizerConfig, groups: list[dict], seed: int, world: int) -> torch.optim.Optimizer:
+    """The configured optimizer, or with fused_backward one per parameter stepped in the backward pass."""
+    if not cfg.fused_backward:
+        return O.make_optimizer(cfg, groups, seed)
+    if world > 1:
+        raise ConfigError(f"fused_backward steps each weight before DistributedDataParallel has averaged its "
+                          f"gradient over the {world} processes: train on one process, or turn it off")
+    return fused.FusedBackward(groups, lambda one, index: O.make_optimizer(cfg, one, seed, index))
+
+
 def restore(run: Run, folder: Path) -> None:
     saved = ckpt.check_resumable(folder, run.record["config"], run.record["inputs"],
                                  run.cfg.checkpointing.force_resume)
     missing = ckpt.restore(folder, {**run.parts(), **run.rank_parts()})
+    O.after_restore(run.opt)
     if missing:
         warn(f"{folder} holds no state of {', '.join(missing)} (it starts afresh; with an RNG state missing, "
              f"LoRA dropout draws differ from an uninterrupted run)")
@@ -144,7 +158,7 @@ def train_steps(run: Run) -> None:
             batch = S.assemble(*next(batches), run.data.empty, cfg.objective).to(run.device)
             with sync(run, last=micro == data.accumulate - 1):
                 loss, per_sample, u = S.loss(run.model, batch, cfg.objective, run.sigmas, run.precision)
-                run.scaler.scale(loss / data.accumulate).backward()
+                backward(run, loss, data.accumulate)
             window.add(loss.detach(), per_sample, u)
         window.norm = optimizer_step(run, step, loss.detach())
         run.lr.step()
@@ -166,26 +180,49 @@ def sync(run: Run, last: bool) -> ContextManager:
     return run.model.no_sync()
 
 
+def backward(run: Run, loss: torch.Tensor, accumulate: int) -> None:
+    """The backward pass; with fused backward it also steps every parameter (never for a non-finite loss)."""
+    if isinstance(run.opt, fused.FusedBackward):
+        run.opt.begin()
+        if torch.isfinite(loss):
+            loss.backward()
+        return
+    run.scaler.scale(loss / accumulate).backward()
+
+
 def optimizer_step(run: Run, step: int, loss: torch.Tensor) -> float:
     """Clip, then step — unless the loss or the gradient is not finite: then the step is skipped and counted,
     and `max_bad_steps` such steps in a row stop the run with an error. (With fp16 the scaler skips a step
-    whose gradient overflowed by itself, lowering its scale; that is not a bad step.)"""
-    cfg = run.cfg.optimizer
-    run.scaler.unscale_(run.opt)
-    norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm or float("inf"))
-    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=run.device)
-    if run.rank.world > 1:
-        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-    if bad.item() or (not run.scaler.is_enabled() and not torch.isfinite(norm)):
-        skip_step(run, step, float(loss), float(norm), cfg.max_bad_steps)
-        return float(norm)
-    run.scaler.step(run.opt)
-    run.scaler.update()
-    run.opt.zero_grad(set_to_none=True)
+    whose gradient overflowed by itself, lowering its scale; that is not a bad step.) With fused backward the
+    parameters were stepped in the backward pass; one whose gradient was not finite was left as it was."""
+    cfg = run.cfg.optim
+    if isinstance(run.opt, fused.FusedBackward):
+        norm, unstepped = run.opt.end()
+        bad = unstepped > 0 or not bool(torch.isfinite(loss))
+    else:
+        norm, bad = clip(run, loss, cfg.max_grad_norm)
+        if not bad:
+            run.scaler.step(run.opt)
+            run.scaler.update()
+            run.opt.zero_grad(set_to_none=True)
+    if bad:
+        skip_step(run, step, float(loss), norm, cfg.max_bad_steps)
+        return norm
     run.progress.bad_in_row = 0
     if run.ema is not None:
         run.ema.update(step)
-    return float(norm)
+    return norm
+
+
+def clip(run: Run, loss: torch.Tensor, max_grad_norm: float) -> tuple[float, bool]:
+    """(the gradient's global norm after unscaling, whether the step is bad: a non-finite loss on any rank, or a
+    non-finite gradient without the fp16 scaler, which handles its own)."""
+    run.scaler.unscale_(run.opt)
+    norm = torch.nn.utils.clip_grad_norm_(run.params, max_grad_norm or float("inf"))
+    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=run.device)
+    if run.rank.world > 1:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return float(norm), bool(bad.item()) or (not run.scaler.is_enabled() and not torch.isfinite(norm))
 
 
 def skip_step(run: Run, step: int, loss: float, norm: float, max_bad_steps: int) -> None:
@@ -234,6 +271,11 @@ def report(run: Run, step: int, stats: dict, lr: float) -> None:
 
 def evaluate(run: Run) -> None:
     """The evaluation loss at the current step, noted in the progress and the logs (main rank)."""
+    with O.eval_mode(run.opt):
+        _evaluate(run)
+
+
+def _evaluate(run: Run) -> None:
     if run.rank.main and run.eval_set:
         step = run.progress.step
         value = S.evaluate(run.unet, run.eval_set, run.cfg.objective, run.sigmas, run.precision, run.device)
@@ -242,6 +284,12 @@ def evaluate(run: Run) -> None:
 
 
 def save(run: Run) -> None:
+    """Evaluate and checkpoint (schedule-free in its eval mode for both: its averaged weights are saved)."""
+    with O.eval_mode(run.opt):
+        _save(run)
+
+
+def _save(run: Run) -> None:
     evaluate(run)
     cfg, step = run.cfg, run.progress.step
     record = ckpt.CheckpointManifest(

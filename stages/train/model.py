@@ -30,6 +30,15 @@ def build_unet(cfg: UnetConfig, device: torch.device) -> Any:
     `weights_dtype` (LoRA weights in float32), gradient checkpointing as asked, on `device`."""
     unet = models.load_model(cfg.model, ("unet",)).unet
     unet.to(device, getattr(torch, cfg.weights_dtype))
+    if device.type == "cuda" and cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return prepare(unet, cfg)
+
+
+def prepare(unet: Any, cfg: UnetConfig) -> Any:
+    """An UNet already in its place and dtype made trainable as `cfg` says (also what the memory planner does to
+    a UNet of fake tensors): the LoRA injected, its weights float32, or every weight trainable; checkpointing."""
     if cfg.method == "lora":
         with torch.random.fork_rng(devices=[]):  # the adapter's init follows `seed` alone (not what ran before)
             torch.manual_seed(cfg.seed)
@@ -41,15 +50,19 @@ def build_unet(cfg: UnetConfig, device: torch.device) -> Any:
         unet.requires_grad_(True)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if device.type == "cuda" and cfg.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     unet.train()
     return unet
 
 
 def trainable(unet: Any) -> list[torch.nn.Parameter]:
     return [p for p in unet.parameters() if p.requires_grad]
+
+
+def trainable_groups(unet: Any, method: str) -> dict[str, list[torch.nn.Parameter]]:
+    """The trained parameters by group, each with its own learning rate (optim.OptimizerConfig.group_lr):
+    `adapter` (the LoRA on the UNet) or `unet` (its own weights). The text encoders' groups join here when they
+    are trained."""
+    return {"adapter" if method == "lora" else "unet": trainable(unet)}
 
 
 class TrainedWeights:

@@ -1,50 +1,223 @@
-"""How the trained weights are stepped: AdamW, the learning-rate schedule (diffusers'), the EMA of the weights,
-and the limits of a step (gradient clipping, the non-finite step guard). The schedule and the EMA are checkpoint
-parts (state_dict / load_state_dict); AdamW is one as it is."""
+"""How the trained weights are stepped: the optimizer (by name, with per-group learning rates), the learning-rate
+schedule (diffusers'), the EMA of the weights, and the limits of a step (gradient clipping, the bad-step guard).
+Every one is a checkpoint part (state_dict / load_state_dict; the optimizers' own, stored without pickle).
+
+Optimizers: `adamw` (torch; fused kernel on CUDA), `adamw8bit` / `paged_adamw8bit` / `lion` (bitsandbytes, 8-bit
+states), `adafactor` (transformers'), `prodigy` (prodigyopt), `schedulefree_adamw` (schedulefree). For bf16
+weights (a full fine-tune with weights_dtype bfloat16) `adamw` and `adafactor` round their update stochastically
+and/or keep a Kahan buffer (bf16.py) unless both are turned off."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
+from shared.core.errors import ConfigError
+from shared.core.log import warn
+from stages.train import bf16
 from stages.train.model import TrainedWeights
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "adafactor", "prodigy", "lion", "schedulefree_adamw")
+#: the package each optimizer needs beyond the required dependencies
+PACKAGES = {"adamw8bit": "bitsandbytes", "paged_adamw8bit": "bitsandbytes", "lion": "bitsandbytes",
+            "prodigy": "prodigyopt", "schedulefree_adamw": "schedulefree"}
+#: optimizers that can step each parameter alone inside the backward pass (fused.py)
+FUSABLE = ("adamw", "adafactor")
+#: optimizers whose bf16 weights can be rounded stochastically / compensated (bf16.py)
+ROUNDING = ("adamw", "adafactor")
 
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW, its learning-rate schedule, clipping, the EMA and the bad-step guard (flat keys of the same names)."""
-    learning_rate: float   # peak learning rate, reached after warmup
-    lr_schedule: str       # one of SCHEDULES, after `warmup_steps` of linear warmup from 0
-    warmup_steps: int      # linear warmup steps (every schedule, constant included)
-    lr_cycles: int         # cosine_with_restarts: number of cosine cycles (hard restarts)
-    lr_power: float        # polynomial: the decay's power (1 = linear)
-    lr_end: float          # polynomial: the learning rate at the last step
-    adam_beta1: float
+    """The optimizer, its learning-rate schedule, clipping, the EMA and the bad-step guard (flat keys of the same
+    names)."""
+    optimizer: str                 # one of OPTIMIZERS
+    learning_rate: float           # peak learning rate of every group without its own (reached after warmup)
+    unet_lr: float | None          # the UNet's own weights (method full); None = learning_rate
+    adapter_lr: float | None       # the LoRA weights on the UNet (method lora); None = learning_rate
+    lr_schedule: str               # one of SCHEDULES, after `warmup_steps` of linear warmup from 0
+    warmup_steps: int              # linear warmup steps (every schedule, constant included)
+    lr_cycles: int                 # cosine_with_restarts: number of cosine cycles (hard restarts)
+    lr_power: float                # polynomial: the decay's power (1 = linear)
+    lr_end: float                  # polynomial: the learning rate at the last step
+    adam_beta1: float              # β1 of adamw, the 8-bit ones, lion, prodigy, schedule-free
     adam_beta2: float
     adam_eps: float
-    weight_decay: float    # AdamW's decoupled weight decay
-    max_grad_norm: float   # clip the global gradient norm to this; 0 = no clipping
-    max_bad_steps: int     # stop after this many non-finite steps in a row
-    ema_decay: float       # EMA of the trained weights; 0 = none
+    weight_decay: float            # decoupled weight decay (every optimizer)
+    stochastic_rounding: bool      # bf16 weights (adamw, adafactor): round the update stochastically
+    kahan_summation: bool          # bf16 weights (adamw, adafactor): keep the rounding error in a buffer
+    adafactor_relative_step: bool  # Adafactor's own 1/sqrt(step) step size (learning_rate and schedule unused)
+    adafactor_scale_parameter: bool  # scale the step by the weight's RMS
+    adafactor_warmup_init: bool    # relative step: warm up from 1e-6·step
+    prodigy_d_coef: float          # Prodigy: multiplier of the estimated step size d
+    prodigy_decouple: bool         # Prodigy: AdamW-style decoupled weight decay
+    prodigy_bias_correction: bool  # Prodigy: Adam's bias correction
+    prodigy_safeguard_warmup: bool  # Prodigy: leave the lr out of d's denominator during warmup
+    fused_backward: bool           # step each parameter inside the backward pass (fused.py)
+    max_grad_norm: float           # clip the global gradient norm to this; 0 = no clipping
+    max_bad_steps: int             # stop after this many non-finite steps in a row
+    ema_decay: float               # EMA of the trained weights; 0 = none
+    ema_device: str                # device (where the weights are) | cpu
+    ema_every: int                 # update the EMA every N optimizer steps
+    accumulate: int                # micro-batches per optimizer step
+    mixed_precision: str           # no | bf16 | fp16
+
+    def problem(self) -> str | None:
+        """Why this combination cannot be trained (None: it can)."""
+        if self.fused_backward:
+            if self.optimizer not in FUSABLE:
+                return (f"fused_backward works with {' and '.join(FUSABLE)}, not {self.optimizer} (each parameter "
+                        f"gets its own optimizer there)")
+            if self.accumulate > 1:
+                return (f"fused_backward steps each weight as soon as its gradient is ready, so it cannot "
+                        f"accumulate {self.accumulate} micro-batches: set accumulate 1 (and a larger batch_size), "
+                        f"or turn fused_backward off")
+            if self.max_grad_norm > 0:
+                return ("fused_backward steps each weight before the global gradient norm exists, so it cannot "
+                        "clip to max_grad_norm: set max_grad_norm 0, or turn fused_backward off")
+            if self.mixed_precision == "fp16":
+                return "fused_backward cannot unscale fp16 gradients before the step: use mixed_precision bf16 or no"
+        if self.optimizer == "schedulefree_adamw" and self.lr_schedule not in ("constant", "constant_with_warmup"):
+            return (f"schedulefree_adamw replaces the learning-rate schedule (it warms up for warmup_steps itself): "
+                    f"set lr_schedule constant, not {self.lr_schedule}")
+        if self.kahan_summation and self.optimizer not in ROUNDING:
+            return f"kahan_summation is a buffer of {' and '.join(ROUNDING)}, not of {self.optimizer}"
+        if self.optimizer == "adafactor" and self.adafactor_warmup_init and not self.adafactor_relative_step:
+            return "adafactor_warmup_init warms up Adafactor's relative step: set adafactor_relative_step true too"
+        return None
+
+    def group_lr(self, name: str) -> float:
+        """The peak learning rate of the parameter group `name` (see model.trainable_groups)."""
+        # text encoders, when trained, get their own entries here (text_encoder_lr, ...)
+        own = {"unet": self.unet_lr, "adapter": self.adapter_lr}.get(name)
+        return own if own is not None else self.learning_rate
 
 
-def make_optimizer(cfg: OptimizerConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+def param_groups(cfg: OptimizerConfig, named: dict[str, list[torch.nn.Parameter]]) -> list[dict]:
+    """Optimizer parameter groups, one per non-empty named group, each with its own learning rate."""
+    return [{"name": name, "params": params, "lr": cfg.group_lr(name)} for name, params in named.items() if params]
+
+
+def require(optimizer: str) -> Any:
+    """The optional package `optimizer` needs, or a one-line error naming `pip install <pkg>`."""
+    package = PACKAGES[optimizer]
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise ConfigError(f"optimizer {optimizer} needs the {package} package: pip install {package}") from None
+
+
+def make_optimizer(cfg: OptimizerConfig, groups: list[dict], seed: int, first_index: int = 0
+                   ) -> torch.optim.Optimizer:
+    """The configured optimizer over `groups` (param_groups' dicts). `seed` keys the stochastic rounding;
+    `first_index` is the index of the groups' first parameter among all trained ones (fused backward)."""
+    makers: dict[str, Callable[..., torch.optim.Optimizer]] = {
+        "adamw": _adamw, "adamw8bit": _bnb("AdamW8bit"), "paged_adamw8bit": _bnb("PagedAdamW8bit"),
+        "lion": _bnb("Lion8bit"), "adafactor": _adafactor, "prodigy": _prodigy, "schedulefree_adamw": _schedulefree}
+    opt = makers[cfg.optimizer](cfg, groups, seed, first_index)
+    if hasattr(opt, "train"):
+        opt.train()  # schedule-free starts in train mode (weights at y)
+    return opt
+
+
+def rounds_bf16(cfg: OptimizerConfig, groups: list[dict]) -> bool:
+    """Whether the bf16-aware optimizer steps these groups (bf16 weights and rounding or compensation asked)."""
+    bf16_weights = any(p.dtype == torch.bfloat16 for g in groups for p in g["params"])
+    return cfg.optimizer in ROUNDING and bf16_weights and (cfg.stochastic_rounding or cfg.kahan_summation)
+
+
+def _adamw(cfg: OptimizerConfig, groups: list[dict], seed: int, first_index: int) -> torch.optim.Optimizer:
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if rounds_bf16(cfg, groups):
+        return bf16.RoundingAdamW(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay, seed=seed, stochastic=cfg.stochastic_rounding,
+                                  kahan=cfg.kahan_summation, first_index=first_index)
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_eps,
+                             weight_decay=cfg.weight_decay, fused=True if on_cuda else None)
+
+
+def _adafactor(cfg: OptimizerConfig, groups: list[dict], seed: int, first_index: int) -> torch.optim.Optimizer:
+    """kohya's full fine-tune recipe is relative_step, scale_parameter and warmup_init off with a fixed lr; with
+    relative_step the group's lr is kept for the logs but unused (Adafactor's 1/sqrt(step) decides)."""
+    kw = dict(relative_step=cfg.adafactor_relative_step, scale_parameter=cfg.adafactor_scale_parameter,
+              warmup_init=cfg.adafactor_warmup_init, weight_decay=cfg.weight_decay)
+    if rounds_bf16(cfg, groups):
+        return bf16.RoundingAdafactor(groups, lr=cfg.learning_rate, seed=seed, stochastic=cfg.stochastic_rounding,
+                                      kahan=cfg.kahan_summation, first_index=first_index, **kw)
+    from transformers.optimization import Adafactor
+
+    lrs = [g["lr"] for g in groups]
+    if cfg.adafactor_relative_step:  # transformers refuses an lr with relative_step
+        groups = [{k: v for k, v in g.items() if k != "lr"} for g in groups]
+    opt = Adafactor(groups, lr=None if cfg.adafactor_relative_step else cfg.learning_rate, **kw)
+    for group, lr in zip(opt.param_groups, lrs):
+        group["lr"] = lr
+    return opt
+
+
+def _bnb(name: str) -> Callable[..., torch.optim.Optimizer]:
+    def make(cfg: OptimizerConfig, groups: list[dict], seed: int, first_index: int) -> torch.optim.Optimizer:
+        kind = getattr(require("adamw8bit").optim, name)
+        kw = {} if name.startswith(("Lion", "PagedLion")) else {"eps": cfg.adam_eps}
+        # on the CPU bitsandbytes falls back from paged memory, and says so at every step
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+        return kind(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                    weight_decay=cfg.weight_decay, **kw)
+    return make
+
+
+def _prodigy(cfg: OptimizerConfig, groups: list[dict], seed: int, first_index: int) -> torch.optim.Optimizer:
+    if cfg.learning_rate < 0.1:
+        warn(f"prodigy estimates the step size itself and learning_rate {cfg.learning_rate:g} scales it; "
+             f"1.0 is usual")
+    return require("prodigy").Prodigy(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      eps=cfg.adam_eps, weight_decay=cfg.weight_decay, decouple=cfg.prodigy_decouple,
+                                      use_bias_correction=cfg.prodigy_bias_correction,
+                                      safeguard_warmup=cfg.prodigy_safeguard_warmup, d_coef=cfg.prodigy_d_coef)
+
+
+def _schedulefree(cfg: OptimizerConfig, groups: list[dict], seed: int, first_index: int) -> torch.optim.Optimizer:
+    return require("schedulefree_adamw").AdamWScheduleFree(
+        groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps)
+
+
+@contextlib.contextmanager
+def eval_mode(opt: torch.optim.Optimizer | None) -> Iterator[None]:
+    """Schedule-free's weights as they are evaluated and saved (x, not the gradient point y) for the block's
+    time (nested blocks switch once); other optimizers have no modes. Entering and leaving it is part of the run
+(a resume does the same)."""
+    switch = opt is not None and hasattr(opt, "eval") and bool(opt.param_groups[0].get("train_mode"))
+    if switch:
+        opt.eval()
+    try:
+        yield
+    finally:
+        if switch:
+            opt.train()
+
+
+def after_restore(opt: torch.optim.Optimizer) -> None:
+    """A restored schedule-free optimizer holds the saved x (eval mode); training continues from y."""
+    if hasattr(opt, "train"):
+        opt.train()
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimizerConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     """diffusers' schedule `cfg.lr_schedule` over `total` steps; `constant` warms up too (diffusers' own `constant`
     ignores warmup, so it is its constant_with_warmup), and `polynomial` ends at `lr_end` (which diffusers'
-    get_scheduler does not pass on)."""
+    get_scheduler does not pass on). Schedule-free warms up itself, so its schedule is a constant 1."""
     from diffusers.optimization import get_polynomial_decay_schedule_with_warmup, get_scheduler
 
+    if cfg.optimizer == "schedulefree_adamw":
+        return get_scheduler("constant", opt)
     if cfg.lr_schedule == "polynomial":
         return get_polynomial_decay_schedule_with_warmup(opt, cfg.warmup_steps, total, lr_end=cfg.lr_end,
                                                          power=cfg.lr_power)
@@ -55,16 +228,17 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimizerConfig, total: int)
 
 class LRSchedule:
     """The learning rate of each optimizer step: peak · f(step), f a pure function of the step (diffusers'
-    schedules are LambdaLRs). As a checkpoint part its state is the step; the peak, shape and length come from
-    the config, so a resume forced with another learning rate or length follows the new config (as torchtitan's
-    does). `step()` once per optimizer step, skipped steps included, keeps the schedule on the step count."""
+    schedules are LambdaLRs; each group's peak is its own learning rate). As a checkpoint part its state is the
+    step; the peaks, shape and length come from the config, so a resume forced with another learning rate or
+    length follows the new config (as torchtitan's does). `step()` once per optimizer step, skipped steps
+    included, keeps the schedule on the step count."""
 
     def __init__(self, opt: torch.optim.Optimizer, cfg: OptimizerConfig, total: int):
         self.scheduler = make_scheduler(opt, cfg, total)
 
     @property
     def lr(self) -> float:
-        """The learning rate of the coming step."""
+        """The learning rate of the coming step (of the first group)."""
         return float(self.scheduler.get_last_lr()[0])
 
     def step(self) -> None:
@@ -82,27 +256,33 @@ class LRSchedule:
 
 
 class EMA:
-    """Exponential moving average of the trained weights (float32), with the usual warmup of the decay:
-    decay_t = min(decay, (1 + t) / (10 + t)). Its checkpoint state is the averages under the names of the
-    trained weights (what export reads as `--weights ema`)."""
+    """Exponential moving average of the trained weights (float32, on `device`: the weights' own, or the CPU to
+    spare device memory), updated every `every` optimizer steps with the usual warmup of the decay,
+    decay_t = min(decay, (1 + t) / (10 + t)), raised to the power `every` so that the average spans the same
+    number of steps whatever the interval. Its checkpoint state is the averages under the names of the trained
+    weights (what export reads as `--weights ema`)."""
 
-    def __init__(self, weights: TrainedWeights, params: list[torch.nn.Parameter], decay: float):
-        self.weights, self.params, self.decay = weights, params, decay
-        self.shadow = [p.detach().float().clone() for p in params]
+    def __init__(self, weights: TrainedWeights, params: list[torch.nn.Parameter], decay: float, every: int = 1,
+                 device: torch.device | str | None = None):
+        self.weights, self.params, self.decay, self.every = weights, params, decay, every
+        self.shadow = [p.detach().to(device or p.device, torch.float32, copy=True) for p in params]
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
+        """After optimizer step `step` (0-based): average in the weights when step + 1 is a multiple of `every`."""
+        if (step + 1) % self.every:
+            return
+        d = min(self.decay, (1 + step) / (10 + step)) ** self.every
         for s, p in zip(self.shadow, self.params):
-            s.mul_(d).add_(p.detach().float(), alpha=1 - d)
+            s.mul_(d).add_(p.detach().to(s.device, torch.float32), alpha=1 - d)
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
-        """The model's trained parameters temporarily replaced by the averages."""
-        saved = [p.detach().clone() for p in self.params]
+        """The model's trained parameters temporarily replaced by the averages (the live ones wait on the CPU)."""
+        saved = [p.detach().to("cpu", copy=True) for p in self.params]
         with torch.no_grad():
             for p, s in zip(self.params, self.shadow):
-                p.copy_(s.to(p.dtype))
+                p.copy_(s)
         try:
             yield
         finally:
@@ -116,8 +296,8 @@ class EMA:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        saved = [p.detach().clone() for p in self.params]
+        saved = [p.detach().to("cpu", copy=True) for p in self.params]
         self.weights.load_state_dict(state)
         for s, p, live in zip(self.shadow, self.params, saved):
-            s.copy_(p.detach().float())
+            s.copy_(p.detach())
             p.copy_(live)

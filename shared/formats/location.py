@@ -1,0 +1,118 @@
+"""Where encode's output is read from: a local folder or any fsspec URL (`http(s)://`, `s3://`, `gs://`, …,
+with that fsspec backend installed), and webdataset's `pipe:` for single tar shards.
+
+Objects are read whole (one request each), then checked against what their producer recorded before they are
+parsed, so what is used is exactly what was checked. A folder given as a URL is joined with `/`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.core import integrity
+from shared.core.artifacts import MANIFEST, Manifest
+from shared.core.errors import InputError
+
+SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+#: the package that provides each common scheme's fsspec backend (named when it is missing)
+BACKENDS = {"http": "aiohttp", "https": "aiohttp", "s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
+            "abfs": "adlfs"}
+
+
+def is_url(where: Any) -> bool:
+    """A `scheme://` URL or a `pipe:` command rather than a local path."""
+    return isinstance(where, str) and (where.startswith("pipe:") or SCHEME.match(where) is not None)
+
+
+def join(base: str | Path, *parts: str) -> str | Path:
+    """`base/part/...`: a Path for a local folder, a string for a URL."""
+    if is_url(base):
+        return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
+    return Path(base).joinpath(*parts)
+
+
+def read_bytes(where: str | Path) -> Any:
+    """The whole object at a path, `pipe:` command or fsspec URL, as a writable buffer (a uint8 array or a
+    bytearray: arrays viewing it are writable too). OSError when it cannot be read; InputError when the URL's
+    fsspec backend is not installed."""
+    if not is_url(where):
+        with open(where, "rb") as fh:
+            # np.empty, not bytearray: no zero-filling pass over a shard-sized buffer before the read fills it
+            data = np.empty(os.fstat(fh.fileno()).st_size, np.uint8)
+            got = fh.readinto(data)  # a buffered reader fills the buffer unless the file ends first
+            rest = fh.read()         # grown since the stat: keep it, the size check will tell
+        return np.concatenate([data[:got], np.frombuffer(rest, np.uint8)]) if rest else data[:got]
+    if str(where).startswith("pipe:"):
+        from webdataset.gopen import gopen
+
+        with gopen(str(where), "rb") as stream:
+            return bytearray(stream.read())
+    return bytearray(_fsspec_cat(str(where)))
+
+
+def _fsspec_cat(url: str) -> bytes:
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        scheme = url.split("://", 1)[0]
+        need = BACKENDS.get(scheme, f"the fsspec backend for {scheme}://")
+        raise InputError(f"{url}: reading {scheme}:// URLs needs {need} ({e}); pip install {need}") from None
+    except ValueError as e:  # an unknown protocol
+        raise InputError(f"{url}: not a URL fsspec can read ({e})") from None
+    try:
+        return fs.cat_file(path)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - network clients raise their own types; each is an unreadable object
+        raise OSError(f"{type(e).__name__}: {e}") from None
+
+
+def verified_bytes(folder: str | Path, rel: str, files: dict | None, fix: str) -> bytes:
+    """`folder/rel`, checked against its producer's record (size, sha256) before it is parsed; an InputError
+    naming it otherwise. A URL is read once and the bytes checked are the bytes returned."""
+    if not is_url(folder):
+        return integrity.verified(Path(folder), rel, files, fix).read_bytes()
+    where = join(folder, rel)
+    if files is None:
+        raise InputError(f"{folder}: its manifest records no file hashes (made by an older sdxl); rerun: {fix}")
+    rec = files.get(rel)
+    if rec is None:
+        raise InputError(f"{where}: not recorded in {join(folder, MANIFEST)}; rerun: {fix}")
+    try:
+        data = read_bytes(where)
+    except OSError as e:
+        raise InputError(f"{where}: unreadable ({e}); its producer wrote it; rerun: {fix}") from None
+    if len(data) != rec["bytes"] or hashlib.sha256(data).hexdigest() != rec["sha256"]:
+        raise InputError(f"{where}: changed since it was written (sha256 or size differ from the manifest); "
+                         f"rerun: {fix}")
+    return bytes(data)
+
+
+def require_remote(url: str, stage: str, versions: tuple[int, ...], fix: str) -> Manifest:
+    """The manifest of the finished `stage` output at `url` (what artifacts.require_input checks of a local
+    folder), or an InputError."""
+    where = join(url, MANIFEST)
+    try:
+        data = json.loads(read_bytes(where).decode("utf-8"))
+        manifest = Manifest.from_dict(data)
+    except OSError as e:
+        raise InputError(f"{where}: unreadable ({e}); give --in the URL of a folder that `sdxl {stage}` "
+                         f"wrote") from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise InputError(f"{where}: not a readable manifest, so {url} is not a finished `{stage}` output; give "
+                         f"--in the URL of a folder that `sdxl {stage}` wrote") from None
+    if manifest.stage != stage:
+        raise InputError(f"{url}: holds `{manifest.stage}` output, expected `{stage}` output; give --in a "
+                         f"folder that `sdxl {stage}` wrote")
+    if manifest.version not in set(versions):
+        raise InputError(f"{url}: `{stage}` output of format version {manifest.version}, which this version of "
+                         f"sdxl cannot read; rerun: {fix}")
+    return manifest

@@ -1,0 +1,325 @@
+"""`sdxl train --plan`: the predicted peak device memory of the configured run, without a GPU.
+
+The parts that are state are counted exactly from the parameters' shapes and dtypes: the weights (the UNet's
+parameters and buffers, the LoRA's included), the gradients of the trained ones, the optimizer's state (each
+optimizer's own layout, `state_bytes`; tested against the real optimizers' state) and the EMA. What the forward
+and backward pass hold is measured: the UNet is built from its config on fake tensors (FakeTensorMode: shapes,
+dtypes and devices, no data) and made trainable exactly as training does (model.prepare), the training loss
+(step.loss) of the largest bucket and batch is run forward and backward, and a dispatch mode adds up the bytes of
+every storage an operation makes until it is freed. The optimizer step's own temporaries are measured the same
+way where the step runs on fake tensors (else estimated, and marked so).
+
+peak = weights + optimizer state + EMA + max(forward/backward peak (gradients included as they appear, or freed
+at once with fused backward), gradients + step temporaries). Not counted: the CUDA context, cuDNN / cuBLAS
+workspaces and the allocator's fragmentation (what `torch.cuda.max_memory_allocated` also leaves out, except
+workspaces; the GPU suite compares the two).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import tomllib
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from shared.core.errors import PipelineError
+from shared.models import loading as models
+from stages.train import model as M, objective, optim as O, step as S
+
+GIB = 2 ** 30
+BNB_BLOCK, BNB_MIN_8BIT = 256, 4096   # bitsandbytes' blockwise 8-bit states: block size, smallest 8-bit tensor
+TOKENS = 77                           # one caption window (the cross-attention's share of memory is small)
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    bytes: int
+    how: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    title: str
+    parts: list[Part]
+    peak: int
+
+    def table(self) -> str:
+        rows = [f"{self.title}", f"  {'part':<24} {'GiB':>8}  how"]
+        rows += [f"  {p.name:<24} {p.bytes / GIB:>8.2f}  {p.how}" for p in self.parts]
+        rows.append(f"  {'predicted peak':<24} {self.peak / GIB:>8.2f}  (per process; CUDA context and workspaces not "
+                    f"included)")
+        return "\n".join(rows)
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def param_state_bytes(cfg: O.OptimizerConfig, shape: torch.Size, dtype: torch.dtype, rounding: bool) -> int:
+    """The optimizer state one parameter of `shape` and `dtype` gets (its first step allocates it all)."""
+    n, size = shape.numel(), torch.empty((), dtype=dtype).element_size()
+    kahan = n * size if rounding and cfg.kahan_summation and dtype == torch.bfloat16 else 0
+    name = cfg.optimizer
+    if name == "adamw":
+        return (2 * n * size + kahan) if rounding else (2 * n * size + 4)   # + torch's float32 step tensor
+    if name in ("adamw8bit", "paged_adamw8bit", "lion"):
+        moments = 1 if name == "lion" else 2
+        if n < BNB_MIN_8BIT:
+            return moments * 4 * n
+        return moments * (n + 4 * math.ceil(n / BNB_BLOCK) + 4 * 256)      # uint8 state, absmax, quantile map
+    if name == "adafactor":
+        second = 4 * (shape[:-1].numel() + (shape[:-2] + shape[-1:]).numel()) if len(shape) >= 2 else 4 * n
+        return second + 4 + kahan                                          # + the RMS scalar
+    if name == "prodigy":
+        return 4 * n * size   # s, p0, exp_avg, exp_avg_sq (p0 is one element for an all-zero parameter)
+    if name == "schedulefree_adamw":
+        return 2 * n * size   # z, exp_avg_sq
+    raise ValueError(name)
+
+
+def state_bytes(cfg: O.OptimizerConfig, groups: list[dict]) -> int:
+    rounding = O.rounds_bf16(cfg, groups)
+    return sum(param_state_bytes(cfg, p.shape, p.dtype, rounding) for g in groups for p in g["params"])
+
+
+class LiveBytes(TorchDispatchMode):
+    """Adds up the bytes of every storage an operation makes (views share their base's) until it is freed; the
+    peak of all of it, and the peak less the gradients kept so far (`keep_grad`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.live = self.peak = self.peak_less_grads = self.grads = 0
+
+    def known(self, tensors: list[torch.Tensor]) -> None:
+        """Storages made before (weights, optimizer state): not counted."""
+        for t in tensors:
+            self.seen[t.untyped_storage()] = 0
+
+    def keep_grad(self, grad: torch.Tensor) -> None:
+        self.grads += grad.untyped_storage().nbytes()
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage() not in self.seen:
+                storage = t.untyped_storage()
+                size = storage.nbytes()
+                self.seen[storage] = size
+                weakref.finalize(storage, self._free, size)
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                self.peak_less_grads = max(self.peak_less_grads, self.live - self.grads)
+        return out
+
+
+def unet_config(model: str) -> dict:
+    """The UNet's diffusers config of `model` (no weights are read)."""
+    if model == "builtin:sdxl-random":
+        return models.sdxl_configs()["unet"]
+    if model == "builtin:tiny":
+        return models.tiny_configs()["unet"]
+    path = Path(model).expanduser()
+    folder = models.single_file_config(path) if path.is_file() else path
+    config = folder / "unet" / "config.json"
+    if not config.is_file():
+        raise PipelineError(f"--model {model}: no UNet config at {config} (a diffusers SDXL folder, a single-file "
+                            f"SDXL checkpoint, builtin:tiny or builtin:sdxl-random)")
+    return json.loads(config.read_text(encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def fake_unet(cfg: M.UnetConfig, mode: Any) -> Any:
+    """The UNet of `cfg.model` on fake CPU tensors, in its training dtype, prepared as training prepares it: built
+    on the meta device (peft moves modules with `.to`, which fake parameters refuse), then each parameter and
+    buffer replaced by a fake tensor of the same shape, dtype and strides."""
+    M.models.quiet_libraries()
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"), default_dtype(getattr(torch, cfg.weights_dtype)):
+        unet = M.prepare(UNet2DConditionModel.from_config(unet_config(cfg.model)), cfg)
+    with mode:
+        for module in unet.modules():
+            for name, p in module._parameters.items():
+                if p is not None:
+                    fake = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype)
+                    module._parameters[name] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+            for name, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[name] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype)
+    return unet
+
+
+def fake_batch(unet: Any, width: int, height: int, batch: int) -> S.Batch:
+    c = unet.config
+    latent = (batch, c.in_channels, height // 8, width // 8)
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    return S.Batch(latents=torch.zeros(latent), noise=torch.zeros(latent),
+                   u=torch.full((batch,), 0.5, dtype=torch.float64),
+                   te=torch.zeros(batch, TOKENS, c.cross_attention_dim), pooled=torch.zeros(batch, pooled),
+                   time_ids=torch.zeros(batch, 6), tag_weight=torch.ones(batch))
+
+
+def _on_grad(live: LiveBytes, fused: bool) -> Any:
+    def hook(p: torch.Tensor) -> None:
+        if fused:
+            p.grad = None      # what fused backward does once the parameter is stepped
+        else:
+            live.keep_grad(p.grad)
+    return hook
+
+
+def forward_backward(cfg: Any, unet: Any, groups: list[dict], mode: Any, size: tuple[int, int], batch: int
+                     ) -> LiveBytes:
+    """The live bytes of one training forward + backward pass on fake tensors."""
+    live = LiveBytes()
+    live.known(list(unet.parameters()) + list(unet.buffers()))
+    hooks = [p.register_post_accumulate_grad_hook(_on_grad(live, cfg.optim.fused_backward))
+             for g in groups for p in g["params"]]
+    sigmas = objective.schedule(cfg.schedule).float()
+    precision = S.Precision.make(cfg.weights_dtype, cfg.mixed_precision, "cpu")
+    try:
+        with mode, live:
+            loss = S.loss(unet, fake_batch(unet, *size, batch), cfg.objective, sigmas, precision)[0]
+            loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return live
+
+
+def step_temporaries(cfg: Any, groups: list[dict], mode: Any) -> tuple[int, str]:
+    """The bytes an optimizer step allocates besides its state: measured on the largest parameter (on all of
+    them for schedule-free, whose step is one foreach over every parameter)."""
+    name, params = cfg.optim.optimizer, [p for g in groups for p in g["params"]]
+    if name in ("adamw8bit", "paged_adamw8bit", "lion"):
+        return 0, "bitsandbytes' kernels update in place"
+    if name == "adamw" and not O.rounds_bf16(cfg.optim, groups):
+        return 0, "torch's fused AdamW kernel (CUDA)"
+    chosen = params if name == "schedulefree_adamw" else [max(params, key=lambda p: p.numel())]
+    try:
+        with mode:
+            fakes = [torch.nn.Parameter(torch.zeros(p.shape, dtype=p.dtype)) for p in chosen]
+            for f in fakes:
+                f.grad = torch.zeros_like(f)
+            opt = O.make_optimizer(cfg.optim, [{"name": "planned", "params": fakes, "lr": 1e-6}], cfg.seed)
+            opt.step()  # the first step allocates the state
+            live = LiveBytes()
+            live.known(fakes + [f.grad for f in fakes] + [t for s in opt.state.values() for t in s.values()
+                                                          if isinstance(t, torch.Tensor)])
+            with live:
+                opt.step()
+        what = "all parameters'" if len(chosen) > 1 else "the largest parameter's"
+        return live.peak, f"measured: {what} step"
+    except Exception:  # noqa: BLE001 - a step that reads values (prodigy's .item()) cannot run on fake tensors
+        return 3 * 4 * chosen[0].numel(), "estimated: 3 float32 copies of the largest parameter"
+
+
+def plan(cfg: Any, size: tuple[int, int], batch: int) -> Plan:
+    """The memory plan of `cfg` (a train Config) at `size` (width, height) and `batch` samples per micro-batch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    unet = fake_unet(cfg.unet, mode)
+    groups = O.param_groups(cfg.optim, M.trainable_groups(unet, cfg.method))
+    trained = [p for g in groups for p in g["params"]]
+    weights = sum(nbytes(t) for t in [*unet.parameters(), *unet.buffers()])
+    grads = sum(nbytes(p) for p in trained)
+    state = state_bytes(cfg.optim, groups)
+    ema = 4 * sum(p.numel() for p in trained) if cfg.ema_decay and cfg.ema_device == "device" else 0
+    live = forward_backward(cfg, unet, groups, mode, size, batch)
+    temporaries, temp_how = step_temporaries(cfg, groups, mode)
+    fused = cfg.optim.fused_backward
+    if fused:
+        passes = live.peak + temporaries
+    else:
+        passes = max(live.peak, grads + temporaries, grads + live.peak_less_grads if cfg.accumulate > 1 else 0)
+    parts = _parts(cfg, unet, trained, weights, grads, state, ema, live.peak_less_grads, (temporaries, temp_how),
+                   size, batch)
+    return Plan(_title(cfg, size, batch), parts, weights + state + ema + passes)
+
+
+def _parts(cfg: Any, unet: Any, trained: list, weights: int, grads: int, state: int, ema: int, activations: int,
+           temporaries: tuple[int, str], size: tuple[int, int], batch: int) -> list[Part]:
+    total = sum(p.numel() for p in unet.parameters())
+    largest = max(nbytes(p) for p in trained)
+    fused = cfg.optim.fused_backward
+    ema_how = ("off" if not cfg.ema_decay else "float32 copy of the trained weights" if cfg.ema_device == "device"
+               else f"on the CPU ({4 * sum(p.numel() for p in trained) / GIB:.2f} GiB of host memory)")
+    return [
+        Part("weights", weights, f"{total:,} parameters ({cfg.weights_dtype}{', LoRA float32' if cfg.method == 'lora' else ''})"
+                                 f" + buffers"),
+        Part("gradients", 0 if fused else grads,
+             f"fused backward: each freed once stepped (largest {largest / 2 ** 20:.0f} MiB)" if fused else
+             f"{sum(p.numel() for p in trained):,} trained parameters"),
+        Part("optimizer state", state, f"{cfg.optimizer}" + (" (bf16 rounding" + (" + Kahan buffer)" if
+             cfg.kahan_summation else ")") if O.rounds_bf16(cfg.optim, [{"params": trained}]) else "")),
+        Part("EMA", ema, ema_how),
+        Part("activations (peak)", activations, f"measured: forward + backward at {size[0]}x{size[1]} x batch {batch}, "
+                                                f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"),
+        Part("step temporaries", temporaries[0], temporaries[1]),
+    ]
+
+
+def _title(cfg: Any, size: tuple[int, int], batch: int) -> str:
+    what = (f"LoRA rank {cfg.lora_rank} ({cfg.lora_preset})" if cfg.method == "lora" else "full fine-tune")
+    fused = " with fused backward" if cfg.fused_backward else ""
+    return (f"memory plan: {cfg.model}, {what}, {cfg.optimizer}{fused}, {cfg.weights_dtype} weights, mixed precision "
+            f"{cfg.mixed_precision}, {size[0]}x{size[1]} x batch {batch}")
+
+
+def largest_bucket(cfg: Any) -> tuple[tuple[int, int], str]:
+    """The largest bucket of the encode output the run reads, or 1024x1024 when there is none yet."""
+    from stages.train import feed
+
+    try:
+        buckets = [b.bucket for b in feed.open_data(cfg.data).index.buckets]
+    except PipelineError:
+        return (1024, 1024), f"no encode output at {cfg.input} yet, so planned at 1024x1024"
+    w, h = max(buckets, key=lambda b: b[0] * b[1])
+    return (int(w), int(h)), f"the largest of {len(buckets)} buckets in {cfg.input}"
+
+
+def print_plan(cfg: Any) -> Plan:
+    from shared.core.log import say
+
+    size, where = largest_bucket(cfg)
+    result = plan(cfg, size, cfg.batch_size)
+    say(result.table())
+    say(f"  (size: {where}; activations measured on fake tensors, no GPU used)")
+    return result
+
+
+PRESET = re.compile(r"^# \[preset\.([\w-]+)\][^\n]*\n((?:#(?! \[preset\.)[^\n]*\n)+)", re.M)
+
+
+def presets(text: str) -> dict[str, dict]:
+    """The memory presets commented into pipeline.toml's [train] table: `# [preset.NAME]` followed by commented
+    `# key = value` lines (TOML once the `# ` is taken off; lines after a second `#` are notes)."""
+    out = {}
+    for name, body in PRESET.findall(text):
+        lines = [line[2:] for line in body.splitlines() if line.startswith("# ") and "=" in line]
+        out[name] = tomllib.loads("\n".join(lines))
+    return out

@@ -1,0 +1,135 @@
+"""Reading encode's shards for train: each shard loaded whole, checked, then decoded into `Sample` records,
+several shards at once ahead of the stream.
+
+A tar shard is read in one request (a path, an fsspec URL or a `pipe:` command), its size and sha256 compared
+with index.json, and only then listed; its arrays are views of the shard's bytes (no copy per sample). A zarr
+shard's rows are read array by array concurrently (one request per chunk on a remote store) and their digest
+compared with index.json. A mismatch is a DataError naming the shard, raised when the shard's turn comes —
+before any of its samples reaches a training step.
+
+`ShardReader.ahead(order)` loads the shards of a stream in background threads, up to `depth` beyond the one
+being consumed: reading, hashing (hashlib releases the GIL) and network waits overlap each other and the
+training step. Memory: the `depth` shards ahead, plus the shards whose samples are still held by the stream.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+from typing import Callable, Iterator
+
+from shared.core.errors import DataError
+from shared.formats import location, shards
+from shared.formats import samples as fmt
+from shared.formats.samples import Layout, Sample
+from stages.train.data import ShardInfo
+
+#: shards loaded ahead of the one being consumed (a shard of 256 SDXL samples at 1024² is ~115 MB)
+READ_AHEAD = 3
+
+
+class ShardReader:
+    """Samples of one shard, in stored order, as `Sample` records (shared/formats/samples.py); the encode
+    output at `folder` is a local folder or an fsspec URL."""
+
+    def __init__(self, folder: Path | str, infos: list[ShardInfo], source: str, urls: dict[int, str],
+                 layout: Layout | None = None):
+        self.folder, self.infos, self.source, self.urls = folder, infos, source, urls
+        self.fix = fmt.fix_for(folder)
+        self.names = fmt.zarr_names(layout) if layout is not None else None
+        self.store = shards.open_store(location.join(folder, "zarr"), mode="r") if source == "zarr" else None
+
+    def __call__(self, number: int) -> Iterator[tuple[int, Sample]]:
+        yield from enumerate(self.load(number))
+
+    def ahead(self, order: list[int], depth: int = READ_AHEAD) -> Callable[[int], Iterator[tuple[int, Sample]]]:
+        """A reader for a stream that opens shards in `order`: each loaded in the background, `depth` ahead."""
+        return ReadAhead(self.load, order, depth)
+
+    def load(self, number: int) -> list[Sample]:
+        """Shard `number`'s samples, once the whole shard is checked (thread-safe)."""
+        info = self.infos[number]
+        return self._zarr(info) if self.store is not None else self._tar(info)
+
+    def _tar(self, info: ShardInfo) -> list[Sample]:
+        url = self.urls.get(info.number) or str(location.join(self.folder, str(info.name)))
+        data = verified_tar(url, info)
+        out = [fmt.from_tar(raw, url, self.fix) for raw in shards.tar_samples(data, url)]
+        if len(out) != info.samples:
+            raise DataError(f"{url}: {len(out)} samples, but index.json says {info.samples}; the shard is "
+                            f"incomplete or not this encode's (re-encode, or check --shards)")
+        return out
+
+    def _zarr(self, info: ShardInfo) -> list[Sample]:
+        where = location.join(self.folder, "zarr", info.group)
+        lo, hi = info.first, info.first + info.samples
+        try:
+            group = self.store[info.group]
+            fmt.check_group(group, str(where), self.fix)
+            rows, keys = fmt.read_rows(group, lo, hi, self.names, where)
+        except (KeyError, ValueError, OSError) as e:
+            raise DataError(f"{where}: unreadable rows {lo}..{hi - 1} ({e}); re-encode") from None
+        except Exception as e:  # noqa: BLE001 - a remote store's client raises its own types
+            raise DataError(f"{where}: unreadable rows {lo}..{hi - 1} ({type(e).__name__}: {e})") from None
+        if fmt.rows_digest(rows, keys) != info.zarr_sha256:
+            raise DataError(f"{where}: rows {lo}..{hi - 1} (shard {info.name or lo}) differ from what encode "
+                            f"recorded in index.json; re-encode")
+        return list(fmt.from_rows(rows, keys))
+
+
+def verified_tar(url: str, info: ShardInfo) -> bytearray:
+    """The whole shard from `url` (a path, fsspec URL or pipe:), once its size and sha256 are encode's."""
+    try:
+        data = location.read_bytes(url)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{url}: unreadable shard ({e})") from None
+    digest = hashlib.sha256(data).hexdigest() if len(data) == info.bytes else ""
+    if digest != info.sha256:
+        raise DataError(f"{url}: not the shard encode wrote ({len(data)} bytes, sha256 "
+                        f"{(digest or hashlib.sha256(data).hexdigest())[:12]}; index.json: {info.bytes} bytes, "
+                        f"{str(info.sha256)[:12]}); it is damaged or another shard — re-encode, or check --shards")
+    return data
+
+
+class ReadAhead:
+    """Loads the shards of `order` in daemon threads, at most `depth` beyond the one being read; a shard's
+    failure is raised when its turn comes. A shard outside `order` is loaded when asked for."""
+
+    def __init__(self, load: Callable[[int], list[Sample]], order: list[int], depth: int):
+        self.load, self.todo = load, iter(order)
+        self.pending: dict[int, _Load] = {}
+        for _ in range(max(depth, 1)):
+            self._start()
+
+    def _start(self) -> None:
+        for number in self.todo:
+            if number not in self.pending:
+                self.pending[number] = _Load(self.load, number)
+                return
+
+    def __call__(self, number: int) -> Iterator[tuple[int, Sample]]:
+        job = self.pending.pop(number, None)
+        self._start()
+        return enumerate(job.result() if job is not None else self.load(number))
+
+
+class _Load:
+    def __init__(self, load: Callable[[int], list[Sample]], number: int):
+        self.done = threading.Event()
+        self.value: list[Sample] = []
+        self.error: BaseException | None = None
+        threading.Thread(target=self._run, args=(load, number), name=f"shard-{number}", daemon=True).start()
+
+    def _run(self, load: Callable[[int], list[Sample]], number: int) -> None:
+        try:
+            self.value = load(number)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the reading thread
+            self.error = e
+        finally:
+            self.done.set()
+
+    def result(self) -> list[Sample]:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value

@@ -1,0 +1,83 @@
+"""Cluster launchers and where clusters keep shards, end to end on builtin:tiny: `accelerate launch` with two
+CPU processes (gloo) trains exactly what `torchrun` with two processes trains, and train reads encode's output
+from a URL (a localhost HTTP server) as it reads the folder."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.core.config import resolve
+from stages import bucket, encode, ingest, train
+from stages.bench.server import LatencyServer
+from tests.conftest import caption, noise_image, save
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTS = {"model": "builtin:tiny", "batch_size": 4, "max_steps": 4, "shuffle_buffer": 1, "lora_dropout": 0.0,
+        "learning_rate": 1e-2, "eval_samples": 0, "lora_rank": 4, "lora_alpha": 4.0, "checkpoint_every": 3}
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory) -> Path:
+    """16 captioned images of one size -> one 128x128 bucket, 4 shards of 4, tar + zarr (as tests/test_train.py)."""
+    root = tmp_path_factory.mktemp("launch")
+    for i in range(16):
+        p = save(noise_image(256, 256, seed=100 + i), root / "src" / f"img_{i:02d}.png")
+        caption(p, f"colour {i % 4}, shape {i % 3}, common")
+    work = root / "w"
+    ingest.run(resolve(ingest.Config, "ingest", {}, {"sources": (str(root / "src"),), "workdir": work, "workers": 1,
+                                                    "min_side": 64}))
+    bucket.run(resolve(bucket.Config, "bucket", {}, {"workdir": work, "max_area": 128 * 128, "min_side": 64,
+                                                    "max_side": 256}))
+    encode.run(resolve(encode.Config, "encode", {}, {"workdir": work, "model": "builtin:tiny", "shard_samples": 4,
+                                                    "format": "both", "flip": True, "caption_variants": 1,
+                                                    "workers": 0, "decoder": "pil"}))
+    return work
+
+
+def train_args(work: Path, out: Path) -> list[str]:
+    args = ["train", "--workdir", str(work), "--out", str(out)]
+    for k, v in OPTS.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def launch(prefix: list[str], args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, "stages.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "SDXL_PROGRESS": "0", "OMP_NUM_THREADS": "1"})
+
+
+def weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "checkpoints" / "step-000004" / "weights.safetensors"))
+
+
+def test_accelerate_launch_with_two_cpu_processes_equals_torchrun(encoded, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` starts the processes through torch's elastic launcher
+    (RANK / WORLD_SIZE / LOCAL_RANK), and train picks gloo on a machine without CUDA. (`accelerate launch --cpu`
+    does not start several processes without MPI: its multi-CPU path is `mpirun`.)"""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29581",
+                "-m"]
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", "29582", "-m"]
+    a = launch(torchrun, train_args(encoded, tmp_path / "torchrun"))
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = launch(accelerate, train_args(encoded, tmp_path / "accelerate"))
+    assert b.returncode == 0, b.stderr[-3000:]
+    wa, wb = weights(tmp_path / "torchrun"), weights(tmp_path / "accelerate")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert max(float(v.abs().max()) for k, v in wa.items() if "lora_B" in k) > 1e-3  # it trained
+
+
+def test_train_reads_encode_output_from_a_url(encoded, tmp_path):
+    local = train.run(resolve(train.Config, "train", {}, {**OPTS, "workdir": encoded, "output": tmp_path / "a"}))
+    with LatencyServer(encoded, latency_ms=2, max_requests=20_000, max_seconds=300) as url:
+        remote = train.run(resolve(train.Config, "train", {}, {**OPTS, "workdir": encoded,
+                                                               "input": f"{url}/encode", "output": tmp_path / "b"}))
+    assert remote is not None and local is not None
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

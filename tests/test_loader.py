@@ -1,0 +1,168 @@
+"""train's shard reader: tar shards listed in memory (arrays viewing the verified bytes), zarr rows read chunk by
+chunk, shards loaded ahead in threads with each failure raised at its shard's turn, shards let go after their
+last needed sample; and encode's output read from a URL (a localhost HTTP server adding latency): index,
+manifest and empty/ checked, tar and zarr streaming the same samples as from the folder, damage named."""
+import gc
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.core.errors import DataError, InputError
+from shared.formats import samples as fmt
+from shared.formats import shards
+from stages.bench import loader_data
+from stages.bench.server import LatencyServer
+from stages.train import data as D
+from stages.train import feed
+from stages.train.reader import ReadAhead
+
+SHAPES = loader_data.Shapes(side=32, te_dims=(8, 24), pooled=24)
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory) -> Path:
+    """20 samples in shards of 6 (the last short), tar + blosc zarr, committed with a manifest."""
+    root = tmp_path_factory.mktemp("loader")
+    loader_data.write_encode_output(root / "encode", 20, SHAPES, shard_samples=6)
+    return root
+
+
+def data_config(where, source: str, **kw) -> feed.DataConfig:
+    base = dict(input=where, shards=(), source=source, batch_size=2, accumulate=1, shuffle_buffer=4, epochs=1,
+                max_steps=0, seed=0, prefetch=2)
+    return feed.DataConfig(**{**base, **kw})
+
+
+def stream(cfg: feed.DataConfig) -> list[list[tuple[str, float]]]:
+    data = feed.open_data(cfg)
+    schedule = feed.plan(data, cfg, 1)
+    return [[(s.key, float(np.asarray(s.latent, np.float64).sum())) for s in samples]
+            for samples, _, _ in feed.micro_batches(data, schedule, cfg, 0, 1, 0)]
+
+
+def test_tar_in_memory_equals_the_streaming_reader(encoded):
+    tar = encoded / "encode" / "shards" / "32x32" / "000001.tar"
+    data = np.frombuffer(tar.read_bytes(), np.uint8).copy()
+    fast = [fmt.from_tar(raw, str(tar), "fix") for raw in shards.tar_samples(data, str(tar))]
+    with open(tar, "rb") as fh:
+        slow = [fmt.from_tar(raw, str(tar), "fix") for raw in shards.tar_members(fh, str(tar))]
+    assert [s.key for s in fast] == [s.key for s in slow] and len(fast) == 6
+    for a, b in zip(fast, slow):
+        assert np.array_equal(a.latent, b.latent) and np.array_equal(a.te, b.te) and a.time_ids == b.time_ids
+    assert np.shares_memory(fast[0].latent, data) and fast[0].latent.flags.writeable  # a view, not a copy
+
+
+def test_in_memory_listing_refuses_what_write_tar_never_writes(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("k." + "x" * 120 + ".npy")  # a long name: a pax header
+        info.size = 0
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(DataError, match="not a plain USTAR"):
+        list(shards.tar_samples(buf.getvalue(), "t.tar"))
+    with pytest.raises(DataError, match="unreadable shard"):
+        list(shards.tar_samples(b"\x00" * 100 + b"x" * 900, "t.tar"))
+
+
+@pytest.mark.parametrize("compression", ["blosc", "zstd", "none"])
+def test_zarr_rows_read_by_chunk_equal_zarrs_own_read(tmp_path, compression):
+    layout = SHAPES.layout
+    store = shards.open_store(tmp_path / "z", mode="a")
+    shards.create_arrays(store, "32x32", fmt.zarr_specs(layout, (32, 32), 5), shards.zarr_codecs(compression, 3),
+                         fmt.zarr_attrs((32, 32), [f"k{i}" for i in range(5)]))
+    pool = loader_data.random_pool(SHAPES, 1)
+    fmt.write_rows(store["32x32"], 0, [loader_data.make_sample(i, SHAPES, pool) for i in range(4)])  # row 4 unset
+    group = shards.open_store(tmp_path / "z", mode="r")["32x32"]
+    ours, keys = fmt.read_rows(group, 1, 5, fmt.zarr_names(layout), tmp_path / "z" / "32x32")
+    theirs, keys2 = fmt.read_rows(group, 1, 5)
+    assert keys == keys2 and ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name].dtype == theirs[name].dtype and np.array_equal(ours[name], theirs[name]), name
+    assert fmt.rows_digest(ours, keys) == fmt.rows_digest(theirs, keys2)
+
+
+def test_read_ahead_loads_in_order_and_raises_a_failure_at_its_turn():
+    loaded = []
+
+    def load(n):
+        loaded.append(n)
+        if n == 2:
+            raise DataError("shard 2 is damaged")
+        return [f"s{n}"]
+
+    read = ReadAhead(load, [0, 1, 2, 3], depth=3)
+    assert list(read(0)) == [(0, "s0")]
+    assert list(read(1)) == [(0, "s1")]  # shard 2 failed in the background; nothing raised yet
+    with pytest.raises(DataError, match="shard 2"):
+        read(2)
+    assert sorted(loaded) == [0, 1, 2, 3]
+    assert list(read(7)) == [(0, "s7")]  # not planned: loaded when asked
+
+
+def test_a_shard_is_let_go_after_its_last_needed_sample():
+    closed = []
+
+    def read(n):
+        try:
+            for j in range(4):
+                yield j, (n, j)
+        finally:
+            closed.append(n)
+
+    plan = [((0, 0), (0, 1)), ((1, 0), (1, 1)), ((0, 2), (1, 2))]  # shard 0's sample 3 is never needed
+    it = D.stream_batches(plan, read)
+    next(it)
+    next(it)
+    gc.collect()
+    assert closed == []  # both still hold needed samples
+    next(it)
+    gc.collect()
+    assert sorted(closed) == [0, 1]
+    assert D.shard_order(plan) == [0, 1]
+
+
+# ---------------------------------------------------------------- encode's output by URL
+
+
+def test_tar_and_zarr_by_url_stream_what_the_folder_streams(encoded):
+    local = {s: stream(data_config(encoded / "encode", s)) for s in ("wds", "zarr")}
+    assert local["wds"] == local["zarr"] and sum(len(b) for b in local["wds"]) == 20
+    with LatencyServer(encoded, latency_ms=5, max_requests=5000, max_seconds=120) as url:
+        for source in ("wds", "zarr"):
+            assert stream(data_config(f"{url}/encode", source)) == local[source], source
+        pattern = f"{url}/encode/shards/32x32/{{000000..000003}}.tar"  # --shards URLs, index from the folder
+        assert stream(data_config(encoded / "encode", "wds", shards=(pattern,))) == local["wds"]
+
+
+def test_damage_behind_a_url_is_named(encoded, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(encoded / "encode", copy / "encode")
+    tar = copy / "encode" / "shards" / "32x32" / "000002.tar"
+    tar.write_bytes(tar.read_bytes()[:-1024] + b"\x01" * 1024)
+    with LatencyServer(copy, latency_ms=1, max_requests=5000, max_seconds=120) as url:
+        with pytest.raises(DataError, match=r"000002\.tar: not the shard encode wrote"):
+            stream(data_config(f"{url}/encode", "wds"))
+        index = copy / "encode" / "index.json"
+        data = json.loads(index.read_text())
+        data["tag_frequency"] = {"x": 1}
+        index.write_text(json.dumps(data))
+        with pytest.raises(InputError, match=r"index\.json: changed since it was written"):
+            feed.open_data(data_config(f"{url}/encode", "wds"))
+        with pytest.raises(InputError, match="unreadable"):
+            feed.open_data(data_config(f"{url}/nothing-here", "wds"))
+
+
+def test_the_latency_server_is_bounded(tmp_path):
+    (tmp_path / "f").write_bytes(b"x")
+    import fsspec
+
+    with LatencyServer(tmp_path, latency_ms=0, max_requests=2, max_seconds=60) as url:
+        fs = fsspec.filesystem("http")
+        assert fs.cat_file(f"{url}/f") == b"x" and fs.cat_file(f"{url}/f") == b"x"
+        with pytest.raises(Exception, match="503|budget"):
+            fs.cat_file(f"{url}/f")
