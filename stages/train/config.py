@@ -6,7 +6,7 @@ kernels); every other field does, so a finished output is reused only when all o
 checkpoint is resumed only by a config whose fingerprinted fields equal the checkpoint's (see checkpoint.py).
 
 The groups are typed views of the flat fields of the same names, made once per config: `objective`
-(objective.py), `unet` and `adapter` (model.py), `optim` (optim.py), `data` (feed.py), `checkpointing`
+(objective.py), `unet` and `adapter` (model.py), `optim` (optim.py), `offload` (offload.py), `data` (feed.py), `checkpointing`
 (checkpoint.py), `logging` (logs.py). Functions take their group, not the whole config.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from stages.train.feed import DataConfig
 from stages.train.logs import LogConfig
 from stages.train.model import UnetConfig
 from stages.train.objective import ObjectiveConfig
+from stages.train.offload import OffloadConfig
 from stages.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 
 DTYPES = ("float32", "bfloat16")
@@ -131,6 +132,13 @@ class Config:
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, slower).",
                                        fingerprint=False)
     tf32: bool = opt(True, "Allow TF32 matmuls on NVIDIA GPUs.", fingerprint=False)
+    activation_offload: bool = opt(False, "Keep the activations saved for the backward pass in CPU memory (pinned "
+                                          "on CUDA) instead of on the device (less device memory, a copy each way "
+                                          "per step; results unchanged).", fingerprint=False)
+    blocks_to_swap: int = opt(0, "Keep the UNet's N largest blocks (ResNet, transformer, up/downsampler) in CPU "
+                                 "memory and stream each to the device just before it runs, on a side CUDA stream "
+                                 "overlapping compute; their weights are stepped on the CPU (results unchanged; "
+                                 "one process; 0 = off).", ge=0, fingerprint=False)
     checkpoint_every: int = opt(500, "Save a checkpoint every N optimizer steps (and always at the end).",
                                 fingerprint=False, ge=1)
     keep_checkpoints: int = opt(3, "Keep the newest K checkpoints.", fingerprint=False, ge=1)
@@ -170,6 +178,10 @@ class Config:
         if self.lr_schedule == "polynomial" and self.lr_end >= self.learning_rate:
             raise ConfigError(f"lr_end {self.lr_end:g} must be below learning_rate {self.learning_rate:g} "
                               f"(the polynomial schedule decays from one to the other)")
+        if self.blocks_to_swap and self.fused_backward:
+            raise ConfigError("fused_backward steps each weight on the device inside the backward pass, but a swapped "
+                              "block's weights are stepped on the CPU: turn one of fused_backward and blocks_to_swap "
+                              "off")
         problem = self.optim.problem()
         if problem:
             raise ConfigError(problem)
@@ -191,6 +203,10 @@ class Config:
     @cached_property
     def unet(self) -> UnetConfig:
         return _view(self, UnetConfig)
+
+    @cached_property
+    def offload(self) -> OffloadConfig:
+        return _view(self, OffloadConfig)
 
     @cached_property
     def optim(self) -> OptimizerConfig:

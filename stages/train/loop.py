@@ -22,7 +22,7 @@ from shared.core.log import say, warn
 from shared.core.stage import BuildResult
 from stages.train import checkpoint as ckpt
 from stages.train import data as D
-from stages.train import feed, fused, logs, model as M, objective, optim as O, step as S
+from stages.train import feed, fused, logs, model as M, objective, offload as OF, optim as O, step as S
 from stages.train.config import Config
 
 
@@ -68,6 +68,7 @@ class Run:
     progress: Progress | None = None
     eval_set: list = field(default_factory=list)
     log: logs.TrainLog | None = None
+    offload: OF.Offload | None = None  # activation offload and block swap (offload.py)
 
     def parts(self) -> dict[str, ckpt.Stateful]:
         """What a checkpoint holds, restored in this order (the schedule after the optimizer: it sets the
@@ -92,6 +93,7 @@ def setup(run: Run) -> None:
     run.unet = M.build_unet(cfg.unet, run.device)
     torch.manual_seed(cfg.seed + run.rank.rank)  # the global generator drives LoRA dropout only
     feed.check_shapes(run.unet, run.data.index, run.data.folder)
+    run.offload = OF.install(cfg.offload, run.unet, run.device, run.rank.world)  # before the state: it moves weights
     make_state(run)
     start = ckpt.resolve_resume(cfg.checkpointing.resume, run.staging, run.rank.main)
     if start is not None:
@@ -157,8 +159,10 @@ def train_steps(run: Run) -> None:
         for micro in range(data.accumulate):
             batch = S.assemble(*next(batches), run.data.empty, cfg.objective).to(run.device)
             with sync(run, last=micro == data.accumulate - 1):
-                loss, per_sample, u = S.loss(run.model, batch, cfg.objective, run.sigmas, run.precision)
-                backward(run, loss, data.accumulate)
+                with run.offload.forward():
+                    loss, per_sample, u = S.loss(run.model, batch, cfg.objective, run.sigmas, run.precision)
+                with run.offload.backward():
+                    backward(run, loss, data.accumulate)
             window.add(loss.detach(), per_sample, u)
         window.norm = optimizer_step(run, step, loss.detach())
         run.lr.step()
