@@ -23,7 +23,8 @@ from shared.models.lora import PRESETS, LoraSpec
 from stages.train.checkpoint import CheckpointConfig
 from stages.train.feed import DataConfig
 from stages.train.logs import LogConfig
-from stages.train.model import UnetConfig
+from stages.train import quant
+from stages.train.model import ATTENTION, COMPILE, UnetConfig
 from stages.train.objective import ObjectiveConfig
 from stages.train.offload import OffloadConfig
 from stages.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
@@ -132,6 +133,15 @@ class Config:
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, slower).",
                                        fingerprint=False)
     tf32: bool = opt(True, "Allow TF32 matmuls on NVIDIA GPUs.", fingerprint=False)
+    quantize_base: str = opt("no", "Method lora: store the frozen UNet's weights quantized, the LoRA in float32 "
+                                   "beside them: fp8 (float8 e4m3 with a scale per output channel, Linear and "
+                                   "Conv2d, upcast layer by layer), nf4 / int8 (bitsandbytes' 4-bit NormalFloat "
+                                   "(QLoRA) / LLM.int8() Linear layers).", choices=quant.KINDS)
+    attention: str = opt("sdpa", "Attention kernel: torch's scaled_dot_product_attention, xformers (when "
+                                 "installed), or eager (plain softmax(QK^T)V math).", choices=ATTENTION,
+                         fingerprint=False)
+    compile: str = opt("off", "torch.compile each UNet block (ResNet, transformer, up/downsampler) with this mode; "
+                              "off = eager.", choices=COMPILE, fingerprint=False)
     activation_offload: bool = opt(False, "Keep the activations saved for the backward pass in CPU memory (pinned "
                                           "on CUDA) instead of on the device (less device memory, a copy each way "
                                           "per step; results unchanged).", fingerprint=False)
@@ -182,9 +192,13 @@ class Config:
             raise ConfigError("fused_backward steps each weight on the device inside the backward pass, but a swapped "
                               "block's weights are stepped on the CPU: turn one of fused_backward and blocks_to_swap "
                               "off")
-        problem = self.optim.problem()
+        problem = self.optim.problem() or self.unet.problem()
         if problem:
             raise ConfigError(problem)
+        if self.blocks_to_swap and (self.compile != "off" or self.quantize_base in ("nf4", "int8")):
+            what = f"compile {self.compile}" if self.compile != "off" else f"quantize_base {self.quantize_base}"
+            raise ConfigError(f"blocks_to_swap moves a block's tensors between host and device by hand, which "
+                              f"{what} does not allow (its own kernels / quantized parameters): use one of them")
         where = self.input or self.workdir / "encode"
         object.__setattr__(self, "input", where if location.is_url(where) else Path(where))
         object.__setattr__(self, "output", self.output or self.workdir / "train")
