@@ -94,6 +94,13 @@ def unit_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
+def chosen_units(unet: torch.nn.Module, count: int) -> list[tuple[str, torch.nn.Module]]:
+    """The `count` largest blocks (the earlier of equal ones), in module order: those block swap keeps on the host."""
+    units = swap_units(unet)
+    ranked = sorted(range(len(units)), key=lambda i: (-unit_bytes(units[i][1]), i))
+    return [units[i] for i in sorted(ranked[:count])]
+
+
 class Block:
     """One swapped block: its tensors' host copies (pinned on CUDA), and where its tensors point now."""
 
@@ -161,12 +168,9 @@ class BlockSwap:
     """The swapped blocks of a UNet and the hooks that move them (see the module's doc)."""
 
     def __init__(self, unet: torch.nn.Module, count: int, device: torch.device):
-        units = swap_units(unet)
-        ranked = sorted(range(len(units)), key=lambda i: (-unit_bytes(units[i][1]), i))
-        chosen = sorted(ranked[:count])
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.blocks = [Block(*units[i], device) for i in chosen]
+        self.blocks = [Block(name, module, device) for name, module in chosen_units(unet, count)]
         self.order: list[Block] = []        # the forward order, as first seen
         self.backward = False
         self.trace: list[tuple[str, str]] = []
