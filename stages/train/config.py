@@ -23,7 +23,7 @@ from shared.models.lora import PRESETS, LoraSpec
 from stages.train.checkpoint import CheckpointConfig
 from stages.train.feed import DataConfig
 from stages.train.logs import LogConfig
-from stages.train import quant
+from stages.train import quant, sharding
 from stages.train.model import ATTENTION, COMPILE, UnetConfig
 from stages.train.objective import ObjectiveConfig
 from stages.train.offload import OffloadConfig
@@ -142,6 +142,10 @@ class Config:
                          fingerprint=False)
     compile: str = opt("off", "torch.compile each UNet block (ResNet, transformer, up/downsampler) with this mode; "
                               "off = eager.", choices=COMPILE, fingerprint=False)
+    parallel: str = opt("ddp", "With several processes: ddp (each holds the whole UNet, gradients averaged) or fsdp "
+                               "(torch's fully_shard, per block: each holds 1/N of the weights, gradients and "
+                               "AdamW state; method full, adamw, float32 weights). Checkpoints are the same.",
+                        choices=sharding.PARALLEL, fingerprint=False)
     activation_offload: bool = opt(False, "Keep the activations saved for the backward pass in CPU memory (pinned "
                                           "on CUDA) instead of on the device (less device memory, a copy each way "
                                           "per step; results unchanged).", fingerprint=False)
@@ -192,7 +196,9 @@ class Config:
             raise ConfigError("fused_backward steps each weight on the device inside the backward pass, but a swapped "
                               "block's weights are stepped on the CPU: turn one of fused_backward and blocks_to_swap "
                               "off")
-        problem = self.optim.problem() or self.unet.problem()
+        problem = (self.optim.problem() or self.unet.problem() or
+                   sharding.problem(self.parallel, self.method, self.optimizer, self.weights_dtype,
+                                    self.mixed_precision))
         if problem:
             raise ConfigError(problem)
         if self.blocks_to_swap and (self.compile != "off" or self.quantize_base in ("nf4", "int8")):

@@ -22,7 +22,7 @@ from shared.core.log import say, warn
 from shared.core.stage import BuildResult
 from stages.train import checkpoint as ckpt
 from stages.train import data as D
-from stages.train import feed, fused, logs, model as M, objective, offload as OF, optim as O, step as S
+from stages.train import feed, fused, logs, model as M, objective, offload as OF, optim as O, sharding, step as S
 from stages.train.config import Config
 
 
@@ -69,6 +69,7 @@ class Run:
     eval_set: list = field(default_factory=list)
     log: logs.TrainLog | None = None
     offload: OF.Offload | None = None  # activation offload and block swap (offload.py)
+    sharded: bool = False              # the UNet is sharded over the processes (FSDP2, sharding.py)
 
     def parts(self) -> dict[str, ckpt.Stateful]:
         """What a checkpoint holds, restored in this order (the schedule after the optimizer: it sets the
@@ -94,16 +95,23 @@ def setup(run: Run) -> None:
     torch.manual_seed(cfg.seed + run.rank.rank)  # the global generator drives LoRA dropout only
     feed.check_shapes(run.unet, run.data.index, run.data.folder)
     run.offload = OF.install(cfg.offload, run.unet, run.device, run.rank.world)  # before the state: it moves weights
+    if cfg.parallel == "fsdp" and run.rank.world > 1:   # before the state: the optimizer steps the shards
+        blocks = [m for _, m in M.blocks(run.unet)]
+        sharding.shard(run.unet, blocks)
+        run.sharded = True
+        if run.rank.main:
+            say(f"train: FSDP: the UNet sharded over {run.rank.world} processes ({len(blocks)} blocks and the rest)")
     make_state(run)
     start = ckpt.resolve_resume(cfg.checkpointing.resume, run.staging, run.rank.main)
     if start is not None:
         restore(run, start)
     run.model = run.unet
-    if run.rank.world > 1:
+    if run.rank.world > 1 and not run.sharded:
         ids = [run.device.index] if run.device.type == "cuda" else None
         run.model = torch.nn.parallel.DistributedDataParallel(run.unet, device_ids=ids, gradient_as_bucket_view=True)
-    if run.rank.main:
+    if run.rank.main or run.sharded:   # sharded: every process runs the evaluation's forward passes
         run.eval_set = feed.first_samples(run.data, cfg.logging.eval_samples)
+    if run.rank.main:
         run.log = logs.TrainLog(cfg.logging, run.staging / "logs", run.schedule.total, run.progress.step,
                                 cfg.batch_size * cfg.accumulate * run.rank.world, to_plain(cfg))
 
@@ -139,6 +147,8 @@ def restore(run: Run, folder: Path) -> None:
     saved = ckpt.check_resumable(folder, run.record["config"], run.record["inputs"],
                                  run.cfg.checkpointing.force_resume)
     missing = ckpt.restore(folder, {**run.parts(), **run.rank_parts()})
+    if run.sharded:
+        sharding.shard_optimizer_state(run.opt)
     O.after_restore(run.opt)
     if missing:
         warn(f"{folder} holds no state of {', '.join(missing)} (it starts afresh; with an RNG state missing, "
@@ -280,11 +290,12 @@ def evaluate(run: Run) -> None:
 
 
 def _evaluate(run: Run) -> None:
-    if run.rank.main and run.eval_set:
+    if run.eval_set:
         step = run.progress.step
         value = S.evaluate(run.unet, run.eval_set, run.cfg.objective, run.sigmas, run.precision, run.device)
         run.progress.eval.append([step, value])
-        run.log.note(step, "eval_loss", value)
+        if run.log is not None:
+            run.log.note(step, "eval_loss", value)
 
 
 def save(run: Run) -> None:
@@ -302,7 +313,8 @@ def _save(run: Run) -> None:
         fingerprint=artifacts.hash_json(run.record), created=artifacts.now())
     metadata = {"format": "sdxl-stages", "method": cfg.method,
                 "lora": cfg.adapter.to_json() if cfg.adapter is not None else ""}
-    ckpt.save(run.staging / "checkpoints", record, run.parts(), run.rank_parts(), cfg.checkpointing.keep_checkpoints,
+    parts = sharding.snapshots(run.parts()) if run.sharded else run.parts()   # sharded: gathered by every process
+    ckpt.save(run.staging / "checkpoints", record, parts, run.rank_parts(), cfg.checkpointing.keep_checkpoints,
               metadata, run.rank.main, run.barrier)
 
 

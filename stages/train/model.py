@@ -139,6 +139,11 @@ class TrainedWeights:
         if self.method == "lora":
             lora.load_lora_state(self.unet, own)
             return
-        missing, unexpected = self.unet.load_state_dict(own, strict=False)
+        from stages.train import sharding
+
+        if sharding.is_sharded(self.unet):   # FSDP: every process keeps its shard of the full tensors
+            missing, unexpected = sharding.load_full(self.unet, own), []
+        else:
+            missing, unexpected = self.unet.load_state_dict(own, strict=False)
         if missing or unexpected:
             raise ConfigError(f"checkpoint weights do not fit this UNet ({(missing or unexpected)[0]})")
