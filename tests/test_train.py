@@ -142,6 +142,9 @@ RESUMED = {
     "adamw8bit-per-group-lr": dict(optimizer="adamw8bit", adapter_lr=1e-2, lora_dropout=0.2),
     "schedulefree": dict(optimizer="schedulefree_adamw", warmup_steps=2),
     "prodigy": dict(optimizer="prodigy", learning_rate=1.0),
+    # issue 12: memory savers under kill -9 (fp8 base, swapped blocks stepped on the host, offloaded activations)
+    "fp8-base-swap-offload": dict(quantize_base="fp8", blocks_to_swap=6, activation_offload=True, lora_dropout=0.2,
+                                  gradient_checkpointing=True, ema_decay=0.9),
 }
 
 
@@ -311,3 +314,34 @@ def test_two_ddp_ranks_match_one_process_with_the_doubled_batch(encoded, tmp_pat
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     control = max(float((a[k] - c[k]).abs().max()) for k in a)
     assert worst < 2e-5 and control > 100 * worst, (worst, control)  # seen: 4.5e-6 vs 7.4e-2
+
+
+def test_block_swap_and_activation_offload_train_exactly_as_without(encoded, tmp_path):
+    """Full fine-tune through the train stage: with 13 of the 14 blocks swapped (stepped by AdamW on the host)
+    and the activations offloaded, the weights, optimizer state and evaluation losses are bitwise the plain
+    run's."""
+    opts = dict(method="full", max_steps=4, learning_rate=1e-4, accumulate=2)
+    a = run_train(encoded, tmp_path / "plain", **opts)
+    b = run_train(encoded, tmp_path / "swap", blocks_to_swap=13, activation_offload=True, **opts)
+    assert a.extra["eval_loss"]["history"] == b.extra["eval_loss"]["history"]
+    for name in ("weights", "optimizer"):
+        assert same_tensors(tmp_path / "plain" / "checkpoints" / "step-000004" / f"{name}.safetensors",
+                            tmp_path / "swap" / "checkpoints" / "step-000004" / f"{name}.safetensors"), name
+
+
+def test_a_lora_on_a_quantized_base_exports_as_one_on_the_plain_base(encoded, tmp_path):
+    """fp8 and nf4 bases: the LoRA checkpoint has the plain run's keys, shapes and dtypes (float32), and its kohya
+    export the same names and shapes."""
+    from stages import export
+
+    files = {}
+    for kind in ("no", "fp8", "nf4"):
+        run_train(encoded, tmp_path / kind, max_steps=2, quantize_base=kind, eval_samples=0)
+        export.run(export.Config(input=tmp_path / kind, output=tmp_path / f"e-{kind}", device="cpu",
+                                 format=("kohya",)))
+        weights = tensors(tmp_path / kind / "checkpoints" / "step-000002" / "weights.safetensors")
+        kohya = tensors(next((tmp_path / f"e-{kind}").glob("*.safetensors")))
+        files[kind] = ({k: (v.shape, v.dtype) for k, v in weights.items()},
+                       {k: (v.shape, v.dtype) for k, v in kohya.items()})
+    assert files["fp8"] == files["no"] == files["nf4"]
+    assert all(dtype == torch.float32 for _, dtype in files["no"][0].values())
