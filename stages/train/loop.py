@@ -2,7 +2,8 @@
 
 One code path for one process and for N started by `torchrun` / `accelerate launch` (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR/PORT): with N > 1 a process group is made (NCCL on GPUs, gloo on CPU), the UNet is
-wrapped in DistributedDataParallel, each rank streams its own shards, and rank 0 logs and saves.
+wrapped in DistributedDataParallel (or sharded with FSDP2, sharding.py), each rank streams its own shards, and
+rank 0 logs and saves. The memory savers of offload.py wrap the forward and the backward pass.
 """
 from __future__ import annotations
 

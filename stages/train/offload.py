@@ -17,11 +17,12 @@ results are tested there (tests/test_offload.py).
 
 The host copy is the weight: a trained parameter whose block is swapped is stepped on the CPU by the optimizer
 (its gradient is moved to the host with it, as ZeRO-offload does), so between steps every swapped parameter
-lives on the host, where the optimizer, the EMA and checkpoints read it. Each move is recorded in `trace` (the
-tests read where the weights live and in which order the hooks fired).
+lives on the host, where the optimizer, the EMA and checkpoints read it. The latest moves are recorded in `trace`
+(the tests read where the weights live and in which order the hooks fired).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -173,7 +174,8 @@ class BlockSwap:
         self.blocks = [Block(name, module, device) for name, module in chosen_units(unet, count)]
         self.order: list[Block] = []        # the forward order, as first seen
         self.backward = False
-        self.trace: list[tuple[str, str]] = []
+        # the latest moves (one step's worth and more; bounded, so a long run does not grow it)
+        self.trace: collections.deque = collections.deque(maxlen=8 * len(self.blocks) + 8)
         self.hooks = []
         for b in self.blocks:
             self.hooks.append(b.module.register_forward_pre_hook(lambda m, a, b=b: self._before(b)))
