@@ -35,7 +35,7 @@ def inputs(unet, seed: int) -> dict:
                                   "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]] * 2)}}
 
 
-def steps(cfg: train.Config, n: int = 3, accumulate: int = 2) -> tuple[list[float], dict, OF.Offload]:
+def steps(cfg: train.Config, n: int = 2, accumulate: int = 2) -> tuple[list[float], dict, OF.Offload]:
     """`n` AdamW steps of `accumulate` micro-batches each; (losses, final state_dict, the Offload)."""
     unet = unet_for(cfg)
     off = OF.install(cfg.offload, unet, torch.device("cpu"), 1)

@@ -320,22 +320,22 @@ def test_block_swap_and_activation_offload_train_exactly_as_without(encoded, tmp
     """Full fine-tune through the train stage: with 13 of the 14 blocks swapped (stepped by AdamW on the host)
     and the activations offloaded, the weights, optimizer state and evaluation losses are bitwise the plain
     run's."""
-    opts = dict(method="full", max_steps=4, learning_rate=1e-4, accumulate=2)
+    opts = dict(method="full", max_steps=2, checkpoint_every=2, learning_rate=1e-4, accumulate=2, eval_samples=1)
     a = run_train(encoded, tmp_path / "plain", **opts)
     b = run_train(encoded, tmp_path / "swap", blocks_to_swap=13, activation_offload=True, **opts)
     assert a.extra["eval_loss"]["history"] == b.extra["eval_loss"]["history"]
     for name in ("weights", "optimizer"):
-        assert same_tensors(tmp_path / "plain" / "checkpoints" / "step-000004" / f"{name}.safetensors",
-                            tmp_path / "swap" / "checkpoints" / "step-000004" / f"{name}.safetensors"), name
+        assert same_tensors(tmp_path / "plain" / "checkpoints" / "step-000002" / f"{name}.safetensors",
+                            tmp_path / "swap" / "checkpoints" / "step-000002" / f"{name}.safetensors"), name
 
 
 def test_a_lora_on_a_quantized_base_exports_as_one_on_the_plain_base(encoded, tmp_path):
-    """fp8 and nf4 bases: the LoRA checkpoint has the plain run's keys, shapes and dtypes (float32), and its kohya
-    export the same names and shapes."""
+    """An fp8 base: the LoRA checkpoint has the plain run's keys, shapes and dtypes (float32), and its kohya export
+    the same names and shapes (nf4 / int8 keep the same LoRA keys: tests/test_quant.py)."""
     from stages import export
 
     files = {}
-    for kind in ("no", "fp8", "nf4"):
+    for kind in ("no", "fp8"):
         run_train(encoded, tmp_path / kind, max_steps=2, quantize_base=kind, eval_samples=0)
         export.run(export.Config(input=tmp_path / kind, output=tmp_path / f"e-{kind}", device="cpu",
                                  format=("kohya",)))
@@ -343,5 +343,5 @@ def test_a_lora_on_a_quantized_base_exports_as_one_on_the_plain_base(encoded, tm
         kohya = tensors(next((tmp_path / f"e-{kind}").glob("*.safetensors")))
         files[kind] = ({k: (v.shape, v.dtype) for k, v in weights.items()},
                        {k: (v.shape, v.dtype) for k, v in kohya.items()})
-    assert files["fp8"] == files["no"] == files["nf4"]
+    assert files["fp8"] == files["no"]
     assert all(dtype == torch.float32 for _, dtype in files["no"][0].values())
