@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from shared.core.config import resolve
+from shared.core.errors import ConfigError
 from stages import train
 from stages.cli import app
 from stages.train import model as M, offload as OF, optim as O, planner, quant
@@ -178,3 +179,5 @@ def test_memory_savers_counted_against_the_real_model_and_by_hand():
     assert swap["optimizer state"] == sum(2 * 4 * p.numel() + 4 for p in device_params)
     assert swap["gradients"] == sum(4 * p.numel() for p in device_params) + 2 * sizes[0]
     assert parts(activation_offload=True)["activations (peak)"] < 0.5 * base["activations (peak)"]
+    with pytest.raises(ConfigError, match="14 swappable blocks"):
+        planner.plan(config(blocks_to_swap=20), (64, 64), 1)

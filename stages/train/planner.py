@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from shared.core.errors import PipelineError
+from shared.core.errors import ConfigError, PipelineError
 from shared.models import loading as models
 from stages.train import model as M, objective, offload as OF, optim as O, quant, step as S
 
@@ -274,7 +274,7 @@ def plan(cfg: Any, size: tuple[int, int], batch: int) -> Plan:
     groups = O.param_groups(cfg.optim, M.trainable_groups(unet, cfg.method))
     trained = [p for g in groups for p in g["params"]]
     weights = sum(nbytes(t) for t in [*unet.parameters(), *unet.buffers()]) - quantized_savings(unet, cfg.quantize_base)
-    swapped = swapped_blocks(unet, cfg.blocks_to_swap)
+    swapped = swapped_blocks(unet, cfg)
     on_host = {id(p) for _, m in swapped for p in m.parameters()}
     device_trained = [p for p in trained if id(p) not in on_host]
     weights -= swap_savings(swapped)
@@ -305,8 +305,12 @@ def quantized_savings(unet: Any, kind: str) -> int:
                for _, _, layer in quant.frozen_layers(unet, kind))
 
 
-def swapped_blocks(unet: Any, count: int) -> list[tuple[str, Any]]:
-    return OF.chosen_units(unet, count) if count else []
+def swapped_blocks(unet: Any, cfg: Any) -> list[tuple[str, Any]]:
+    """The blocks block swap keeps on the host (a ConfigError when there are not that many)."""
+    why = OF.problem(cfg.offload, len(OF.swap_units(unet)), 1)
+    if why:
+        raise ConfigError(why)
+    return OF.chosen_units(unet, cfg.blocks_to_swap) if cfg.blocks_to_swap else []
 
 
 def swap_savings(swapped: list[tuple[str, Any]]) -> int:
