@@ -104,6 +104,10 @@ def test_quantized_full_finetune_and_missing_xformers_are_one_line_errors():
         config(method="full", quantize_base="nf4")
     with pytest.raises(ConfigError, match="blocks_to_swap .* quantize_base int8"):
         config(blocks_to_swap=2, quantize_base="int8")
+    with pytest.raises(ConfigError, match="parallel fsdp .* use method lora|parallel fsdp shards"):
+        config(parallel="fsdp")
+    with pytest.raises(ConfigError, match="use ema_device device"):
+        config(parallel="fsdp", method="full", ema_decay=0.9, ema_device="cpu")
     if importlib.util.find_spec("xformers") is None:
         with pytest.raises(ConfigError, match="xformers is not installed"):
             unet(attention="xformers")

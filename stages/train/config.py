@@ -198,7 +198,7 @@ class Config:
                               "off")
         problem = (self.optim.problem() or self.unet.problem() or
                    sharding.problem(self.parallel, self.method, self.optimizer, self.weights_dtype,
-                                    self.mixed_precision))
+                                    self.mixed_precision, self.ema_decay > 0 and self.ema_device == "cpu"))
         if problem:
             raise ConfigError(problem)
         if self.blocks_to_swap and (self.compile != "off" or self.quantize_base in ("nf4", "int8")):

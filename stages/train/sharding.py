@@ -21,7 +21,8 @@ except ImportError:  # pragma: no cover - torch < 2.5 is not supported (pyprojec
 PARALLEL = ("ddp", "fsdp")
 
 
-def problem(parallel: str, method: str, optimizer: str, weights_dtype: str, mixed_precision: str) -> str | None:
+def problem(parallel: str, method: str, optimizer: str, weights_dtype: str, mixed_precision: str,
+            ema_on_cpu: bool = False) -> str | None:
     """Why FSDP cannot train this config (None: it can, or DDP is asked)."""
     if parallel != "fsdp":
         return None
@@ -34,6 +35,8 @@ def problem(parallel: str, method: str, optimizer: str, weights_dtype: str, mixe
                 "use weights_dtype float32 with mixed_precision bf16")
     if mixed_precision == "fp16":
         return "parallel fsdp has no gradient scaler for fp16 here: use mixed_precision bf16"
+    if ema_on_cpu:   # a sharded tensor's copy on the host would belong to no process group's device mesh
+        return "parallel fsdp keeps each process's EMA shard beside its weights: use ema_device device"
     return None
 
 
