@@ -81,3 +81,44 @@ def test_train_reads_encode_output_from_a_url(encoded, tmp_path):
     assert remote is not None and local is not None
     wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fsdp_two_ranks_train_as_one_process_and_resume_after_kill_9(encoded, tmp_path):
+    """FSDP2 (`--parallel fsdp`, torch's fully_shard per UNet block) on 2 CPU ranks under gloo, full fine-tune:
+    the weights after 4 steps equal one process's with the doubled batch (up to float summation order, as DDP's
+    do: tests/test_train.py), the checkpoint holds the full tensors a DDP run writes (same files, keys, shapes),
+    and a run killed (-9) after step 4 resumes from step 3 to bitwise the uninterrupted run's weights, AdamW
+    state, schedule and progress."""
+    opts = ["--method", "full", "--learning-rate", "1e-4", "--parallel", "fsdp"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29583",
+                "-m"]
+    a = launch(torchrun, train_args(encoded, tmp_path / "fsdp") + opts)
+    assert a.returncode == 0, a.stderr[-3000:]
+    one = train_args(encoded, tmp_path / "one") + opts + ["--batch-size", "8"]
+    b = launch([sys.executable, "-m"], one)
+    assert b.returncode == 0, b.stderr[-3000:]
+    wa, wb = weights(tmp_path / "fsdp"), weights(tmp_path / "one")
+    assert wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape for k in wa)
+    assert "FSDP: the UNet sharded over 2 processes (14 blocks" in a.stdout
+    from shared.models import loading as models
+
+    start = models.load_model("builtin:tiny", ("unet",)).unet.state_dict()
+    moved = max(float((wa["unet." + k] - v).abs().max()) for k, v in start.items())
+    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert worst < 1e-5 and moved > 100 * worst, (worst, moved)
+    killed = subprocess.run([*torchrun, "stages.cli", *train_args(encoded, tmp_path / "k"), *opts],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env={**os.environ, "SDXL_PROGRESS": "0", "OMP_NUM_THREADS": "1",
+                                 "SDXL_FAULT": "train.step:4"})
+    assert killed.returncode != 0 and not (tmp_path / "k").exists()
+    again = launch(torchrun, train_args(encoded, tmp_path / "k") + opts)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stdout and "step 3 of 4" in again.stdout
+    fa, fk = (tmp_path / "fsdp" / "checkpoints" / "step-000004", tmp_path / "k" / "checkpoints" / "step-000004")
+    from safetensors.torch import load_file
+
+    for name in ("weights", "optimizer"):
+        ta, tk = load_file(str(fa / f"{name}.safetensors")), load_file(str(fk / f"{name}.safetensors"))
+        assert ta.keys() == tk.keys() and all(torch.equal(ta[k], tk[k]) for k in ta), name
+    for name in ("optimizer", "scheduler", "progress"):
+        assert (fa / f"{name}.json").read_text() == (fk / f"{name}.json").read_text(), name

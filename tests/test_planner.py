@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from shared.core.config import resolve
+from shared.core.errors import ConfigError
 from stages import train
 from stages.cli import app
-from stages.train import model as M, optim as O, planner
+from stages.train import model as M, offload as OF, optim as O, planner, quant
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2 ** 30
@@ -145,3 +146,38 @@ def test_the_presets_fit_their_cards():
         cfg = resolve(train.Config, "train", {"train": {"model": "builtin:sdxl-random", **values}})
         peak = planner.plan(cfg, (1024, 1024), cfg.batch_size).peak / GIB
         assert peak <= 0.9 * CARDS[name.split("-")[1]], (name, peak)
+
+
+def test_memory_savers_counted_against_the_real_model_and_by_hand():
+    """Quantized base, block swap and activation offload in the plan of builtin:tiny: the fp8 base's weights are
+    the bytes the built model really holds; nf4 / int8 by hand; the swapped blocks' weights (all but the two
+    largest), gradients and optimizer state leave the device; offloaded activations lower the activation peak."""
+    def parts(**kw):
+        return {p.name: p.bytes for p in planner.plan(config(**kw), (64, 64), 1).parts}
+
+    def held(module):
+        return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+    base = parts()
+    fp8 = M.build_unet(config(quantize_base="fp8").unet, torch.device("cpu"))
+    assert parts(quantize_base="fp8")["weights"] == held(fp8) < base["weights"]
+    unet = M.build_unet(config().unet, torch.device("cpu"))
+    linear = [layer.weight.shape for _, _, layer in quant.frozen_layers(unet, "nf4")]
+    nf4 = sum(4 * s.numel() - (s.numel() // 2 + 4 * -(-s.numel() // 64)) for s in linear)
+    int8 = sum(4 * s.numel() - (s.numel() + 4 * s[0]) for s in linear)
+    assert base["weights"] - parts(quantize_base="nf4")["weights"] == nf4
+    assert base["weights"] - parts(quantize_base="int8")["weights"] == int8
+
+    full = parts(method="full", max_grad_norm=0.0)
+    whole = M.build_unet(config(method="full").unet, torch.device("cpu"))
+    swapped = OF.chosen_units(whole, 9)
+    sizes = sorted((held(m) for _, m in swapped), reverse=True)
+    on_host = {id(p) for _, m in swapped for p in m.parameters()}
+    device_params = [p for p in whole.parameters() if id(p) not in on_host]
+    swap = parts(method="full", max_grad_norm=0.0, blocks_to_swap=9)
+    assert swap["weights"] == full["weights"] - sum(sizes[2:])
+    assert swap["optimizer state"] == sum(2 * 4 * p.numel() + 4 for p in device_params)
+    assert swap["gradients"] == sum(4 * p.numel() for p in device_params) + 2 * sizes[0]
+    assert parts(activation_offload=True)["activations (peak)"] < 0.5 * base["activations (peak)"]
+    with pytest.raises(ConfigError, match="14 swappable blocks"):
+        planner.plan(config(blocks_to_swap=20), (64, 64), 1)

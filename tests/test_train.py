@@ -82,7 +82,7 @@ def test_config_groups_are_typed_views_of_the_flat_keys():
 
     cfg = resolve(train.Config, "train", {}, {**BASE, "lr_schedule": "polynomial", "lr_power": 2.0, "dora": True})
     flat = {f.name for f in fields(cfg)}
-    groups = ("objective", "unet", "optim", "data", "checkpointing", "logging")
+    groups = ("objective", "unet", "optim", "offload", "data", "checkpointing", "logging")
     seen = set()
     for name in groups:
         group = getattr(cfg, name)
@@ -94,7 +94,7 @@ def test_config_groups_are_typed_views_of_the_flat_keys():
     assert cfg.unet.adapter.dora and cfg.unet.adapter.rank == 4 and cfg.optim.lr_power == 2.0
     assert resolve(train.Config, "train", {}, {**BASE, "method": "full"}).adapter is None
     ungrouped = flat - seen - {"lora_preset", "lora_rank", "lora_alpha", "lora_dropout", "dora"}
-    assert ungrouped == {"workdir", "output", "allow_encoder_mismatch", "comment", "device", "plan"}
+    assert ungrouped == {"workdir", "output", "allow_encoder_mismatch", "comment", "device", "plan", "parallel"}
     assert set(fingerprinted(cfg)) < flat and "learning_rate" in fingerprinted(cfg)
     with pytest.raises(ConfigError, match="lr_end 0.01 must be below learning_rate 0.003"):
         resolve(train.Config, "train", {}, {**BASE, "lr_schedule": "polynomial", "lr_end": 0.01})
@@ -142,6 +142,9 @@ RESUMED = {
     "adamw8bit-per-group-lr": dict(optimizer="adamw8bit", adapter_lr=1e-2, lora_dropout=0.2),
     "schedulefree": dict(optimizer="schedulefree_adamw", warmup_steps=2),
     "prodigy": dict(optimizer="prodigy", learning_rate=1.0),
+    # issue 12: memory savers under kill -9 (fp8 base, swapped blocks stepped on the host, offloaded activations)
+    "fp8-base-swap-offload": dict(quantize_base="fp8", blocks_to_swap=6, activation_offload=True, lora_dropout=0.2,
+                                  gradient_checkpointing=True, ema_decay=0.9),
 }
 
 
@@ -311,3 +314,34 @@ def test_two_ddp_ranks_match_one_process_with_the_doubled_batch(encoded, tmp_pat
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     control = max(float((a[k] - c[k]).abs().max()) for k in a)
     assert worst < 2e-5 and control > 100 * worst, (worst, control)  # seen: 4.5e-6 vs 7.4e-2
+
+
+def test_block_swap_and_activation_offload_train_exactly_as_without(encoded, tmp_path):
+    """Full fine-tune through the train stage: with 13 of the 14 blocks swapped (stepped by AdamW on the host)
+    and the activations offloaded, the weights, optimizer state and evaluation losses are bitwise the plain
+    run's."""
+    opts = dict(method="full", max_steps=2, checkpoint_every=2, learning_rate=1e-4, accumulate=2, eval_samples=1)
+    a = run_train(encoded, tmp_path / "plain", **opts)
+    b = run_train(encoded, tmp_path / "swap", blocks_to_swap=13, activation_offload=True, **opts)
+    assert a.extra["eval_loss"]["history"] == b.extra["eval_loss"]["history"]
+    for name in ("weights", "optimizer"):
+        assert same_tensors(tmp_path / "plain" / "checkpoints" / "step-000002" / f"{name}.safetensors",
+                            tmp_path / "swap" / "checkpoints" / "step-000002" / f"{name}.safetensors"), name
+
+
+def test_a_lora_on_a_quantized_base_exports_as_one_on_the_plain_base(encoded, tmp_path):
+    """An fp8 base: the LoRA checkpoint has the plain run's keys, shapes and dtypes (float32), and its kohya export
+    the same names and shapes (nf4 / int8 keep the same LoRA keys: tests/test_quant.py)."""
+    from stages import export
+
+    files = {}
+    for kind in ("no", "fp8"):
+        run_train(encoded, tmp_path / kind, max_steps=2, quantize_base=kind, eval_samples=0)
+        export.run(export.Config(input=tmp_path / kind, output=tmp_path / f"e-{kind}", device="cpu",
+                                 format=("kohya",)))
+        weights = tensors(tmp_path / kind / "checkpoints" / "step-000002" / "weights.safetensors")
+        kohya = tensors(next((tmp_path / f"e-{kind}").glob("*.safetensors")))
+        files[kind] = ({k: (v.shape, v.dtype) for k, v in weights.items()},
+                       {k: (v.shape, v.dtype) for k, v in kohya.items()})
+    assert files["fp8"] == files["no"]
+    assert all(dtype == torch.float32 for _, dtype in files["no"][0].values())

@@ -6,7 +6,7 @@ kernels); every other field does, so a finished output is reused only when all o
 checkpoint is resumed only by a config whose fingerprinted fields equal the checkpoint's (see checkpoint.py).
 
 The groups are typed views of the flat fields of the same names, made once per config: `objective`
-(objective.py), `unet` and `adapter` (model.py), `optim` (optim.py), `data` (feed.py), `checkpointing`
+(objective.py), `unet` and `adapter` (model.py), `optim` (optim.py), `offload` (offload.py), `data` (feed.py), `checkpointing`
 (checkpoint.py), `logging` (logs.py). Functions take their group, not the whole config.
 """
 from __future__ import annotations
@@ -23,8 +23,10 @@ from shared.models.lora import PRESETS, LoraSpec
 from stages.train.checkpoint import CheckpointConfig
 from stages.train.feed import DataConfig
 from stages.train.logs import LogConfig
-from stages.train.model import UnetConfig
+from stages.train import quant, sharding
+from stages.train.model import ATTENTION, COMPILE, UnetConfig
 from stages.train.objective import ObjectiveConfig
+from stages.train.offload import OffloadConfig
 from stages.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 
 DTYPES = ("float32", "bfloat16")
@@ -133,6 +135,26 @@ class Config:
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, slower).",
                                        fingerprint=False)
     tf32: bool = opt(True, "Allow TF32 matmuls on NVIDIA GPUs.", fingerprint=False)
+    quantize_base: str = opt("no", "Method lora: store the frozen UNet's weights quantized, the LoRA in float32 "
+                                   "beside them: fp8 (float8 e4m3 with a scale per output channel, Linear and "
+                                   "Conv2d, upcast layer by layer), nf4 / int8 (bitsandbytes' 4-bit NormalFloat "
+                                   "(QLoRA) / LLM.int8() Linear layers).", choices=quant.KINDS)
+    attention: str = opt("sdpa", "Attention kernel: torch's scaled_dot_product_attention, xformers (when "
+                                 "installed), or eager (plain softmax(QK^T)V math).", choices=ATTENTION,
+                         fingerprint=False)
+    compile: str = opt("off", "torch.compile each UNet block (ResNet, transformer, up/downsampler) with this mode; "
+                              "off = eager.", choices=COMPILE, fingerprint=False)
+    parallel: str = opt("ddp", "With several processes: ddp (each holds the whole UNet, gradients averaged) or fsdp "
+                               "(torch's fully_shard, per block: each holds 1/N of the weights, gradients and "
+                               "AdamW state; method full, adamw, float32 weights). Checkpoints are the same.",
+                        choices=sharding.PARALLEL, fingerprint=False)
+    activation_offload: bool = opt(False, "Keep the activations saved for the backward pass in CPU memory (pinned "
+                                          "on CUDA) instead of on the device (less device memory, a copy each way "
+                                          "per step; results unchanged).", fingerprint=False)
+    blocks_to_swap: int = opt(0, "Keep the UNet's N largest blocks (ResNet, transformer, up/downsampler) in CPU "
+                                 "memory and stream each to the device just before it runs, on a side CUDA stream "
+                                 "overlapping compute; their weights are stepped on the CPU (results unchanged; "
+                                 "one process; 0 = off).", ge=0, fingerprint=False)
     checkpoint_every: int = opt(500, "Save a checkpoint every N optimizer steps (and always at the end).",
                                 fingerprint=False, ge=1)
     keep_checkpoints: int = opt(3, "Keep the newest K checkpoints.", fingerprint=False, ge=1)
@@ -172,9 +194,19 @@ class Config:
         if self.lr_schedule == "polynomial" and self.lr_end >= self.learning_rate:
             raise ConfigError(f"lr_end {self.lr_end:g} must be below learning_rate {self.learning_rate:g} "
                               f"(the polynomial schedule decays from one to the other)")
-        problem = self.optim.problem()
+        if self.blocks_to_swap and self.fused_backward:
+            raise ConfigError("fused_backward steps each weight on the device inside the backward pass, but a swapped "
+                              "block's weights are stepped on the CPU: turn one of fused_backward and blocks_to_swap "
+                              "off")
+        problem = (self.optim.problem() or self.unet.problem() or
+                   sharding.problem(self.parallel, self.method, self.optimizer, self.weights_dtype,
+                                    self.mixed_precision, self.ema_decay > 0 and self.ema_device == "cpu"))
         if problem:
             raise ConfigError(problem)
+        if self.blocks_to_swap and (self.compile != "off" or self.quantize_base in ("nf4", "int8")):
+            what = f"compile {self.compile}" if self.compile != "off" else f"quantize_base {self.quantize_base}"
+            raise ConfigError(f"blocks_to_swap moves a block's tensors between host and device by hand, which "
+                              f"{what} does not allow (its own kernels / quantized parameters): use one of them")
         where = self.input or self.workdir / "encode"
         object.__setattr__(self, "input", where if location.is_url(where) else Path(where))
         object.__setattr__(self, "output", self.output or self.workdir / "train")
@@ -193,6 +225,10 @@ class Config:
     @cached_property
     def unet(self) -> UnetConfig:
         return _view(self, UnetConfig)
+
+    @cached_property
+    def offload(self) -> OffloadConfig:
+        return _view(self, OffloadConfig)
 
     @cached_property
     def optim(self) -> OptimizerConfig:

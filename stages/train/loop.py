@@ -2,7 +2,8 @@
 
 One code path for one process and for N started by `torchrun` / `accelerate launch` (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR/PORT): with N > 1 a process group is made (NCCL on GPUs, gloo on CPU), the UNet is
-wrapped in DistributedDataParallel, each rank streams its own shards, and rank 0 logs and saves.
+wrapped in DistributedDataParallel (or sharded with FSDP2, sharding.py), each rank streams its own shards, and
+rank 0 logs and saves. The memory savers of offload.py wrap the forward and the backward pass.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from shared.core.log import say, warn
 from shared.core.stage import BuildResult
 from stages.train import checkpoint as ckpt
 from stages.train import data as D
-from stages.train import feed, fused, logs, model as M, objective, optim as O, step as S
+from stages.train import feed, fused, logs, model as M, objective, offload as OF, optim as O, sharding, step as S
 from stages.train.config import Config
 
 
@@ -68,6 +69,8 @@ class Run:
     progress: Progress | None = None
     eval_set: list = field(default_factory=list)
     log: logs.TrainLog | None = None
+    offload: OF.Offload | None = None  # activation offload and block swap (offload.py)
+    sharded: bool = False              # the UNet is sharded over the processes (FSDP2, sharding.py)
 
     def parts(self) -> dict[str, ckpt.Stateful]:
         """What a checkpoint holds, restored in this order (the schedule after the optimizer: it sets the
@@ -92,16 +95,24 @@ def setup(run: Run) -> None:
     run.unet = M.build_unet(cfg.unet, run.device)
     torch.manual_seed(cfg.seed + run.rank.rank)  # the global generator drives LoRA dropout only
     feed.check_shapes(run.unet, run.data.index, run.data.folder)
+    run.offload = OF.install(cfg.offload, run.unet, run.device, run.rank.world)  # before the state: it moves weights
+    if cfg.parallel == "fsdp" and run.rank.world > 1:   # before the state: the optimizer steps the shards
+        blocks = [m for _, m in M.blocks(run.unet)]
+        sharding.shard(run.unet, blocks)
+        run.sharded = True
+        if run.rank.main:
+            say(f"train: FSDP: the UNet sharded over {run.rank.world} processes ({len(blocks)} blocks and the rest)")
     make_state(run)
     start = ckpt.resolve_resume(cfg.checkpointing.resume, run.staging, run.rank.main)
     if start is not None:
         restore(run, start)
     run.model = run.unet
-    if run.rank.world > 1:
+    if run.rank.world > 1 and not run.sharded:
         ids = [run.device.index] if run.device.type == "cuda" else None
         run.model = torch.nn.parallel.DistributedDataParallel(run.unet, device_ids=ids, gradient_as_bucket_view=True)
-    if run.rank.main:
+    if run.rank.main or run.sharded:   # sharded: every process runs the evaluation's forward passes
         run.eval_set = feed.first_samples(run.data, cfg.logging.eval_samples)
+    if run.rank.main:
         run.log = logs.TrainLog(cfg.logging, run.staging / "logs", run.schedule.total, run.progress.step,
                                 cfg.batch_size * cfg.accumulate * run.rank.world, to_plain(cfg))
 
@@ -137,6 +148,8 @@ def restore(run: Run, folder: Path) -> None:
     saved = ckpt.check_resumable(folder, run.record["config"], run.record["inputs"],
                                  run.cfg.checkpointing.force_resume)
     missing = ckpt.restore(folder, {**run.parts(), **run.rank_parts()})
+    if run.sharded:
+        sharding.shard_optimizer_state(run.opt)
     O.after_restore(run.opt)
     if missing:
         warn(f"{folder} holds no state of {', '.join(missing)} (it starts afresh; with an RNG state missing, "
@@ -157,8 +170,10 @@ def train_steps(run: Run) -> None:
         for micro in range(data.accumulate):
             batch = S.assemble(*next(batches), run.data.empty, cfg.objective).to(run.device)
             with sync(run, last=micro == data.accumulate - 1):
-                loss, per_sample, u = S.loss(run.model, batch, cfg.objective, run.sigmas, run.precision)
-                backward(run, loss, data.accumulate)
+                with run.offload.forward():
+                    loss, per_sample, u = S.loss(run.model, batch, cfg.objective, run.sigmas, run.precision)
+                with run.offload.backward():
+                    backward(run, loss, data.accumulate)
             window.add(loss.detach(), per_sample, u)
         window.norm = optimizer_step(run, step, loss.detach())
         run.lr.step()
@@ -276,11 +291,12 @@ def evaluate(run: Run) -> None:
 
 
 def _evaluate(run: Run) -> None:
-    if run.rank.main and run.eval_set:
+    if run.eval_set:
         step = run.progress.step
         value = S.evaluate(run.unet, run.eval_set, run.cfg.objective, run.sigmas, run.precision, run.device)
         run.progress.eval.append([step, value])
-        run.log.note(step, "eval_loss", value)
+        if run.log is not None:
+            run.log.note(step, "eval_loss", value)
 
 
 def save(run: Run) -> None:
@@ -298,7 +314,8 @@ def _save(run: Run) -> None:
         fingerprint=artifacts.hash_json(run.record), created=artifacts.now())
     metadata = {"format": "sdxl-stages", "method": cfg.method,
                 "lora": cfg.adapter.to_json() if cfg.adapter is not None else ""}
-    ckpt.save(run.staging / "checkpoints", record, run.parts(), run.rank_parts(), cfg.checkpointing.keep_checkpoints,
+    parts = sharding.snapshots(run.parts()) if run.sharded else run.parts()   # sharded: gathered by every process
+    ckpt.save(run.staging / "checkpoints", record, parts, run.rank_parts(), cfg.checkpointing.keep_checkpoints,
               metadata, run.rank.main, run.barrier)
 
 

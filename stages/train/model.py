@@ -1,5 +1,6 @@
-"""What is trained: the model's UNet with a LoRA (peft) or all of it, in which dtype, and its trained weights as
-a checkpoint part (plain tensors; checkpoints hold no pickle)."""
+"""What is trained: the model's UNet with a LoRA (peft) or all of it, in which dtype (its frozen base optionally
+quantized, quant.py), with which attention kernel, compiled per block or not, and its trained weights as a
+checkpoint part (plain tensors; checkpoints hold no pickle)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +10,10 @@ import torch
 
 from shared.core.errors import ConfigError
 from shared.models import lora, loading as models
+from stages.train import quant
+
+ATTENTION = ("sdpa", "xformers", "eager")
+COMPILE = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -23,17 +28,69 @@ class UnetConfig:
     gradient_checkpointing: bool   # recompute activations in the backward pass
     tf32: bool                     # TF32 matmuls on NVIDIA GPUs
     seed: int                      # the adapter's initialisation follows it alone
+    quantize_base: str             # no | fp8 | nf4 | int8: the frozen base's storage (method lora)
+    attention: str                 # sdpa | xformers | eager: the attention kernel
+    compile: str                   # off | a torch.compile mode, applied to each block
+
+    def problem(self) -> str | None:
+        """Why these choices cannot be trained (None: they can)."""
+        if self.quantize_base != "no" and self.method == "full":
+            return (f"quantize_base {self.quantize_base} freezes a quantized base under a LoRA, but method full "
+                    f"trains every weight: use method lora, or quantize_base no")
+        return None
 
 
 def build_unet(cfg: UnetConfig, device: torch.device) -> Any:
     """The model's UNet prepared for training: LoRA injected (base frozen) or fully trainable, in
     `weights_dtype` (LoRA weights in float32), gradient checkpointing as asked, on `device`."""
     unet = models.load_model(cfg.model, ("unet",)).unet
-    unet.to(device, getattr(torch, cfg.weights_dtype))
+    quantized = cfg.quantize_base != "no"
+    # a base to be quantized waits on the host, so the device never holds it at full precision
+    unet.to("cpu" if quantized else device, getattr(torch, cfg.weights_dtype))
     if device.type == "cuda" and cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return prepare(unet, cfg)
+    set_attention(unet, cfg.attention)
+    unet = prepare(unet, cfg)
+    if quantized:
+        quant.quantize_base(unet, cfg.quantize_base)
+        unet.to(device)   # bitsandbytes' layers quantize here
+    compile_blocks(unet, cfg.compile)
+    return unet
+
+
+def set_attention(unet: Any, backend: str) -> None:
+    """The attention kernel: torch's scaled_dot_product_attention (diffusers' default), xformers' memory-efficient
+    attention, or the plain math of softmax(QKᵀ/√d)V (the fallback that runs everywhere)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if backend == "xformers":
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is None:
+            raise ConfigError("attention xformers: xformers is not installed (pip install xformers); or use "
+                              "attention sdpa")
+        unet.enable_xformers_memory_efficient_attention()
+    else:
+        unet.set_attn_processor(AttnProcessor2_0() if backend == "sdpa" else AttnProcessor())
+
+
+def blocks(unet: Any) -> list[tuple[str, torch.nn.Module]]:
+    """The UNet's blocks (ResNet, transformer, up/downsampler): the unit of compilation and of block swap."""
+    from stages.train.offload import swap_units
+
+    return swap_units(unet)
+
+
+def compile_blocks(unet: Any, mode: str) -> int:
+    """torch.compile each block in place (`Module.compile`: its hooks and state_dict keys are unchanged), so a
+    graph break or recompilation stays inside one block; the number compiled."""
+    if mode == "off":
+        return 0
+    found = blocks(unet)
+    for _, module in found:
+        module.compile(mode=None if mode == "default" else mode, dynamic=False)
+    return len(found)
 
 
 def prepare(unet: Any, cfg: UnetConfig) -> Any:
@@ -82,6 +139,11 @@ class TrainedWeights:
         if self.method == "lora":
             lora.load_lora_state(self.unet, own)
             return
-        missing, unexpected = self.unet.load_state_dict(own, strict=False)
+        from stages.train import sharding
+
+        if sharding.is_sharded(self.unet):   # FSDP: every process keeps its shard of the full tensors
+            missing, unexpected = sharding.load_full(self.unet, own), []
+        else:
+            missing, unexpected = self.unet.load_state_dict(own, strict=False)
         if missing or unexpected:
             raise ConfigError(f"checkpoint weights do not fit this UNet ({(missing or unexpected)[0]})")

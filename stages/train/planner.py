@@ -10,7 +10,11 @@ every storage an operation makes until it is freed. The optimizer step's own tem
 way where the step runs on fake tensors (else estimated, and marked so).
 
 peak = weights + optimizer state + EMA + max(forward/backward peak (gradients included as they appear, or freed
-at once with fused backward), gradients + step temporaries). Not counted: the CUDA context, cuDNN / cuBLAS
+at once with fused backward), gradients + step temporaries). The memory savers change the parts they move: a
+quantized base counts each frozen layer's stored bytes (quant.layer_bytes); with block swap the swapped blocks'
+weights, and their trained weights' gradients, optimizer state and EMA, are on the host, and the device holds two
+of them at a time (the one running, the one arriving); with activation offload the saved tensors leave the device
+as they are saved (measured: the pass runs with the offload's hooks, the saved tensors dropped and remade on use). Not counted: the CUDA context, cuDNN / cuBLAS
 workspaces and the allocator's fragmentation (what `torch.cuda.max_memory_allocated` also leaves out, except
 workspaces; the GPU suite compares the two).
 """
@@ -31,9 +35,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from shared.core.errors import PipelineError
+from shared.core.errors import ConfigError, PipelineError
 from shared.models import loading as models
-from stages.train import model as M, objective, optim as O, step as S
+from stages.train import model as M, objective, offload as OF, optim as O, quant, step as S
 
 GIB = 2 ** 30
 BNB_BLOCK, BNB_MIN_8BIT = 256, 4096   # bitsandbytes' blockwise 8-bit states: block size, smallest 8-bit tensor
@@ -191,6 +195,28 @@ def _on_grad(live: LiveBytes, fused: bool) -> Any:
     return hook
 
 
+class OffloadedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """What activation offload leaves on the device: each saved tensor (not a parameter) is dropped when saved
+    (its storage freed, unless something else holds it) and remade when the backward pass uses it."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+        def pack(t: torch.Tensor) -> Any:
+            if isinstance(t, torch.nn.Parameter):
+                return t
+            self.bytes += nbytes(t)
+            return t.shape, t.stride(), t.dtype
+
+        def unpack(packed: Any) -> torch.Tensor:
+            if isinstance(packed, torch.Tensor):
+                return packed
+            shape, stride, dtype = packed
+            return torch.empty_strided(shape, stride, dtype=dtype)
+
+        super().__init__(pack, unpack)
+
+
 def forward_backward(cfg: Any, unet: Any, groups: list[dict], mode: Any, size: tuple[int, int], batch: int
                      ) -> LiveBytes:
     """The live bytes of one training forward + backward pass on fake tensors."""
@@ -200,9 +226,11 @@ def forward_backward(cfg: Any, unet: Any, groups: list[dict], mode: Any, size: t
              for g in groups for p in g["params"]]
     sigmas = objective.schedule(cfg.schedule).float()
     precision = S.Precision.make(cfg.weights_dtype, cfg.mixed_precision, "cpu")
+    offloaded = OffloadedBytes() if cfg.activation_offload else contextlib.nullcontext()
     try:
         with mode, live:
-            loss = S.loss(unet, fake_batch(unet, *size, batch), cfg.objective, sigmas, precision)[0]
+            with offloaded:
+                loss = S.loss(unet, fake_batch(unet, *size, batch), cfg.objective, sigmas, precision)[0]
             loss.backward()
     finally:
         for h in hooks:
@@ -245,20 +273,50 @@ def plan(cfg: Any, size: tuple[int, int], batch: int) -> Plan:
     unet = fake_unet(cfg.unet, mode)
     groups = O.param_groups(cfg.optim, M.trainable_groups(unet, cfg.method))
     trained = [p for g in groups for p in g["params"]]
-    weights = sum(nbytes(t) for t in [*unet.parameters(), *unet.buffers()])
-    grads = sum(nbytes(p) for p in trained)
-    state = state_bytes(cfg.optim, groups)
-    ema = 4 * sum(p.numel() for p in trained) if cfg.ema_decay and cfg.ema_device == "device" else 0
+    weights = sum(nbytes(t) for t in [*unet.parameters(), *unet.buffers()]) - quantized_savings(unet, cfg.quantize_base)
+    swapped = swapped_blocks(unet, cfg)
+    on_host = {id(p) for _, m in swapped for p in m.parameters()}
+    device_trained = [p for p in trained if id(p) not in on_host]
+    weights -= swap_savings(swapped)
+    # a swapped block's gradients exist on the device while it and the one arriving are there
+    swap_grads = 2 * max((sum(nbytes(p) for p in m.parameters() if p.requires_grad) for _, m in swapped), default=0)
+    grads = sum(nbytes(p) for p in device_trained) + swap_grads
+    state = state_bytes(cfg.optim, [{**g, "params": [p for p in g["params"] if id(p) not in on_host]} for g in groups])
+    ema = 4 * sum(p.numel() for p in device_trained) if cfg.ema_decay and cfg.ema_device == "device" else 0
     live = forward_backward(cfg, unet, groups, mode, size, batch)
     temporaries, temp_how = step_temporaries(cfg, groups, mode)
     fused = cfg.optim.fused_backward
     if fused:
         passes = live.peak + temporaries
+    elif swapped:   # the gradients of the swapped blocks leave with them: count the device's share only
+        passes = max(live.peak_less_grads + grads, grads + temporaries)
     else:
         passes = max(live.peak, grads + temporaries, grads + live.peak_less_grads if cfg.accumulate > 1 else 0)
     parts = _parts(cfg, unet, trained, weights, grads, state, ema, live.peak_less_grads, (temporaries, temp_how),
                    size, batch)
     return Plan(_title(cfg, size, batch), parts, weights + state + ema + passes)
+
+
+def quantized_savings(unet: Any, kind: str) -> int:
+    """Bytes the quantized base saves: each frozen layer's weight at its dtype less its quantized form."""
+    if kind == "no":
+        return 0
+    return sum(nbytes(layer.weight) - quant.layer_bytes(layer.weight.shape, kind)
+               for _, _, layer in quant.frozen_layers(unet, kind))
+
+
+def swapped_blocks(unet: Any, cfg: Any) -> list[tuple[str, Any]]:
+    """The blocks block swap keeps on the host (a ConfigError when there are not that many)."""
+    why = OF.problem(cfg.offload, len(OF.swap_units(unet)), 1)
+    if why:
+        raise ConfigError(why)
+    return OF.chosen_units(unet, cfg.blocks_to_swap) if cfg.blocks_to_swap else []
+
+
+def swap_savings(swapped: list[tuple[str, Any]]) -> int:
+    """The swapped blocks' bytes, less the two a device holds at a time (the one running, the one arriving)."""
+    sizes = sorted((OF.unit_bytes(m) for _, m in swapped), reverse=True)
+    return sum(sizes) - sum(sizes[:2])
 
 
 def _parts(cfg: Any, unet: Any, trained: list, weights: int, grads: int, state: int, ema: int, activations: int,
@@ -268,9 +326,11 @@ def _parts(cfg: Any, unet: Any, trained: list, weights: int, grads: int, state: 
     fused = cfg.optim.fused_backward
     ema_how = ("off" if not cfg.ema_decay else "float32 copy of the trained weights" if cfg.ema_device == "device"
                else f"on the CPU ({4 * sum(p.numel() for p in trained) / GIB:.2f} GiB of host memory)")
+    savers = "".join([f", base {cfg.quantize_base}" if cfg.quantize_base != "no" else "",
+                      f", {cfg.blocks_to_swap} blocks swapped (2 on the device at a time)" if cfg.blocks_to_swap else ""])
     return [
         Part("weights", weights, f"{total:,} parameters ({cfg.weights_dtype}{', LoRA float32' if cfg.method == 'lora' else ''})"
-                                 f" + buffers"),
+                                 f" + buffers{savers}"),
         Part("gradients", 0 if fused else grads,
              f"fused backward: each freed once stepped (largest {largest / 2 ** 20:.0f} MiB)" if fused else
              f"{sum(p.numel() for p in trained):,} trained parameters"),
@@ -278,7 +338,8 @@ def _parts(cfg: Any, unet: Any, trained: list, weights: int, grads: int, state: 
              cfg.kahan_summation else ")") if O.rounds_bf16(cfg.optim, [{"params": trained}]) else "")),
         Part("EMA", ema, ema_how),
         Part("activations (peak)", activations, f"measured: forward + backward at {size[0]}x{size[1]} x batch {batch}, "
-                                                f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"),
+                                                f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
+                                                f"{', saved tensors offloaded to the host' if cfg.activation_offload else ''}"),
         Part("step temporaries", temporaries[0], temporaries[1]),
     ]
 

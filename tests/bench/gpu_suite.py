@@ -25,12 +25,22 @@ sys.path.insert(0, str(ROOT))
 
 from shared.core.config import resolve  # noqa: E402
 from stages import train  # noqa: E402
-from stages.train import fused, loop, model as M, objective, optim as O, planner, step as S  # noqa: E402
+from stages.train import fused, loop, model as M, objective, offload as OF, optim as O, planner, quant  # noqa: E402
+from stages.train import step as S  # noqa: E402
 
 FLOP_PER_SAMPLE = 20.2e12
 PEAKS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 EXTRA = {"lora-r32": dict(method="lora", lora_rank=32, lora_alpha=32.0, weights_dtype="bfloat16",
                           mixed_precision="bf16", batch_size=1),
+         # issue 12's memory savers: a quantized base (goal: LoRA <= 3 GB with nf4) and block swap + activation
+         # offload (the swapped blocks' copies overlap compute on a side stream)
+         "lora-r32-nf4": dict(method="lora", lora_rank=32, lora_alpha=32.0, weights_dtype="bfloat16",
+                              mixed_precision="bf16", batch_size=1, gradient_checkpointing=True, quantize_base="nf4"),
+         "lora-r32-fp8": dict(method="lora", lora_rank=32, lora_alpha=32.0, weights_dtype="bfloat16",
+                              mixed_precision="bf16", batch_size=1, gradient_checkpointing=True, quantize_base="fp8"),
+         "lora-r32-swap40-offload": dict(method="lora", lora_rank=32, lora_alpha=32.0, weights_dtype="bfloat16",
+                                         mixed_precision="bf16", batch_size=1, blocks_to_swap=40,
+                                         activation_offload=True),
          "full": dict(method="full", weights_dtype="bfloat16", mixed_precision="bf16", gradient_checkpointing=True,
                       batch_size=1, optimizer="adafactor", learning_rate=1e-5, fused_backward=True,
                       max_grad_norm=0.0)}
@@ -53,7 +63,11 @@ def build(cfg, device):
 
     with torch.device(device), planner.default_dtype(getattr(torch, cfg.weights_dtype)):
         unet = UNet2DConditionModel.from_config(planner.unet_config(cfg.model))
-    return M.prepare(unet, cfg.unet)
+    unet = M.prepare(unet, cfg.unet)
+    if cfg.quantize_base != "no":
+        quant.quantize_base(unet, cfg.quantize_base)
+        unet.to(device)   # bitsandbytes' layers quantize here
+    return unet
 
 
 def batch_of(unet, cfg, device, generator) -> S.Batch:
@@ -67,14 +81,16 @@ def batch_of(unet, cfg, device, generator) -> S.Batch:
                    tag_weight=torch.ones(b, device=device))
 
 
-def train_step(unet, opt, ema, cfg, batch, sigmas, precision, step: int) -> None:
-    loss = S.loss(unet, batch, cfg.objective, sigmas, precision)[0]
+def train_step(unet, opt, ema, cfg, batch, sigmas, precision, step: int, off) -> None:
+    with off.forward():
+        loss = S.loss(unet, batch, cfg.objective, sigmas, precision)[0]
     if isinstance(opt, fused.FusedBackward):
         opt.begin()
         loss.backward()
         opt.end()
     else:
-        loss.backward()
+        with off.backward():
+            loss.backward()
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.max_grad_norm)
         opt.step()
@@ -92,6 +108,8 @@ def run_case(name: str, values: dict, steps: int, warmup: int) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     unet = build(cfg, device)
+    off = OF.install(cfg.offload, unet, device, 1)   # before the optimizer: swapped weights are stepped on the host
+    torch.cuda.reset_peak_memory_stats()              # a quantized base passed through the device at full size
     groups = O.param_groups(cfg.optim, M.trainable_groups(unet, cfg.method))
     opt = loop.make_optimizer(cfg.optim, groups, cfg.seed, 1)
     params = [p for g in groups for p in g["params"]]
@@ -101,18 +119,20 @@ def run_case(name: str, values: dict, steps: int, warmup: int) -> dict:
     precision = S.Precision.make(cfg.weights_dtype, cfg.mixed_precision, "cuda")
     batch = batch_of(unet, cfg, device, torch.Generator(device).manual_seed(0))
     for i in range(warmup):
-        train_step(unet, opt, ema, cfg, batch, sigmas, precision, i)
+        train_step(unet, opt, ema, cfg, batch, sigmas, precision, i, off)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for i in range(steps):
-        train_step(unet, opt, ema, cfg, batch, sigmas, precision, warmup + i)
+        train_step(unet, opt, ema, cfg, batch, sigmas, precision, warmup + i, off)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     measured = torch.cuda.max_memory_allocated()
     rate = steps * cfg.batch_size / seconds
     if isinstance(opt, fused.FusedBackward):
         opt.remove()
-    del unet, opt, ema, groups, params, batch
+    if off.swap is not None:
+        off.swap.remove()
+    del unet, opt, ema, groups, params, batch, off
     return {"case": name, "batch": cfg.batch_size, "samples_s": rate, "mfu": rate * FLOP_PER_SAMPLE / peak_flops(),
             "measured": measured / 2 ** 30, "planned": predicted / 2 ** 30,
             "error": (predicted - measured) / measured}
