@@ -123,6 +123,19 @@ def test_a_foreign_staging_folder_is_never_deleted(ingested, runner):
     assert (staging / "photo.jpg").read_bytes() == b"precious"
 
 
+def test_a_staging_folder_whose_job_record_is_being_written_is_not_foreign(tmp_path):
+    """The main rank makes `<out>.staging` and writes job.json atomically (job.json.tmp, then a rename) while
+    the other ranks check their target: that moment is neither empty nor foreign, and must pass."""
+    out = tmp_path / "train"
+    staging = artifacts.staging_dir(out)
+    staging.mkdir()
+    (staging / "job.json.tmp").write_text('{"stage": "tr')
+    outputs.check_target(out, "train")
+    (staging / "notes.txt").write_text("x")  # anything else still makes it foreign
+    with pytest.raises(ConfigError, match="is not an unfinished `train` output"):
+        outputs.check_target(out, "train")
+
+
 def test_error_hints_never_propose_writing_over_data(ingested, runner):
     root, work = ingested
     result = runner.invoke(app, ["encode", "--model", "builtin:tiny", "--in", str(work / "ingest"),

@@ -50,9 +50,11 @@ def _stage_of(folder: Path, name: str) -> str | None:
     return data.get("stage") if isinstance(data, dict) else None
 
 
-def _is_empty_dir(folder: Path) -> bool:
+def _is_empty_dir(folder: Path, temporary_ok: bool = False) -> bool:
+    """No entries; with temporary_ok, none but `*.tmp` files (a job.json being written atomically: the main
+    rank of a launch makes its staging folder while the other ranks check theirs)."""
     try:
-        return folder.is_dir() and not any(folder.iterdir())
+        return folder.is_dir() and not any(not (temporary_ok and p.name.endswith(".tmp")) for p in folder.iterdir())
     except OSError:
         return False
 
@@ -72,7 +74,8 @@ def check_target(out: Path, stage: str) -> None:
             raise ConfigError(f"--out {out}: holds {what}; sdxl replaces only its own `{stage}` outputs, "
                               f"so choose another --out")
     for sibling, marker in ((_with_suffix(out, ".staging"), JOB), (_with_suffix(out, ".replaced"), MANIFEST)):
-        if sibling.exists() and not _is_empty_dir(sibling) and _stage_of(sibling, marker) not in (stage, "?"):
+        if sibling.exists() and not _is_empty_dir(sibling, temporary_ok=True) and \
+                _stage_of(sibling, marker) not in (stage, "?"):
             if marker == JOB and _legacy_job(sibling):
                 continue
             raise ConfigError(f"--out {out}: {sibling} exists and is not an unfinished `{stage}` output; "
