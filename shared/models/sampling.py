@@ -49,6 +49,16 @@ class Objective:
     def zero_terminal_snr(self) -> bool:
         return self.schedule in ("ztsnr", "novelai")
 
+    def to_dict(self) -> dict:
+        return {"prediction": self.prediction, "schedule": self.schedule, "flow_shift": self.flow_shift}
+
+    @classmethod
+    def from_config(cls, config: dict | None) -> "Objective":
+        """From a train config (or `to_dict`'s record); keys it lacks take the defaults (SDXL's ε)."""
+        config = config or {}
+        return cls(config.get("prediction") or "epsilon", config.get("schedule") or "sdxl",
+                   float(config.get("flow_shift") or 1.0))
+
 
 @dataclass(frozen=True)
 class Sampler:

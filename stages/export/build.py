@@ -13,6 +13,7 @@ from shared.models import loading as models
 from shared.core.errors import ConfigError
 from shared.core.log import say
 from shared.core.stage import BuildResult
+from shared.models.sampling import Objective
 from stages.export import formats, source, verify
 from stages.export.formats import LORA_FORMATS, MODEL_FORMATS
 from stages.export.verify import VerificationError
@@ -68,7 +69,8 @@ def _provenance(ckpt: source.Checkpoint) -> dict:
             "train_fingerprint": train.fingerprint if train else None,
             "encode_fingerprint": (train.inputs.get("encode") or {}).get("fingerprint") if train else None,
             "model_fingerprint": (train.inputs.get("model") or {}).get("fingerprint") if train else None,
-            "checkpoint": {"weights": ckpt.kind, "step": ckpt.step, "fingerprint": ckpt.meta.get("fingerprint")}}
+            "checkpoint": {"weights": ckpt.kind, "step": ckpt.step, "fingerprint": ckpt.meta.get("fingerprint")},
+            "objective": Objective.from_config(ckpt.record.config or (train.config if train else {})).to_dict()}
 
 
 def _record(job: Job, fmt: str, path: Path, check: tuple[float, float] | None) -> dict:
