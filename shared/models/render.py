@@ -16,6 +16,9 @@ import torch
 
 from shared.models import sampling, text
 
+LABEL_WIDTH = 160   # a grid's row-label column, pixels
+HEADER_HEIGHT = 28  # a grid's column-label row, pixels
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -112,3 +115,27 @@ def render(unet: Any, vae: Any, cond: Conditioning, p: Prompt, objective: sampli
     with eval_mode(unet):
         latents = sampling.sample(model, noise, objective, sampler, p.steps)
     return decode(vae, latents)
+
+
+def _fit(draw: Any, label: str, width: int) -> str:
+    while label and draw.textlength(label) > width:
+        label = label[:-2] + "…" if len(label) > 1 else ""
+    return label
+
+
+def grid(rows: list[tuple[str, list[Any]]], columns: list[str], size: tuple[int, int]) -> Any:
+    """One image: a header row of column labels (two lines each), then per row its label and its images (each
+    resized to `size`)."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    canvas = Image.new("RGB", (LABEL_WIDTH + w * len(columns), HEADER_HEIGHT + h * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, label in enumerate(columns):
+        for k, line in enumerate(label.split("\n")[:2]):
+            draw.text((LABEL_WIDTH + j * w + 4, 3 + 12 * k), _fit(draw, line, w - 8), fill="black")
+    for i, (label, images) in enumerate(rows):
+        draw.text((4, HEADER_HEIGHT + i * h + h // 2 - 6), _fit(draw, label, LABEL_WIDTH - 8), fill="black")
+        for j, image in enumerate(images):
+            canvas.paste(image.convert("RGB").resize((w, h)), (LABEL_WIDTH + j * w, HEADER_HEIGHT + i * h))
+    return canvas

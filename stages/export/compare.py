@@ -23,12 +23,11 @@ import typer
 from shared.core import artifacts, ranks
 from shared.models import loading as models
 from shared.models import render as R
+from shared.models.render import HEADER_HEIGHT, LABEL_WIDTH, grid  # noqa: F401  (the grid's layout)
 from shared.models import sampling
 from shared.core.errors import InputError
 from stages.export.formats import PEFT_FILE, PROVENANCE
 
-LABEL_WIDTH = 160   # the row-label column, pixels
-HEADER_HEIGHT = 28  # the column-label row, pixels
 EXPORT_PREFERENCE = ("kohya", "peft", "diffusers", "single-file")
 
 
@@ -172,29 +171,6 @@ def _render(pipe: Any, job: Rendering, objective: sampling.Objective | None) -> 
     conds = R.encode(pipe, prompts)
     images = [R.render(pipe.unet, pipe.vae, c, p, objective, sampler) for c, p in zip(conds, prompts)]
     return images, {"objective": objective.to_dict(), "sampler": vars(sampler)}
-
-
-def _fit(draw: Any, text: str, width: int) -> str:
-    while text and draw.textlength(text) > width:
-        text = text[:-2] + "…" if len(text) > 1 else ""
-    return text
-
-
-def grid(rows: list[tuple[str, list[Any]]], columns: list[str], size: tuple[int, int]) -> Any:
-    """One image: a header row of column labels (two lines each), then per row its label and its images."""
-    from PIL import Image, ImageDraw
-
-    w, h = size
-    canvas = Image.new("RGB", (LABEL_WIDTH + w * len(columns), HEADER_HEIGHT + h * len(rows)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for j, text in enumerate(columns):
-        for k, line in enumerate(text.split("\n")[:2]):
-            draw.text((LABEL_WIDTH + j * w + 4, 3 + 12 * k), _fit(draw, line, w - 8), fill="black")
-    for i, (label, images) in enumerate(rows):
-        draw.text((4, HEADER_HEIGHT + i * h + h // 2 - 6), _fit(draw, label, LABEL_WIDTH - 8), fill="black")
-        for j, image in enumerate(images):
-            canvas.paste(image.convert("RGB").resize((w, h)), (LABEL_WIDTH + j * w, HEADER_HEIGHT + i * h))
-    return canvas
 
 
 def _base_of(variants: list[Variant], base: str | None) -> str | None:

@@ -7,7 +7,7 @@ checkpoint is resumed only by a config whose fingerprinted fields equal the chec
 
 The groups are typed views of the flat fields of the same names, made once per config: `objective`
 (objective.py), `unet` and `adapter` (model.py), `optim` (optim.py), `data` (feed.py), `checkpointing`
-(checkpoint.py), `logging` (logs.py). Functions take their group, not the whole config.
+(checkpoint.py), `logging` (logs.py), `previews` (previews.py). Functions take their group, not the whole config.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from stages.train.logs import LogConfig
 from stages.train.model import UnetConfig
 from stages.train.objective import ObjectiveConfig
 from stages.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
+from stages.train.previews import PreviewConfig
 
 DTYPES = ("float32", "bfloat16")
 
@@ -150,6 +151,23 @@ class Config:
     wandb_project: str = opt("sdxl-stages", "WandB project name.", fingerprint=False, nonempty=True)
     comment: str = opt("", "Free-text training comment (kept in the manifest and exported LoRA metadata).",
                        fingerprint=False)
+    sample_prompts: Path | None = opt(None, "TOML file of prompts rendered during training ([[prompt]] tables: "
+                                            "prompt, negative, seed, width, height, steps, cfg), with the model "
+                                            "as it is training (EMA weights when EMA is on), at the start, every "
+                                            "sample_every steps and at the end, into <out>/samples (grid.png) and "
+                                            "TensorBoard.", fingerprint=False)
+    sample_every: int = opt(0, "Render the sample prompts every N optimizer steps; 0 = only at the start and the "
+                               "end.", fingerprint=False, ge=0)
+    sample_sampler: str = opt("auto", "Sampler of the sample images: auto (by objective: DPM++ 2M for epsilon, "
+                                      "Euler for zero-terminal-SNR v-prediction and flow), euler, dpmpp_2m.",
+                              choices=("auto", "euler", "dpmpp_2m"), fingerprint=False)
+    sample_sigmas: str = opt("auto", "Noise levels of the sample images: auto (Karras for epsilon, trailing "
+                                     "timesteps for zero terminal SNR, the trained shift for flow), karras, "
+                                     "trailing, novelai (NovelAI's 10-step ladder from σ 20000; v-prediction).",
+                             choices=("auto", "karras", "trailing", "novelai"), fingerprint=False)
+    sample_guidance_rescale: float | None = opt(None, "Guidance rescale φ of the sample images [default: 0.7 "
+                                                      "with zero terminal SNR, else 0].", fingerprint=False,
+                                                ge=0, le=1)
     prefetch: int = opt(4, "Batches read ahead by the loader thread.", fingerprint=False, ge=1)
     device: str = opt("auto", "auto (the launcher's LOCAL_RANK GPU when CUDA is present), cpu or cuda.",
                       choices=("auto", "cpu", "cuda"), fingerprint=False)
@@ -207,6 +225,10 @@ class Config:
     @cached_property
     def logging(self) -> LogConfig:
         return _view(self, LogConfig)
+
+    @cached_property
+    def previews(self) -> PreviewConfig:
+        return _view(self, PreviewConfig)
 
 
 def _view(cfg: Config, group: type) -> Any:

@@ -76,6 +76,11 @@ class TrainLog:
         if self.wandb is not None:
             self.wandb.log({f"eval/{name}": value}, step=step)
 
+    def note_text(self, step: int, name: str, value: str) -> None:
+        """A non-numeric line of metrics.jsonl (e.g. where the sample grid was written)."""
+        with open(self.metrics, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, name: value}) + "\n")
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -22,7 +22,8 @@ from shared.core.log import say, warn
 from shared.core.stage import BuildResult
 from stages.train import checkpoint as ckpt
 from stages.train import data as D
-from stages.train import feed, fused, logs, model as M, objective, optim as O, step as S
+from stages.train import feed, fused, logs, model as M, objective, optim as O, previews, step as S
+from shared.models.sampling import Objective
 from stages.train.config import Config
 
 
@@ -68,6 +69,7 @@ class Run:
     progress: Progress | None = None
     eval_set: list = field(default_factory=list)
     log: logs.TrainLog | None = None
+    previews: previews.Previews | None = None   # sample images (main rank, when asked for)
 
     def parts(self) -> dict[str, ckpt.Stateful]:
         """What a checkpoint holds, restored in this order (the schedule after the optimizer: it sets the
@@ -90,6 +92,9 @@ def setup(run: Run) -> None:
     run.data = feed.open_data(cfg.data)
     run.schedule = feed.plan(run.data, cfg.data, run.rank.world)
     run.unet = M.build_unet(cfg.unet, run.device)
+    if run.rank.main and cfg.sample_prompts is not None:
+        run.previews = previews.Previews(cfg.previews, cfg.model, sampling_objective(cfg), run.staging / "samples",
+                                         run.device)
     torch.manual_seed(cfg.seed + run.rank.rank)  # the global generator drives LoRA dropout only
     feed.check_shapes(run.unet, run.data.index, run.data.folder)
     make_state(run)
@@ -104,6 +109,12 @@ def setup(run: Run) -> None:
         run.eval_set = feed.first_samples(run.data, cfg.logging.eval_samples)
         run.log = logs.TrainLog(cfg.logging, run.staging / "logs", run.schedule.total, run.progress.step,
                                 cfg.batch_size * cfg.accumulate * run.rank.world, to_plain(cfg))
+    if run.previews is not None:
+        run.previews.forget_after(run.progress.step)
+
+
+def sampling_objective(cfg: Config) -> Objective:
+    return Objective(cfg.prediction, cfg.schedule, cfg.flow_shift)
 
 
 def make_state(run: Run) -> None:
@@ -171,6 +182,16 @@ def train_steps(run: Run) -> None:
             window = Window(run.device)
         if (step + 1) % cfg.checkpointing.checkpoint_every == 0 or step + 1 == total:
             save(run)
+        sample_images(run, step + 1)
+
+
+def sample_images(run: Run, step: int) -> None:
+    """The sample prompts rendered at `step` when due (main rank; see previews.py)."""
+    if run.previews is not None and run.previews.due(step, run.schedule.total):
+        tb = run.log.tb if run.log is not None else None
+        grid = run.previews.render(run.unet, step, run.ema, run.precision.autocast, tb)
+        if run.log is not None:
+            run.log.note_text(step, "samples", str(grid.relative_to(run.staging)))
 
 
 def sync(run: Run, last: bool) -> ContextManager:
@@ -344,6 +365,8 @@ def build(cfg: Config, staging: Path, inputs: dict) -> BuildResult | None:
         setup(run)
         if not run.progress.eval:
             evaluate(run)  # the evaluation loss at the start
+        if run.progress.step == 0:
+            sample_images(run, 0)
         train_steps(run)
         if run.log is not None:
             run.log.close()

@@ -1,0 +1,101 @@
+"""Seeing and steering a run (issue 13) on builtin:tiny: sample images during training that never change the
+run, an exact re-render after an interrupted run resumes."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages.train import loop
+from tests.test_train import encoded, run_train, same_tensors  # noqa: F401  (the module's encoded data)
+
+PROMPTS = """
+[[prompt]]
+prompt = "colour 1, shape 2"
+negative = "blurry"
+seed = 3
+width = 64
+height = 64
+steps = 2
+cfg = 4.0
+
+[[prompt]]
+prompt = "common"
+seed = 5
+width = 64
+height = 64
+steps = 3
+cfg = 1.0
+"""
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt_at(monkeypatch, step: int) -> None:
+    """Raise where `train.step` is reached the `step`-th time (as kill -9 there would, staging kept)."""
+    hits = []
+
+    def fault(point):
+        if point == "train.step":
+            hits.append(1)
+            if len(hits) == step:
+                raise Interrupted
+    monkeypatch.setattr(loop, "fault_point", fault)
+
+
+def test_sample_images_render_the_training_model_without_changing_the_run(encoded, tmp_path, monkeypatch):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text(PROMPTS)
+    opts = dict(max_steps=4, checkpoint_every=2, lora_dropout=0.1, ema_decay=0.9)
+    with_samples = dict(opts, sample_prompts=prompts, sample_every=2)
+    run_train(encoded, tmp_path / "a", **with_samples)
+    run_train(encoded, tmp_path / "b", **opts)
+    a, b = tmp_path / "a" / "checkpoints" / "step-000004", tmp_path / "b" / "checkpoints" / "step-000004"
+    for name in ("weights", "ema", "rng-rank0"):  # rendering drew nothing from the training's generators
+        assert same_tensors(a / f"{name}.safetensors", b / f"{name}.safetensors"), name
+    samples = tmp_path / "a" / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["grid.png", "step-000000", "step-000002", "step-000004"]
+    assert (samples / "step-000002" / "weights.txt").read_text() == "ema\n"
+    assert Image.open(samples / "step-000004" / "01.png").size == (64, 64)
+    assert Image.open(samples / "grid.png").size == (160 + 2 * 64, 28 + 3 * 64)
+    first, last = (Image.open(samples / f"step-00000{s}" / "00.png").tobytes() for s in (0, 4))
+    assert first != last  # the model changed between them, and the samples show it
+    lines = [json.loads(x) for x in (tmp_path / "a" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "samples" in x] == [0, 2, 4]
+    events = EventAccumulator(str(tmp_path / "a" / "logs" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert set(events.Tags()["images"]) == {"samples/00", "samples/01"}
+    assert [e.step for e in events.Images("samples/00")] == [0, 2, 4]
+
+    _interrupt_at(monkeypatch, 3)
+    with pytest.raises(Interrupted):
+        run_train(encoded, tmp_path / "c", **with_samples)
+    monkeypatch.setattr(loop, "fault_point", lambda point: None)
+    run_train(encoded, tmp_path / "c", **with_samples)
+    c = tmp_path / "c"
+    assert same_tensors(a / "weights.safetensors", c / "checkpoints" / "step-000004" / "weights.safetensors")
+    for step in ("step-000002", "step-000004"):
+        for i in ("00", "01"):
+            assert (samples / step / f"{i}.png").read_bytes() == (c / "samples" / step / f"{i}.png").read_bytes()
+
+
+def test_bad_prompt_files_are_one_line_errors(tmp_path):
+    from shared.core.errors import ConfigError
+    from stages.train.previews import load_prompts
+
+    bad = tmp_path / "p.toml"
+    for text, message in [("[[prompt]]\nprompt = 'x'\nwidth = 60\n", "multiples of 8"),
+                          ("[[prompt]]\nprompt = 'x'\nsize = 64\n", "unknown: size"),
+                          ("[[prompt]]\nprompt = 'x'\ncfg = nan\n", "finite"),
+                          ("prompt = 'x'\n", "[[prompt]] tables"),
+                          ("[[prompt\n", "not a readable TOML")]:
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+            load_prompts(bad)
+    bad.write_text("[[prompt]]\nprompt = 'x'\n")
+    assert load_prompts(bad)[0].steps == 20
