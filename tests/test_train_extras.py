@@ -99,3 +99,47 @@ def test_bad_prompt_files_are_one_line_errors(tmp_path):
             load_prompts(bad)
     bad.write_text("[[prompt]]\nprompt = 'x'\n")
     assert load_prompts(bad)[0].steps == 20
+
+
+def test_holdout_choice_is_by_item_hash_and_stable_when_items_are_added():
+    from stages.train.holdout import choose, score
+
+    old = [f"item-{i:04d}" for i in range(400)]
+    new = old + [f"added-{i:04d}" for i in range(400)]
+    held_old, held_new = choose(old, 0.1, 0), choose(new, 0.1, 0)
+    assert held_new & set(old) == held_old          # adding items moved none in or out
+    assert 20 < len(held_old) < 60                   # ~10 %
+    five = choose(old, 0, 5)
+    assert len(five) == 5 and max(map(score, five)) < min(score(k) for k in set(old) - five)
+
+
+def test_held_out_items_never_train_and_validation_is_deterministic_across_a_resume(encoded, tmp_path, monkeypatch):
+    from stages.train import step as S
+
+    trained: list[str] = []
+    real = S.assemble
+
+    def spy(samples, *args, **kw):
+        trained.extend(s.key for s in samples)
+        return real(samples, *args, **kw)
+    monkeypatch.setattr(S, "assemble", spy)
+    opts = dict(max_steps=4, checkpoint_every=2, holdout_count=3, item_losses=True, lora_dropout=0.1)
+    m = run_train(encoded, tmp_path / "a", **opts)
+    held = json.loads((tmp_path / "a" / "holdout.json").read_text())["ids"]
+    assert len(held) == 3 and trained and not set(held) & set(trained)
+    vals = m.extra["val_loss"]["history"]
+    assert [v[0] for v in vals] == [0, 2, 4] and m.extra["val_loss"]["items"] == 3
+    lines = [json.loads(x) for x in (tmp_path / "a" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    val_lines = [x for x in lines if "val_loss" in x]
+    assert [x["step"] for x in val_lines] == [0, 2, 4] and {"val_loss_t10", "val_loss_t90"} <= set(val_lines[0])
+    assert [x["step"] for x in lines if "eval_loss" in x] == [0, 2, 4]
+    items = [json.loads(x) for x in (tmp_path / "a" / "logs" / "item_losses.jsonl").read_text().splitlines()]
+    assert {i["id"] for i in items if i["set"] == "val_loss"} == set(held) and all("caption" in i for i in items)
+
+    _interrupt_at(monkeypatch, 3)
+    with pytest.raises(Interrupted):
+        run_train(encoded, tmp_path / "b", **opts)
+    monkeypatch.setattr(loop, "fault_point", lambda point: None)
+    resumed = run_train(encoded, tmp_path / "b", **opts)
+    assert resumed.extra["val_loss"]["history"] == vals  # bitwise the same numbers
+    assert json.loads((tmp_path / "b" / "holdout.json").read_text())["ids"] == held

@@ -7,7 +7,7 @@ checkpoint is resumed only by a config whose fingerprinted fields equal the chec
 
 The groups are typed views of the flat fields of the same names, made once per config: `objective`
 (objective.py), `unet` and `adapter` (model.py), `optim` (optim.py), `data` (feed.py), `checkpointing`
-(checkpoint.py), `logging` (logs.py), `previews` (previews.py). Functions take their group, not the whole config.
+(checkpoint.py), `logging` (logs.py), `previews` (previews.py), `holdout_set` (holdout.py). Functions take their group, not the whole config.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from stages.train.logs import LogConfig
 from stages.train.model import UnetConfig
 from stages.train.objective import ObjectiveConfig
 from stages.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
+from stages.train.holdout import HoldoutConfig
 from stages.train.previews import PreviewConfig
 
 DTYPES = ("float32", "bfloat16")
@@ -144,6 +145,13 @@ class Config:
                                 "gradient (each is skipped and counted).", fingerprint=False, ge=1)
     eval_samples: int = opt(8, "Samples in the fixed evaluation set (loss on fixed noise and timesteps, at the "
                                "start, at each checkpoint and at the end); 0 = off.", fingerprint=False, ge=0)
+    holdout: float = opt(0.0, "Fraction of the items held out for validation, chosen by a hash of the item id "
+                              "(adding items never moves an existing one in or out); never trained on, recorded in "
+                              "<out>/holdout.json, their loss (fixed noise and timesteps) logged as val_loss at "
+                              "every evaluation; 0 = off.", ge=0, le=0.5)
+    holdout_count: int = opt(0, "Or hold out this many items (the smallest id hashes); 0 = off.", ge=0)
+    item_losses: bool = opt(False, "Log each evaluated item's loss with its id and caption to "
+                                   "<out>/logs/item_losses.jsonl (to find bad captions).", fingerprint=False)
     log_every: int = opt(10, "Write metrics every N optimizer steps.", fingerprint=False, ge=1)
     tensorboard: bool = opt(True, "Write TensorBoard scalars to <out>/logs/tensorboard.", fingerprint=False)
     wandb: bool = opt(False, "Also log to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline "
@@ -185,6 +193,8 @@ class Config:
                               f"(the input is the noise); use --prediction v_prediction")
         if self.prediction == "flow" and self.min_snr_gamma:
             raise ConfigError("min_snr_gamma applies to epsilon / v prediction, not to flow")
+        if self.holdout and self.holdout_count:
+            raise ConfigError(f"holdout {self.holdout:g} and holdout_count {self.holdout_count}: give one of them")
         if self.lr_schedule == "polynomial" and self.lr_end >= self.learning_rate:
             raise ConfigError(f"lr_end {self.lr_end:g} must be below learning_rate {self.learning_rate:g} "
                               f"(the polynomial schedule decays from one to the other)")
@@ -225,6 +235,10 @@ class Config:
     @cached_property
     def logging(self) -> LogConfig:
         return _view(self, LogConfig)
+
+    @cached_property
+    def holdout_set(self) -> HoldoutConfig:
+        return _view(self, HoldoutConfig)
 
     @cached_property
     def previews(self) -> PreviewConfig:

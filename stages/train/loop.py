@@ -22,7 +22,7 @@ from shared.core.log import say, warn
 from shared.core.stage import BuildResult
 from stages.train import checkpoint as ckpt
 from stages.train import data as D
-from stages.train import feed, fused, logs, model as M, objective, optim as O, previews, step as S
+from stages.train import feed, fused, holdout as H, logs, model as M, objective, optim as O, previews, step as S
 from shared.models.sampling import Objective
 from stages.train.config import Config
 
@@ -35,16 +35,19 @@ class Progress:
     step: int = 0                  # optimizer steps done
     skipped: int = 0               # steps skipped for a non-finite loss or gradient
     bad_in_row: int = 0            # of them, the latest in a row
-    eval: list = field(default_factory=list)   # [[step, evaluation loss], ...]
+    eval: list = field(default_factory=list)   # [[step, evaluation loss on training samples], ...]
+    val: list = field(default_factory=list)    # [[step, validation loss on the held-out set], ...]
 
     def state_dict(self) -> dict:
         epoch, in_epoch = self.schedule.locate(self.step)
         return {"step": self.step, "epoch": epoch, "step_in_epoch": in_epoch, "skipped": self.skipped,
-                "bad_in_row": self.bad_in_row, "eval": [list(e) for e in self.eval]}
+                "bad_in_row": self.bad_in_row, "eval": [list(e) for e in self.eval],
+                "val": [list(e) for e in self.val]}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.skipped, self.bad_in_row = state["step"], state["skipped"], state["bad_in_row"]
         self.eval = [list(e) for e in state["eval"]]
+        self.val = [list(e) for e in state.get("val", [])]
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Run:
     sigmas: torch.Tensor | None = None
     progress: Progress | None = None
     eval_set: list = field(default_factory=list)
+    holdout: H.Holdout | None = None   # the held-out validation set (its samples on the main rank)
     log: logs.TrainLog | None = None
     previews: previews.Previews | None = None   # sample images (main rank, when asked for)
 
@@ -90,6 +94,8 @@ class Run:
 def setup(run: Run) -> None:
     cfg = run.cfg
     run.data = feed.open_data(cfg.data)
+    if cfg.holdout_set.on:
+        hold_out(run)
     run.schedule = feed.plan(run.data, cfg.data, run.rank.world)
     run.unet = M.build_unet(cfg.unet, run.device)
     if run.rank.main and cfg.sample_prompts is not None:
@@ -106,7 +112,8 @@ def setup(run: Run) -> None:
         ids = [run.device.index] if run.device.type == "cuda" else None
         run.model = torch.nn.parallel.DistributedDataParallel(run.unet, device_ids=ids, gradient_as_bucket_view=True)
     if run.rank.main:
-        run.eval_set = feed.first_samples(run.data, cfg.logging.eval_samples)
+        held = set(run.holdout.ids) if run.holdout is not None else set()
+        run.eval_set = feed.first_samples(run.data, cfg.logging.eval_samples, held)
         run.log = logs.TrainLog(cfg.logging, run.staging / "logs", run.schedule.total, run.progress.step,
                                 cfg.batch_size * cfg.accumulate * run.rank.world, to_plain(cfg))
     if run.previews is not None:
@@ -115,6 +122,19 @@ def setup(run: Run) -> None:
 
 def sampling_objective(cfg: Config) -> Objective:
     return Objective(cfg.prediction, cfg.schedule, cfg.flow_shift)
+
+
+def hold_out(run: Run) -> None:
+    """Choose the held-out set (main rank, one pass over the data), record it in the output, and plan the epochs
+    without it on every rank."""
+    if run.rank.main:
+        run.holdout = H.scan(run.data, run.cfg.holdout_set)
+        H.write(run.staging, run.holdout, run.cfg.holdout_set)
+        say(f"train: {len(run.holdout.ids)} items held out for validation ({H.FILE})")
+    run.barrier()
+    if not run.rank.main:
+        run.holdout = H.read(run.staging)
+    run.data.infos = H.without(run.data.infos, run.holdout.refs)
 
 
 def make_state(run: Run) -> None:
@@ -297,11 +317,17 @@ def evaluate(run: Run) -> None:
 
 
 def _evaluate(run: Run) -> None:
-    if run.rank.main and run.eval_set:
-        step = run.progress.step
-        value = S.evaluate(run.unet, run.eval_set, run.cfg.objective, run.sigmas, run.precision, run.device)
-        run.progress.eval.append([step, value])
-        run.log.note(step, "eval_loss", value)
+    """The fixed-noise loss on training samples (eval_loss) and on the held-out set (val_loss), side by side."""
+    if not run.rank.main:
+        return
+    step = run.progress.step
+    held = run.holdout.samples if run.holdout is not None else []
+    for name, samples, history in (("eval_loss", run.eval_set, run.progress.eval),
+                                   ("val_loss", held, run.progress.val)):
+        if samples:
+            each = S.evaluate_each(run.unet, samples, run.cfg.objective, run.sigmas, run.precision, run.device)
+            history.append([step, float(each.mean())])
+            run.log.evaluation(step, name, each, samples)
 
 
 def save(run: Run) -> None:
@@ -330,12 +356,14 @@ def record(cfg: Config, inputs: dict) -> dict:
 def result(run: Run, started: float) -> BuildResult:
     cfg, index, sched = run.cfg, run.data.index, run.schedule
     buckets = sorted(([*b.bucket, b.samples] for b in index.buckets), key=lambda b: -b[2])
-    evals = run.progress.eval
+    evals, vals = run.progress.eval, run.progress.val
     extra = {"final_checkpoint": f"checkpoints/{ckpt.folder_name(sched.total)}",
              "steps": sched.total, "epochs": round(sched.total / max(sched.steps[0], 1), 4),
              "steps_per_epoch": list(sched.steps[:3]), "skipped_steps": run.progress.skipped,
              "eval_loss": {"first": evals[0] if evals else None, "last": evals[-1] if evals else None,
                            "history": evals},
+             "val_loss": {"first": vals[0] if vals else None, "last": vals[-1] if vals else None,
+                          "history": vals, "items": len(run.holdout.ids) if run.holdout is not None else 0},
              "tag_frequency": index.tag_frequency, "resolution": buckets[0][:2] if buckets else None,
              "buckets": buckets, "comment": cfg.comment, "seconds": round(time.monotonic() - started, 1)}
     per_step = cfg.batch_size * cfg.accumulate * run.rank.world

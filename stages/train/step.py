@@ -126,13 +126,14 @@ def loss(unet: Any, batch: Batch, cfg: ObjectiveConfig, sigmas: torch.Tensor, pr
 
 
 @torch.no_grad()
-def evaluate(unet: Any, samples: list[Sample], cfg: ObjectiveConfig, sigmas: torch.Tensor, precision: Precision,
-             device: torch.device) -> float:
-    """Mean unweighted loss of fixed samples at fixed timestep positions (10 % … 90 %) with fixed noise: a
-    number comparable across the run (caption as written, no flip, no dropout)."""
+def evaluate_each(unet: Any, samples: list[Sample], cfg: ObjectiveConfig, sigmas: torch.Tensor, precision: Precision,
+                  device: torch.device) -> torch.Tensor:
+    """Unweighted loss per sample (rows) and fixed timestep position 10 % … 90 % (columns, EVAL_FRACTIONS), with
+    noise keyed by the sample's id: numbers comparable across the run and across a resume (caption as written, no
+    flip, no dropout; nothing drawn from a shared generator)."""
     was_training = unet.training
     unet.eval()
-    total = []
+    rows = []
     k = len(EVAL_FRACTIONS)
     for s in samples:
         lat = torch.from_numpy(np.asarray(s.latent, np.float32))
@@ -145,6 +146,13 @@ def evaluate(unet: Any, samples: list[Sample], cfg: ObjectiveConfig, sigmas: tor
                       tag_weight=torch.ones(k)).to(device)
         x, timestep, tgt, _ = noised(batch, cfg, sigmas)
         pred = predict(unet, x, timestep, batch, precision)
-        total.append(((pred.float() - tgt.float()) ** 2).mean().item())
+        rows.append(((pred.float() - tgt.float()) ** 2).mean(dim=tuple(range(1, pred.ndim))).cpu().double())
     unet.train(was_training)
-    return float(np.mean(total)) if total else float("nan")
+    return torch.stack(rows) if rows else torch.zeros(0, k, dtype=torch.float64)
+
+
+def evaluate(unet: Any, samples: list[Sample], cfg: ObjectiveConfig, sigmas: torch.Tensor, precision: Precision,
+             device: torch.device) -> float:
+    """Mean of `evaluate_each` (NaN for no samples)."""
+    each = evaluate_each(unet, samples, cfg, sigmas, precision, device)
+    return float(each.mean()) if each.numel() else float("nan")
