@@ -20,7 +20,8 @@ from typing import Callable
 
 import torch
 
-from shared.models.schedules import NOVELAI_SIGMA_MAX, SCHEDULES, alpha_s, flow_shift, karras_sigmas, schedule
+from shared.models.schedules import (NOVELAI_SIGMA_MAX, SCHEDULES, alpha_s, flow_shift, karras_sigmas,
+                                     resolution_scale, schedule)
 
 PREDICTIONS = ("epsilon", "v_prediction", "flow")
 SAMPLERS = ("auto", "euler", "dpmpp_2m")
@@ -28,6 +29,7 @@ LADDERS = ("auto", "karras", "trailing", "novelai")
 NOVELAI_LADDER = (20000.0, 17.8, 12.4, 9.2, 7.2, 5.4, 3.9, 2.1, 0.9, 0.0292)
 ZTSNR_GUIDANCE_RESCALE = 0.7
 TRAIN_STEPS = 1000
+LATENT_FACTOR = 8  # pixels per latent cell (SDXL's VAE)
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (UNet input, timestep) -> prediction
 
@@ -38,6 +40,7 @@ class Objective:
     prediction: str = "epsilon"   # epsilon | v_prediction | flow
     schedule: str = "sdxl"        # sdxl | ztsnr | novelai (the training sigmas)
     flow_shift: float = 1.0       # flow: the trained shift of t
+    resolution_base: int = 0      # resolution-aware noise: σ (flow: shift) times sqrt(H·W)/base; 0 = off
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTIONS:
@@ -50,14 +53,20 @@ class Objective:
         return self.schedule in ("ztsnr", "novelai")
 
     def to_dict(self) -> dict:
-        return {"prediction": self.prediction, "schedule": self.schedule, "flow_shift": self.flow_shift}
+        return {"prediction": self.prediction, "schedule": self.schedule, "flow_shift": self.flow_shift,
+                "resolution_base": self.resolution_base}
 
     @classmethod
     def from_config(cls, config: dict | None) -> "Objective":
         """From a train config (or `to_dict`'s record); keys it lacks take the defaults (SDXL's ε)."""
         config = config or {}
+        base = config.get("resolution_base") if config.get("resolution_noise", True) else 0
         return cls(config.get("prediction") or "epsilon", config.get("schedule") or "sdxl",
-                   float(config.get("flow_shift") or 1.0))
+                   float(config.get("flow_shift") or 1.0), int(base or 0))
+
+    def scale(self, height: int, width: int) -> float:
+        """The resolution-aware factor of an image of this size (1 when off)."""
+        return resolution_scale(height, width, self.resolution_base) if self.resolution_base else 1.0
 
 
 @dataclass(frozen=True)
@@ -127,15 +136,20 @@ class Ladder:
     timesteps: torch.Tensor   # float64 [n]
 
 
-def ladder(objective: Objective, kind: str, steps: int) -> Ladder:
-    """The noise levels of `steps` model calls (the NovelAI ladder is its own 10 calls, whatever `steps`)."""
+def ladder(objective: Objective, kind: str, steps: int, scale: float = 1.0) -> Ladder:
+    """The noise levels of `steps` model calls (the NovelAI ladder is its own 10 calls, whatever `steps`).
+    `scale` is resolution-aware noise's factor: σ times it (flow: the shift), each call given the timestep of
+    the σ it sees, as in training."""
     if kind == "flow":
-        t = flow_shift(torch.linspace(1, 0, steps + 1, dtype=torch.float64), objective.flow_shift)
+        t = flow_shift(torch.linspace(1, 0, steps + 1, dtype=torch.float64), objective.flow_shift * scale)
         return Ladder(t, t[:-1] * TRAIN_STEPS)  # the timestep train gives the UNet: t·1000
     table = schedule(objective.schedule, TRAIN_STEPS)
     if kind == "trailing":  # diffusers' "trailing" spacing: round(arange(T, 0, −T/n)) − 1
         steps_at = torch.round(torch.arange(TRAIN_STEPS, 0, -TRAIN_STEPS / steps, dtype=torch.float64)) - 1
         levels = table[steps_at.long()]
+        if scale != 1.0:
+            levels = levels * scale
+            return Ladder(torch.cat([levels, levels.new_zeros(1)]), sigma_to_timestep(levels, table))
         return Ladder(torch.cat([levels, levels.new_zeros(1)]), steps_at)
     if kind == "karras":
         top = min(float(_finite_table(table)[-1]), NOVELAI_SIGMA_MAX)
@@ -144,6 +158,7 @@ def ladder(objective: Objective, kind: str, steps: int) -> Ladder:
         levels = torch.tensor(NOVELAI_LADDER, dtype=torch.float64)
     else:
         raise ValueError(f"unknown sigma ladder {kind!r}")
+    levels = levels * scale
     return Ladder(torch.cat([levels, levels.new_zeros(1)]), sigma_to_timestep(levels, table))
 
 
@@ -163,7 +178,8 @@ def denoised(out: torch.Tensor, z: torch.Tensor, sigma: float, prediction: str) 
 def sample(model: Model, noise: torch.Tensor, objective: Objective, sampler: Sampler, steps: int) -> torch.Tensor:
     """The clean sample (x0, in the latent space) from the starting noise; `model(z, timestep)` returns the
     objective's prediction (with classifier-free guidance already applied, see `guided`)."""
-    lad = ladder(objective, sampler.ladder, steps)
+    scale = objective.scale(noise.shape[-2] * LATENT_FACTOR, noise.shape[-1] * LATENT_FACTOR)
+    lad = ladder(objective, sampler.ladder, steps, scale)
     if sampler.ladder == "flow":
         return flow_euler(model, noise, lad)
     return sigma_steps(model, noise, lad, objective.prediction, second_order=sampler.method == "dpmpp_2m")

@@ -67,6 +67,10 @@ class Config:
     logit_mean: float = opt(0.0, "Mean of the logit-normal timestep distribution.")
     logit_std: float = opt(1.0, "Standard deviation of the logit-normal timestep distribution.", gt=0)
     flow_shift: float = opt(1.0, "Rectified flow only: SD3's timestep shift (> 1 puts more weight on noise).", gt=0)
+    resolution_noise: bool = opt(False, "Resolution-aware noise: multiply σ (flow: the shift) by sqrt(H·W)/"
+                                        "resolution_base of each batch's bucket (twice the side, twice the σ; "
+                                        "NovelAI V3, SD3); the UNet is given the timestep of the σ it sees.")
+    resolution_base: int = opt(1024, "The image side at which resolution-aware noise leaves σ unchanged.", ge=64)
     min_snr_gamma: float = opt(0.0, "min-SNR-γ loss weighting (5 is usual); 0 = off.", ge=0)
     noise_offset: float = opt(0.0, "Noise offset (0.03–0.1 typical); 0 = off.", ge=0)
     tag_weighting: bool = opt(True, "Weight each sample's loss by its tag-frequency weight from ingest.")

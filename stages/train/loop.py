@@ -121,7 +121,7 @@ def setup(run: Run) -> None:
 
 
 def sampling_objective(cfg: Config) -> Objective:
-    return Objective(cfg.prediction, cfg.schedule, cfg.flow_shift)
+    return Objective(cfg.prediction, cfg.schedule, cfg.flow_shift, cfg.resolution_base if cfg.resolution_noise else 0)
 
 
 def hold_out(run: Run) -> None:

@@ -1,4 +1,5 @@
-"""The training objective as small pure functions: schedules, sigmas, timestep sampling, targets, weights.
+"""The training objective as small pure functions: timestep sampling, targets, weights (the schedules and sigmas
+themselves live in shared/models/schedules.py, shared with the samplers).
 
 k-diffusion's σ view throughout: x_σ = x0 + σ·ε, fed to the UNet as x_σ / sqrt(σ² + 1); σ = sqrt((1 − ᾱ)/ᾱ),
 SNR = 1/σ². Sources: Lin et al. 2023 (zero terminal SNR), Ossa et al. 2024 / NovelAI V3 (σ_max ≈ 20000 as a
@@ -34,6 +35,8 @@ class ObjectiveConfig:
     caption_dropout: float  # probability of the empty caption's embedding
     flip_rate: float        # probability of the flipped latent (when encode stored it)
     seed: int               # keys every per-sample draw (caption variant, dropout, flip, timestep, noise)
+    resolution_noise: bool = False   # scale σ (flow: the shift) by the batch's bucket, `resolution_scale()`
+    resolution_base: int = 1024      # the side at which that scale is 1
 
 
 def sample_u(batch: int, mode: str, generator: torch.Generator, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
