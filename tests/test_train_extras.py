@@ -143,3 +143,45 @@ def test_held_out_items_never_train_and_validation_is_deterministic_across_a_res
     resumed = run_train(encoded, tmp_path / "b", **opts)
     assert resumed.extra["val_loss"]["history"] == vals  # bitwise the same numbers
     assert json.loads((tmp_path / "b" / "holdout.json").read_text())["ids"] == held
+
+
+def test_lora_files_beside_checkpoints_match_what_export_writes(encoded, tmp_path):
+    from safetensors import safe_open
+
+    from stages import export
+
+    out = tmp_path / "t"
+    trained = run_train(encoded, out, max_steps=4, checkpoint_every=2, ema_decay=0.9, lora_files=True, log_every=1)
+    assert sorted(p.name for p in (out / "loras").iterdir()) == [
+        "t-step-000002-ema.safetensors", "t-step-000002.safetensors", "t-step-000004-ema.safetensors",
+        "t-step-000004.safetensors"]
+    m = export.run(export.Config(input=out, output=tmp_path / "e", format=("kohya",), verify=False, device="cpu"))
+    exported = tmp_path / "e" / m.extra["formats"]["kohya"]["file"]
+    with safe_open(str(out / "loras" / "t-step-000004.safetensors"), "pt") as a, safe_open(str(exported), "pt") as b:
+        assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+        ma, mb = a.metadata(), b.metadata()
+    differ = {k for k in set(ma) | set(mb) if ma.get(k) != mb.get(k)}
+    assert differ <= {"ss_output_name", "modelspec.title", "modelspec.date", "ss_training_finished_at",
+                      "sshs_model_hash", "sshs_legacy_hash", "sdxl_stages"}, differ
+    assert ma["ss_steps"] == "4" and ma["ss_network_dim"] == "4" and "ss_tag_frequency" in ma
+    pa, pb = json.loads(ma["sdxl_stages"]), json.loads(mb["sdxl_stages"])
+    assert pa["objective"] == pb["objective"] and pa["checkpoint"]["fingerprint"] == pb["checkpoint"]["fingerprint"]
+    with safe_open(str(out / "loras" / "t-step-000004-ema.safetensors"), "pt") as e:
+        assert json.loads(e.metadata()["sdxl_stages"])["checkpoint"]["weights"] == "ema"
+    rows = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    per_epoch = trained.extra["steps_per_epoch"][0]
+    assert [r["epoch"] for r in rows if "loss" in r] == [round(s / per_epoch, 4) for s in (1, 2, 3, 4)]
+
+
+def test_per_epoch_checkpoints():
+    from types import SimpleNamespace
+
+    from stages.train import data as D
+
+    schedule = D.Schedule((3, 3), 1)
+    run = SimpleNamespace(schedule=schedule, cfg=SimpleNamespace(checkpointing=SimpleNamespace(
+        checkpoint_every=100, checkpoint_epochs=True)))
+    assert [s for s in range(1, 7) if loop.checkpoint_due(run, s)] == [3, 6]
+    run.cfg.checkpointing.checkpoint_epochs = False
+    assert [s for s in range(1, 7) if loop.checkpoint_due(run, s)] == [6]
+    assert loop.epoch_position(schedule, 4) == pytest.approx(1 + 1 / 3)

@@ -62,7 +62,7 @@ def _protected(cfg: Config) -> list[tuple[str, Path]]:
 STAGE = Stage(name="train", version=VERSION,
               module=__name__,
               out_dir=lambda cfg: cfg.output, inputs=_inputs, build=loop.build, resumable=True,
-              protected=_protected, trees=("checkpoints",), skip=("logs", "samples"), kept=_kept)
+              protected=_protected, trees=("checkpoints",), skip=("logs", "samples", "loras"), kept=_kept)
 
 
 def _adopt_unfinished(cfg: Config, fingerprint: str, record: dict) -> None:

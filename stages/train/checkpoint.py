@@ -32,6 +32,7 @@ from shared.core.log import warn
 class CheckpointConfig:
     """When checkpoints are written, how many are kept, and where a run starts (flat keys of the same names)."""
     checkpoint_every: int   # save every N optimizer steps, and always after the last
+    checkpoint_epochs: bool  # also save at the end of every epoch
     keep_checkpoints: int   # the newest K finished checkpoints are kept
     resume: str             # auto (this run's newest intact checkpoint) | never | a checkpoint or train output
     force_resume: bool      # resume even when the checkpoint's fingerprinted config or inputs differ
