@@ -185,3 +185,34 @@ def test_per_epoch_checkpoints():
     run.cfg.checkpointing.checkpoint_epochs = False
     assert [s for s in range(1, 7) if loop.checkpoint_due(run, s)] == [6]
     assert loop.epoch_position(schedule, 4) == pytest.approx(1 + 1 / 3)
+
+
+def test_extending_a_finished_run_equals_running_the_longer_length_from_the_start(encoded, tmp_path, capsys):
+    opts = dict(checkpoint_every=2, lora_dropout=0.1, ema_decay=0.9, warmup_steps=2)
+    short = run_train(encoded, tmp_path / "a", max_steps=4, **opts)
+    assert short.extra["steps"] == 4
+    capsys.readouterr()
+    longer = run_train(encoded, tmp_path / "a", max_steps=6, **opts)
+    said = capsys.readouterr()
+    assert "extending the finished run" in said.out and "resuming from" in said.out
+    assert "schedule depends on the length" not in said.err  # warmup done, then constant: exact
+    run_train(encoded, tmp_path / "b", max_steps=6, **opts)
+    a, b = tmp_path / "a" / "checkpoints" / "step-000006", tmp_path / "b" / "checkpoints" / "step-000006"
+    for name in ("weights", "ema", "optimizer", "rng-rank0"):
+        assert same_tensors(a / f"{name}.safetensors", b / f"{name}.safetensors"), name
+    for name in ("scheduler", "progress"):
+        assert json.loads((a / f"{name}.json").read_text()) == json.loads((b / f"{name}.json").read_text()), name
+    assert longer.extra["eval_loss"]["history"][:3] == short.extra["eval_loss"]["history"]
+
+
+def test_schedule_change_of_an_extension_is_reported_when_the_rate_depends_on_the_length():
+    from shared.core.config import resolve
+    from stages import train
+    from stages.train import extend, optim as O
+
+    def optim(**kw):
+        return resolve(train.Config, "train", {}, {"model": "builtin:tiny", **kw}).optim
+    assert extend.schedule_change(O.make_scheduler, optim(warmup_steps=2), 4, 6, 4) is None
+    assert extend.schedule_change(O.make_scheduler, optim(warmup_steps=8), 4, 6, 4) is None  # still warming up
+    message = extend.schedule_change(O.make_scheduler, optim(lr_schedule="cosine"), 4, 6, 4)
+    assert "trained over 4 steps, not 6" in message and "continues at step 4 with 0.25" in message

@@ -80,10 +80,11 @@ def newest_intact(root: Path, set_aside: bool = True) -> Path | None:
     return None
 
 
-def differences(saved: CheckpointManifest, config: dict, inputs: dict) -> list[str]:
-    """What differs between a checkpoint's recorded math (config, world size, inputs) and this run's."""
+def differences(saved: CheckpointManifest, config: dict, inputs: dict, allowed: tuple[str, ...] = ()) -> list[str]:
+    """What differs between a checkpoint's recorded math (config, world size, inputs) and this run's, but for the
+    `allowed` keys (the run's length: continuing to another length is an extension, not another training)."""
     out = []
-    for key in sorted(set(saved.config) | set(config)):
+    for key in sorted((set(saved.config) | set(config)) - set(allowed)):
         a, b = saved.config.get(key), config.get(key)
         if a != b:
             out.append(f"{key} {json.dumps(a)} -> {json.dumps(b)}")
@@ -94,10 +95,12 @@ def differences(saved: CheckpointManifest, config: dict, inputs: dict) -> list[s
     return out
 
 
-def check_resumable(folder: Path, config: dict, inputs: dict, force: bool) -> CheckpointManifest:
-    """The checkpoint's record, or a ConfigError naming what differs from this run (unless `force`)."""
+def check_resumable(folder: Path, config: dict, inputs: dict, force: bool,
+                    allowed: tuple[str, ...] = ()) -> CheckpointManifest:
+    """The checkpoint's record, or a ConfigError naming what differs from this run (unless `force`; `allowed`
+    keys may differ)."""
     saved = read_manifest(folder)
-    diff = differences(saved, config, inputs)
+    diff = differences(saved, config, inputs, allowed)
     if diff and not force:
         raise ConfigError(f"resuming {folder} with a config that changes the training: {'; '.join(diff)}. "
                           f"Pass --force-resume to resume anyway, or --resume never to start over")

@@ -23,7 +23,7 @@ from shared.core.stage import BuildResult
 from stages.train import checkpoint as ckpt
 from stages.train import data as D
 from stages.train import feed, fused, holdout as H, lorafiles, logs, model as M, objective, optim as O, previews
-from stages.train import step as S
+from stages.train import extend, step as S
 from shared.models.sampling import Objective
 from stages.train.config import Config
 
@@ -167,7 +167,12 @@ def make_optimizer(cfg: O.OptimizerConfig, groups: list[dict], seed: int, world:
 
 def restore(run: Run, folder: Path) -> None:
     saved = ckpt.check_resumable(folder, run.record["config"], run.record["inputs"],
-                                 run.cfg.checkpointing.force_resume)
+                                 run.cfg.checkpointing.force_resume, extend.LENGTH)
+    if any(saved.config.get(k) != run.record["config"].get(k) for k in extend.LENGTH) and run.rank.main:
+        old = D.Schedule.make(run.data.infos, run.rank.world, run.cfg.seed, run.cfg.batch_size, run.cfg.accumulate,
+                              saved.config.get("epochs", run.cfg.epochs), saved.config.get("max_steps", 0))
+        extend.note(extend.schedule_change(O.make_scheduler, run.cfg.optim, old.total, run.schedule.total,
+                                           saved.step))
     missing = ckpt.restore(folder, {**run.parts(), **run.rank_parts()})
     O.after_restore(run.opt)
     if missing:
