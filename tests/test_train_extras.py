@@ -216,3 +216,48 @@ def test_schedule_change_of_an_extension_is_reported_when_the_rate_depends_on_th
     assert extend.schedule_change(O.make_scheduler, optim(warmup_steps=8), 4, 6, 4) is None  # still warming up
     message = extend.schedule_change(O.make_scheduler, optim(lr_schedule="cosine"), 4, 6, 4)
     assert "trained over 4 steps, not 6" in message and "continues at step 4 with 0.25" in message
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory):
+    """A DoRA LoRA (rank 4, alpha 2) on builtin:tiny's attention, exported as kohya and peft in float32."""
+    from tests.test_export import _export, make_train_output
+
+    tmp = tmp_path_factory.mktemp("init")
+    train_out = make_train_output(tmp, preset="attn", dora=True)
+    m = _export(train_out, tmp / "e", format=("kohya", "peft"), verify=False, dtype="float32")
+    return train_out, {f: tmp / "e" / m.extra["formats"][f]["file"] for f in ("kohya", "peft")}
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+def test_init_lora_loads_the_file_and_rescales_another_alpha(lora_files, fmt):
+    from safetensors.torch import load_file
+
+    from shared.models import loading as models
+    from shared.models.lora import LoraSpec, apply_lora, lora_state
+    from stages.train import initlora
+
+    train_out, files = lora_files
+    trained = load_file(str(train_out / "checkpoints" / "step-000200" / "weights.safetensors"))
+    unet = models.load_model("builtin:tiny", ("unet",)).unet
+    apply_lora(unet, LoraSpec("attn", 4, 8.0, 0.0, True))  # alpha 8 where the file has 2: B scaled by 2/8
+    initlora.load(files[fmt], unet, LoraSpec("attn", 4, 8.0, 0.0, True))
+    loaded = lora_state(unet)
+    assert set(loaded) == {k[len("unet."):] for k in trained}
+    for key, value in loaded.items():
+        want = trained["unet." + key] * (0.25 if ".lora_B." in key else 1.0)
+        assert torch.allclose(value, want.reshape(value.shape), rtol=1e-6, atol=0), key
+
+
+def test_init_lora_mismatches_are_one_line_errors_naming_both(lora_files, encoded, tmp_path):
+    from shared.core.errors import ConfigError
+
+    _, files = lora_files
+    with pytest.raises(ConfigError, match="rank 4, but lora_rank is 8"):
+        run_train(encoded, tmp_path / "a", max_steps=1, init_lora=files["kohya"], lora_rank=8, dora=True)
+    with pytest.raises(ConfigError, match="lora_preset attn\\+conv trains"):
+        run_train(encoded, tmp_path / "b", max_steps=1, init_lora=files["peft"], lora_preset="attn+conv", dora=True)
+    with pytest.raises(ConfigError, match="a DoRA, but dora is off"):
+        run_train(encoded, tmp_path / "c", max_steps=1, init_lora=files["kohya"])
+    m = run_train(encoded, tmp_path / "d", max_steps=1, init_lora=files["kohya"], dora=True, lora_alpha=2.0)
+    assert m.inputs["init_lora"]["path"] == str(files["kohya"])

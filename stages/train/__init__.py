@@ -46,7 +46,13 @@ def _inputs(cfg: Config) -> dict:
                          f"--allow-encoder-mismatch")
     unet = models.model_identity(cfg.model, ("unet",))
     world = ranks.current().world
-    return {"encode": {"path": str(cfg.input), "fingerprint": manifest.fingerprint, "what": "encode output changed"},
+    start = {}
+    if cfg.init_lora is not None:
+        if not Path(cfg.init_lora).is_file():
+            raise InputError(f"--init-lora {cfg.init_lora}: no such file")
+        start = {"init_lora": {"path": str(cfg.init_lora), "fingerprint": artifacts.sha256_file(Path(cfg.init_lora)),
+                               "what": f"the LoRA file {cfg.init_lora} changed"}}
+    return {**start, "encode": {"path": str(cfg.input), "fingerprint": manifest.fingerprint, "what": "encode output changed"},
             "model": {"name": cfg.model, "components": unet, "fingerprint": artifacts.hash_json(unet),
                       "what": f"UNet weights of {cfg.model}"},
             "world": {"fingerprint": f"{world} processes", "what": f"now {world} processes"}}

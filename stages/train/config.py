@@ -59,6 +59,10 @@ class Config:
     lora_alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank.", gt=0)
     lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.", ge=0, lt=1)
     dora: bool = opt(False, "DoRA: weight-decomposed LoRA (a learned magnitude per output channel).")
+    init_lora: Path | None = opt(None, "Start the LoRA from this LoRA file (kohya, as ComfyUI loads it, or peft / "
+                                       "diffusers) instead of zero: same rank, targets and DoRA as configured (a "
+                                       "different alpha is rescaled); its content is an input of the run.",
+                                 fingerprint=False)
     prediction: str = opt("epsilon", "What the UNet predicts: noise, v (needed with zero-terminal-SNR), or "
                                      "the rectified-flow velocity ε − x0.", choices=("epsilon", "v_prediction", "flow"))
     schedule: str = opt("sdxl", "Noise schedule: SDXL's scaled linear (σ 0.029 … 14.6), zero terminal SNR, or "
@@ -204,6 +208,8 @@ class Config:
                               f"(the input is the noise); use --prediction v_prediction")
         if self.prediction == "flow" and self.min_snr_gamma:
             raise ConfigError("min_snr_gamma applies to epsilon / v prediction, not to flow")
+        if self.init_lora is not None and self.method != "lora":
+            raise ConfigError("init_lora starts a LoRA; this run fine-tunes the whole UNet (method full)")
         if self.lora_files and self.method != "lora":
             raise ConfigError("lora_files writes LoRA files; this run fine-tunes the whole UNet (method full): "
                               "export it with sdxl export --format single-file")

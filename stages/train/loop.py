@@ -23,7 +23,7 @@ from shared.core.stage import BuildResult
 from stages.train import checkpoint as ckpt
 from stages.train import data as D
 from stages.train import feed, fused, holdout as H, lorafiles, logs, model as M, objective, optim as O, previews
-from stages.train import extend, step as S
+from stages.train import extend, initlora, step as S
 from shared.models.sampling import Objective
 from stages.train.config import Config
 
@@ -99,6 +99,8 @@ def setup(run: Run) -> None:
         hold_out(run)
     run.schedule = feed.plan(run.data, cfg.data, run.rank.world)
     run.unet = M.build_unet(cfg.unet, run.device)
+    if cfg.init_lora is not None:
+        initlora.load(cfg.init_lora, run.unet, cfg.adapter)
     if run.rank.main and cfg.sample_prompts is not None:
         run.previews = previews.Previews(cfg.previews, cfg.model, sampling_objective(cfg), run.staging / "samples",
                                          run.device)
