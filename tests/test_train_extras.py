@@ -261,3 +261,20 @@ def test_init_lora_mismatches_are_one_line_errors_naming_both(lora_files, encode
         run_train(encoded, tmp_path / "c", max_steps=1, init_lora=files["kohya"])
     m = run_train(encoded, tmp_path / "d", max_steps=1, init_lora=files["kohya"], dora=True, lora_alpha=2.0)
     assert m.inputs["init_lora"]["path"] == str(files["kohya"])
+
+
+def test_only_a_longer_run_with_nothing_else_changed_is_an_extension():
+    from types import SimpleNamespace
+
+    from stages.train import extend
+
+    inputs = {"encode": {"fingerprint": "e"}}
+    prev = SimpleNamespace(stage="train", code_version="c", inputs={"encode": {"fingerprint": "e"}},
+                           config={"max_steps": 4, "epochs": 1, "learning_rate": 1e-4, "output": "x"},
+                           extra={"steps": 4, "final_checkpoint": "checkpoints/step-000004"})
+    config = {"max_steps": 6, "epochs": 1, "learning_rate": 1e-4}
+    assert extend.extendable(prev, config, inputs, "c")
+    assert not extend.extendable(prev, {**config, "max_steps": 3}, inputs, "c")        # shorter: start over
+    assert not extend.extendable(prev, {**config, "learning_rate": 2e-4}, inputs, "c")  # another training
+    assert not extend.extendable(prev, config, {"encode": {"fingerprint": "f"}}, "c")   # other data
+    assert not extend.extendable(prev, config, inputs, "d")                              # other code

@@ -32,7 +32,10 @@ def extendable(previous: Any, config: dict, inputs: dict, code_version: str) -> 
         return False
     same_inputs = {k: (previous.inputs.get(k) or {}).get("fingerprint") for k in inputs} == \
                   {k: v["fingerprint"] for k, v in inputs.items()}
-    return same_inputs and only_length_differs(
+    done = int(previous.extra.get("steps") or 0)
+    longer = config.get("max_steps", 0) > done if config.get("max_steps") else \
+        not previous.config.get("max_steps") and config.get("epochs", 1) > previous.config.get("epochs", 1)
+    return same_inputs and longer and only_length_differs(
         {k: previous.config.get(k) for k in config}, config) and bool(previous.extra.get("final_checkpoint"))
 
 

@@ -170,6 +170,9 @@ def make_optimizer(cfg: O.OptimizerConfig, groups: list[dict], seed: int, world:
 def restore(run: Run, folder: Path) -> None:
     saved = ckpt.check_resumable(folder, run.record["config"], run.record["inputs"],
                                  run.cfg.checkpointing.force_resume, extend.LENGTH)
+    if saved.step > run.schedule.total:
+        raise ConfigError(f"{folder} is at step {saved.step}, beyond this run's {run.schedule.total} steps; ask for "
+                          f"at least that many (--max-steps / --epochs), or --resume never to start over")
     if any(saved.config.get(k) != run.record["config"].get(k) for k in extend.LENGTH) and run.rank.main:
         old = D.Schedule.make(run.data.infos, run.rank.world, run.cfg.seed, run.cfg.batch_size, run.cfg.accumulate,
                               saved.config.get("epochs", run.cfg.epochs), saved.config.get("max_steps", 0))
