@@ -1,5 +1,6 @@
-"""Seeing and steering a run (issue 13) on builtin:tiny: sample images during training that never change the
-run, an exact re-render after an interrupted run resumes."""
+"""Seeing and steering a run (issue 13) on builtin:tiny: sample images and held-out validation that never change
+the run and repeat exactly after a resume, LoRA files mid-run, per-epoch checkpoints, starting from a LoRA file,
+extending a finished run."""
 import json
 from pathlib import Path
 
@@ -14,17 +15,17 @@ PROMPTS = """
 prompt = "colour 1, shape 2"
 negative = "blurry"
 seed = 3
-width = 64
-height = 64
+width = 32
+height = 48
 steps = 2
 cfg = 4.0
 
 [[prompt]]
 prompt = "common"
 seed = 5
-width = 64
-height = 64
-steps = 3
+width = 32
+height = 32
+steps = 1
 cfg = 1.0
 """
 
@@ -45,43 +46,68 @@ def _interrupt_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(loop, "fault_point", fault)
 
 
-def test_sample_images_render_the_training_model_without_changing_the_run(encoded, tmp_path, monkeypatch):
+def test_samples_and_validation_watch_the_run_without_changing_it(encoded, tmp_path, monkeypatch):
+    """Sample images (EMA weights) and a held-out set on one run: rendering draws nothing from the training's
+    generators (same weights as without samples), held-out items never reach a batch, and after an interrupted
+    run resumes, the images after its checkpoint and the validation losses are bitwise the same."""
     from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from stages.train import step as S
+
+    trained: list[str] = []
+    real = S.assemble
+
+    def spy(samples, *args, **kw):
+        trained.extend(s.key for s in samples)
+        return real(samples, *args, **kw)
+    monkeypatch.setattr(S, "assemble", spy)
     prompts = tmp_path / "prompts.toml"
     prompts.write_text(PROMPTS)
-    opts = dict(max_steps=4, checkpoint_every=2, lora_dropout=0.1, ema_decay=0.9)
-    with_samples = dict(opts, sample_prompts=prompts, sample_every=2)
-    run_train(encoded, tmp_path / "a", **with_samples)
+    opts = dict(max_steps=4, checkpoint_every=2, lora_dropout=0.1, ema_decay=0.9, holdout_count=3, item_losses=True)
+    with_samples = dict(opts, sample_prompts=prompts, sample_every=0)  # at the start and the end
+    m = run_train(encoded, tmp_path / "a", **with_samples)
+    held = json.loads((tmp_path / "a" / "holdout.json").read_text())["ids"]
+    assert len(held) == 3 and trained and not set(held) & set(trained)
     run_train(encoded, tmp_path / "b", **opts)
     a, b = tmp_path / "a" / "checkpoints" / "step-000004", tmp_path / "b" / "checkpoints" / "step-000004"
     for name in ("weights", "ema", "rng-rank0"):  # rendering drew nothing from the training's generators
         assert same_tensors(a / f"{name}.safetensors", b / f"{name}.safetensors"), name
+
     samples = tmp_path / "a" / "samples"
-    assert sorted(p.name for p in samples.iterdir()) == ["grid.png", "step-000000", "step-000002", "step-000004"]
-    assert (samples / "step-000002" / "weights.txt").read_text() == "ema\n"
-    assert Image.open(samples / "step-000004" / "01.png").size == (64, 64)
-    assert Image.open(samples / "grid.png").size == (160 + 2 * 64, 28 + 3 * 64)
+    assert sorted(p.name for p in samples.iterdir()) == ["grid.png", "step-000000", "step-000004"]
+    assert (samples / "step-000004" / "weights.txt").read_text() == "ema\n"
+    assert Image.open(samples / "step-000004" / "00.png").size == (32, 48)
+    assert Image.open(samples / "grid.png").size == (160 + 2 * 32, 28 + 2 * 48)
     first, last = (Image.open(samples / f"step-00000{s}" / "00.png").tobytes() for s in (0, 4))
     assert first != last  # the model changed between them, and the samples show it
     lines = [json.loads(x) for x in (tmp_path / "a" / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines if "samples" in x] == [0, 2, 4]
+    assert [x["step"] for x in lines if "samples" in x] == [0, 4]
     events = EventAccumulator(str(tmp_path / "a" / "logs" / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     assert set(events.Tags()["images"]) == {"samples/00", "samples/01"}
-    assert [e.step for e in events.Images("samples/00")] == [0, 2, 4]
+    assert [e.step for e in events.Images("samples/00")] == [0, 4]
+
+    vals = m.extra["val_loss"]["history"]
+    assert [v[0] for v in vals] == [0, 2, 4] and m.extra["val_loss"]["items"] == 3
+    val_lines = [x for x in lines if "val_loss" in x]
+    assert [x["step"] for x in val_lines] == [0, 2, 4] and {"val_loss_t10", "val_loss_t90"} <= set(val_lines[0])
+    assert [x["step"] for x in lines if "eval_loss" in x] == [0, 2, 4]
+    items = [json.loads(x) for x in (tmp_path / "a" / "logs" / "item_losses.jsonl").read_text().splitlines()]
+    assert {i["id"] for i in items if i["set"] == "val_loss"} == set(held) and all("caption" in i for i in items)
 
     _interrupt_at(monkeypatch, 3)
     with pytest.raises(Interrupted):
         run_train(encoded, tmp_path / "c", **with_samples)
     monkeypatch.setattr(loop, "fault_point", lambda point: None)
-    run_train(encoded, tmp_path / "c", **with_samples)
+    resumed = run_train(encoded, tmp_path / "c", **with_samples)
     c = tmp_path / "c"
     assert same_tensors(a / "weights.safetensors", c / "checkpoints" / "step-000004" / "weights.safetensors")
-    for step in ("step-000002", "step-000004"):
+    for step in ("step-000000", "step-000004"):  # step 4 rendered after the resume from step 2
         for i in ("00", "01"):
             assert (samples / step / f"{i}.png").read_bytes() == (c / "samples" / step / f"{i}.png").read_bytes()
+    assert resumed.extra["val_loss"]["history"] == vals  # bitwise the same numbers
+    assert json.loads((c / "holdout.json").read_text())["ids"] == held
 
 
 def test_bad_prompt_files_are_one_line_errors(tmp_path):
@@ -111,38 +137,6 @@ def test_holdout_choice_is_by_item_hash_and_stable_when_items_are_added():
     assert 20 < len(held_old) < 60                   # ~10 %
     five = choose(old, 0, 5)
     assert len(five) == 5 and max(map(score, five)) < min(score(k) for k in set(old) - five)
-
-
-def test_held_out_items_never_train_and_validation_is_deterministic_across_a_resume(encoded, tmp_path, monkeypatch):
-    from stages.train import step as S
-
-    trained: list[str] = []
-    real = S.assemble
-
-    def spy(samples, *args, **kw):
-        trained.extend(s.key for s in samples)
-        return real(samples, *args, **kw)
-    monkeypatch.setattr(S, "assemble", spy)
-    opts = dict(max_steps=4, checkpoint_every=2, holdout_count=3, item_losses=True, lora_dropout=0.1)
-    m = run_train(encoded, tmp_path / "a", **opts)
-    held = json.loads((tmp_path / "a" / "holdout.json").read_text())["ids"]
-    assert len(held) == 3 and trained and not set(held) & set(trained)
-    vals = m.extra["val_loss"]["history"]
-    assert [v[0] for v in vals] == [0, 2, 4] and m.extra["val_loss"]["items"] == 3
-    lines = [json.loads(x) for x in (tmp_path / "a" / "logs" / "metrics.jsonl").read_text().splitlines()]
-    val_lines = [x for x in lines if "val_loss" in x]
-    assert [x["step"] for x in val_lines] == [0, 2, 4] and {"val_loss_t10", "val_loss_t90"} <= set(val_lines[0])
-    assert [x["step"] for x in lines if "eval_loss" in x] == [0, 2, 4]
-    items = [json.loads(x) for x in (tmp_path / "a" / "logs" / "item_losses.jsonl").read_text().splitlines()]
-    assert {i["id"] for i in items if i["set"] == "val_loss"} == set(held) and all("caption" in i for i in items)
-
-    _interrupt_at(monkeypatch, 3)
-    with pytest.raises(Interrupted):
-        run_train(encoded, tmp_path / "b", **opts)
-    monkeypatch.setattr(loop, "fault_point", lambda point: None)
-    resumed = run_train(encoded, tmp_path / "b", **opts)
-    assert resumed.extra["val_loss"]["history"] == vals  # bitwise the same numbers
-    assert json.loads((tmp_path / "b" / "holdout.json").read_text())["ids"] == held
 
 
 def test_lora_files_beside_checkpoints_match_what_export_writes(encoded, tmp_path):
