@@ -2,7 +2,6 @@
 the run and repeat exactly after a resume, LoRA files mid-run, per-epoch checkpoints, starting from a LoRA file,
 extending a finished run."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -89,6 +89,20 @@ def schedule_change(make_scheduler: Any, optim_cfg: Any, old_total: int, new_tot
             f"{new[done]:.3g} x the peak rate (the {old_total}-step schedule had reached {old[done]:.3g} x)")
 
 
-def note(message: str | None) -> None:
+def check_length(folder: Path, saved: Any, cfg: Any, schedule: Any, infos: list, world: int) -> None:
+    """A checkpoint resumed by a run of another length: refused beyond the run's end; else what changes in the
+    learning-rate schedule is printed."""
+    from shared.core.errors import ConfigError
+    from stages.train import data as D
+    from stages.train.optim import make_scheduler
+
+    if saved.step > schedule.total:
+        raise ConfigError(f"{folder} is at step {saved.step}, beyond this run's {schedule.total} steps; ask for at "
+                          f"least that many (--max-steps / --epochs), or --resume never to start over")
+    if all(saved.config.get(k) == getattr(cfg, k) for k in LENGTH):
+        return
+    old = D.Schedule.make(infos, world, cfg.seed, cfg.batch_size, cfg.accumulate,
+                          saved.config.get("epochs", cfg.epochs), saved.config.get("max_steps", 0))
+    message = schedule_change(make_scheduler, cfg.optim, old.total, schedule.total, saved.step)
     if message:
         warn(f"extending: {message}")

@@ -71,15 +71,6 @@ class TrainLog:
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
 
-    def note(self, step: int, name: str, value: float) -> None:
-        with open(self.metrics, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": step, name: value}) + "\n")
-        if self.tb is not None:
-            self.tb.add_scalar(f"eval/{name}", value, step)
-            self.tb.flush()
-        if self.wandb is not None:
-            self.wandb.log({f"eval/{name}": value}, step=step)
-
     def evaluation(self, step: int, name: str, each: Any, samples: list) -> None:
         """A fixed-noise loss (`each`: [samples, EVAL_FRACTIONS] tensor): its mean and per-timestep columns in
         metrics.jsonl (`<name>`, `<name>_t10` …) and TensorBoard (eval/<name>, <name>_by_timestep/t10 …), and with

@@ -96,7 +96,7 @@ def setup(run: Run) -> None:
     cfg = run.cfg
     run.data = feed.open_data(cfg.data)
     if cfg.holdout_set.on:
-        hold_out(run)
+        run.holdout = H.prepare(run.data, cfg.holdout_set, run.staging, run.rank.main, run.barrier)
     run.schedule = feed.plan(run.data, cfg.data, run.rank.world)
     run.unet = M.build_unet(cfg.unet, run.device)
     if cfg.init_lora is not None:
@@ -125,19 +125,6 @@ def setup(run: Run) -> None:
 
 def sampling_objective(cfg: Config) -> Objective:
     return Objective(cfg.prediction, cfg.schedule, cfg.flow_shift, cfg.resolution_base if cfg.resolution_noise else 0)
-
-
-def hold_out(run: Run) -> None:
-    """Choose the held-out set (main rank, one pass over the data), record it in the output, and plan the epochs
-    without it on every rank."""
-    if run.rank.main:
-        run.holdout = H.scan(run.data, run.cfg.holdout_set)
-        H.write(run.staging, run.holdout, run.cfg.holdout_set)
-        say(f"train: {len(run.holdout.ids)} items held out for validation ({H.FILE})")
-    run.barrier()
-    if not run.rank.main:
-        run.holdout = H.read(run.staging)
-    run.data.infos = H.without(run.data.infos, run.holdout.refs)
 
 
 def make_state(run: Run) -> None:
@@ -170,14 +157,8 @@ def make_optimizer(cfg: O.OptimizerConfig, groups: list[dict], seed: int, world:
 def restore(run: Run, folder: Path) -> None:
     saved = ckpt.check_resumable(folder, run.record["config"], run.record["inputs"],
                                  run.cfg.checkpointing.force_resume, extend.LENGTH)
-    if saved.step > run.schedule.total:
-        raise ConfigError(f"{folder} is at step {saved.step}, beyond this run's {run.schedule.total} steps; ask for "
-                          f"at least that many (--max-steps / --epochs), or --resume never to start over")
-    if any(saved.config.get(k) != run.record["config"].get(k) for k in extend.LENGTH) and run.rank.main:
-        old = D.Schedule.make(run.data.infos, run.rank.world, run.cfg.seed, run.cfg.batch_size, run.cfg.accumulate,
-                              saved.config.get("epochs", run.cfg.epochs), saved.config.get("max_steps", 0))
-        extend.note(extend.schedule_change(O.make_scheduler, run.cfg.optim, old.total, run.schedule.total,
-                                           saved.step))
+    if run.rank.main:
+        extend.check_length(folder, saved, run.cfg, run.schedule, run.data.infos, run.rank.world)
     missing = ckpt.restore(folder, {**run.parts(), **run.rank_parts()})
     O.after_restore(run.opt)
     if missing:
@@ -379,17 +360,15 @@ def _save(run: Run) -> None:
 
 def write_lora_files(run: Run, record: ckpt.CheckpointManifest) -> None:
     """The kohya LoRA file of the live weights (and of the EMA) beside the checkpoint just saved."""
-    cfg, step = run.cfg, record.step
-    parts = [("", run.weights, f"step-{step:06d}")]
-    if run.ema is not None:
-        parts.append(("-ema", run.ema, "ema"))
+    cfg = run.cfg
+    parts = [("", run.weights, f"step-{record.step:06d}")] + ([("-ema", run.ema, "ema")] if run.ema else [])
     for suffix, part, kind in parts:
-        info, prov = lorafiles.metadata(run.record["config"], run.record["inputs"], dataset_extras(run), step=step,
-                                        epoch=record.epoch, spec=cfg.adapter, base=cfg.model, comment=cfg.comment,
-                                        fingerprint=record.fingerprint, objective=sampling_objective(cfg).to_dict(),
-                                        weights=kind)
-        lorafiles.write(run.staging / "loras", f"{cfg.output.name}-step-{step:06d}{suffix}", part.state_dict(),
-                        cfg.adapter, run.unet.config, info, prov, cfg.lora_file_dtype)
+        info, prov = lorafiles.metadata(run.record["config"], run.record["inputs"], dataset_extras(run),
+                                        step=record.step, epoch=record.epoch, spec=cfg.adapter, base=cfg.model,
+                                        comment=cfg.comment, fingerprint=record.fingerprint,
+                                        objective=sampling_objective(cfg).to_dict(), weights=kind)
+        lorafiles.write(run.staging / "loras", f"{cfg.output.name}-step-{record.step:06d}{suffix}",
+                        part.state_dict(), cfg.adapter, run.unet.config, info, prov, cfg.lora_file_dtype)
 
 
 def dataset_extras(run: Run) -> dict:
