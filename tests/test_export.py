@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from shared.core import artifacts
 from shared.formats import checkpoints
-from stages.export import kohya
+from shared.formats import kohya
 from shared.models import loading as models
 from shared.core.artifacts import Manifest
 from shared.core.errors import ConfigError, InputError
@@ -295,3 +295,29 @@ def test_compare_writes_a_labelled_grid(lora_attn, lora_dora, tmp_path):
     assert image.size == (LABEL_WIDTH + 2 * 64, HEADER_HEIGHT + 3 * 64)  # base + two variants, two prompts
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["kind"] for r in rows] == ["base", "kohya", "peft"]
+
+
+def test_compare_renders_each_variant_with_its_trained_objectives_sampler(tmp_path):
+    """A zero-terminal-SNR v-prediction LoRA is sampled with trailing timesteps and guidance rescale, a kohya
+    file that only says ss_v_parameterization with DPM++ 2M on Karras σ, the base with its own ε sampler."""
+    train = make_train_output(tmp_path / "t", prediction="v_prediction", schedule="ztsnr")
+    m = _export(train, tmp_path / "v", format=("kohya",), verify=False)
+    assert m.extra["provenance"]["objective"] == {"prediction": "v_prediction", "schedule": "ztsnr",
+                                                  "flow_shift": 1.0, "resolution_base": 0}
+    kohya_file = tmp_path / "v" / m.extra["formats"]["kohya"]["file"]
+    with safe_open(str(kohya_file), framework="pt") as f:
+        meta = dict(f.metadata())
+        assert json.loads(meta["sdxl_stages"])["objective"]["prediction"] == "v_prediction"
+    plain = {k: v for k, v in meta.items() if k != "sdxl_stages"}
+    plain["ss_zero_terminal_snr"] = "False"
+    save_file(load_file(str(kohya_file)), str(tmp_path / "foreign.safetensors"), metadata=plain)
+    out = export.compare([str(tmp_path / "v"), str(tmp_path / "foreign.safetensors")], ["red circle"], [0],
+                         tmp_path / "grid.png", steps=2, size=(64, 64), device="cpu")
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["kind"], r["objective"]["prediction"], r["objective"]["schedule"]) for r in rows] == [
+        ("base", "epsilon", "sdxl"), ("kohya", "v_prediction", "ztsnr"), ("kohya", "v_prediction", "sdxl")]
+    assert [(r["sampler"]["method"], r["sampler"]["ladder"], r["sampler"]["guidance_rescale"]) for r in rows] == [
+        ("dpmpp_2m", "karras", 0.0), ("euler", "trailing", 0.7), ("dpmpp_2m", "karras", 0.0)]
+    with pytest.raises(InputError, match="v-prediction"):
+        export.compare(["base"], ["x"], [0], tmp_path / "g2.png", steps=1, size=(64, 64), base="builtin:tiny",
+                       device="cpu", sigmas="novelai")

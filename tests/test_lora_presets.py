@@ -8,7 +8,7 @@ import torch
 from shared.core.errors import ConfigError
 from shared.models import loading as models
 from shared.models.lora import PRESETS, target_modules
-from stages.export import kohya
+from shared.formats import kohya
 
 
 @pytest.fixture(scope="module")

@@ -189,3 +189,31 @@ def test_lr_schedule_state_resumes_at_its_step_with_the_configs_peak():
     _, c = make(0.2)  # a forced resume with another learning rate follows the new config
     c.load_state_dict(state)
     assert c.lr == pytest.approx(2 * state["lr"])
+
+
+def test_resolution_aware_noise_scales_sigma_and_shift_by_the_bucket():
+    """A 2x-side bucket (k = 2): σ doubles and the UNet is given the timestep of the doubled σ; flow's shift
+    doubles; off, nothing changes; the sampler's ladder scales the same way."""
+    from shared.models import sampling
+    from stages.train import step as S
+
+    base = dict(prediction="epsilon", schedule="sdxl", timesteps="uniform", logit_mean=0.0, logit_std=1.0,
+                flow_shift=1.0, min_snr_gamma=0.0, noise_offset=0.0, tag_weighting=False, caption_dropout=0.0,
+                flip_rate=0.0, seed=0, resolution_base=64)
+    sigmas = obj.schedule("sdxl").float()
+    x0, eps = torch.full((1, 1, 16, 16), 0.5), torch.full((1, 1, 16, 16), 1.0)  # 128 px: k = 128/64 = 2
+    batch = S.Batch(latents=x0, noise=eps, u=torch.tensor([0.5], dtype=torch.float64), te=torch.zeros(1, 77, 4),
+                    pooled=torch.zeros(1, 4), time_ids=torch.zeros(1, 6), tag_weight=torch.ones(1))
+    plain = S.noised(batch, obj.ObjectiveConfig(**base, resolution_noise=False), sigmas)
+    scaled = S.noised(batch, obj.ObjectiveConfig(**base, resolution_noise=True), sigmas)
+    assert int(plain[1]) == 500 and float(scaled[3]) == pytest.approx(2 * float(sigmas[500]))
+    s = 2 * float(sigmas[500])
+    assert float(scaled[0][0, 0, 0, 0]) == pytest.approx((0.5 + s) / (1 + s * s) ** 0.5, rel=1e-5)
+    assert float(sigmas[int(scaled[1])]) <= s <= float(sigmas[int(scaled[1]) + 1])
+    assert 500 < float(scaled[1]) < 999
+    flow = obj.ObjectiveConfig(**{**base, "prediction": "flow"}, resolution_noise=True)
+    assert float(S.noised(batch, flow, sigmas)[3]) == pytest.approx(2 * 0.5 / (1 + 0.5))  # shift 1 -> 2
+    assert S.resolution_factor(x0, obj.ObjectiveConfig(**base, resolution_noise=False)) == 1.0
+    o = sampling.Objective("epsilon", "sdxl", resolution_base=64)
+    lad, lad2 = sampling.ladder(o, "karras", 4), sampling.ladder(o, "karras", 4, o.scale(128, 128))
+    assert torch.allclose(lad2.levels, 2 * lad.levels)

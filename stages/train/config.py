@@ -6,8 +6,9 @@ kernels); every other field does, so a finished output is reused only when all o
 checkpoint is resumed only by a config whose fingerprinted fields equal the checkpoint's (see checkpoint.py).
 
 The groups are typed views of the flat fields of the same names, made once per config: `objective`
-(objective.py), `unet` and `adapter` (model.py), `optim` (optim.py), `offload` (offload.py), `data` (feed.py), `checkpointing`
-(checkpoint.py), `logging` (logs.py). Functions take their group, not the whole config.
+(objective.py), `unet` and `adapter` (model.py), `optim` (optim.py), `offload` (offload.py), `data` (feed.py),
+`checkpointing` (checkpoint.py), `logging` (logs.py), `previews` (previews.py), `holdout_set` (holdout.py). Functions
+take their group, not the whole config.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from stages.train.model import ATTENTION, COMPILE, UnetConfig
 from stages.train.objective import ObjectiveConfig
 from stages.train.offload import OffloadConfig
 from stages.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
+from stages.train.holdout import HoldoutConfig
+from stages.train.previews import PreviewConfig
 
 DTYPES = ("float32", "bfloat16")
 
@@ -61,6 +64,10 @@ class Config:
     lora_alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank.", gt=0)
     lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.", ge=0, lt=1)
     dora: bool = opt(False, "DoRA: weight-decomposed LoRA (a learned magnitude per output channel).")
+    init_lora: Path | None = opt(None, "Start the LoRA from this LoRA file (kohya, as ComfyUI loads it, or peft / "
+                                       "diffusers) instead of zero: same rank, targets and DoRA as configured (a "
+                                       "different alpha is rescaled); its content is an input of the run.",
+                                 fingerprint=False)
     prediction: str = opt("epsilon", "What the UNet predicts: noise, v (needed with zero-terminal-SNR), or "
                                      "the rectified-flow velocity ε − x0.", choices=("epsilon", "v_prediction", "flow"))
     schedule: str = opt("sdxl", "Noise schedule: SDXL's scaled linear (σ 0.029 … 14.6), zero terminal SNR, or "
@@ -69,6 +76,10 @@ class Config:
     logit_mean: float = opt(0.0, "Mean of the logit-normal timestep distribution.")
     logit_std: float = opt(1.0, "Standard deviation of the logit-normal timestep distribution.", gt=0)
     flow_shift: float = opt(1.0, "Rectified flow only: SD3's timestep shift (> 1 puts more weight on noise).", gt=0)
+    resolution_noise: bool = opt(False, "Resolution-aware noise: multiply σ (flow: the shift) by sqrt(H·W)/"
+                                        "resolution_base of each batch's bucket (twice the side, twice the σ; "
+                                        "NovelAI V3, SD3); the UNet is given the timestep of the σ it sees.")
+    resolution_base: int = opt(1024, "The image side at which resolution-aware noise leaves σ unchanged.", ge=64)
     min_snr_gamma: float = opt(0.0, "min-SNR-γ loss weighting (5 is usual); 0 = off.", ge=0)
     noise_offset: float = opt(0.0, "Noise offset (0.03–0.1 typical); 0 = off.", ge=0)
     tag_weighting: bool = opt(True, "Weight each sample's loss by its tag-frequency weight from ingest.")
@@ -157,6 +168,13 @@ class Config:
                                  "one process; 0 = off).", ge=0, fingerprint=False)
     checkpoint_every: int = opt(500, "Save a checkpoint every N optimizer steps (and always at the end).",
                                 fingerprint=False, ge=1)
+    checkpoint_epochs: bool = opt(False, "Also save a checkpoint at the end of every epoch.", fingerprint=False)
+    lora_files: bool = opt(False, "With each checkpoint, also write the kohya LoRA file (what ComfyUI / A1111 / "
+                                  "Forge load; the metadata export writes) to <out>/loras/<out name>-step-NNNNNN"
+                                  ".safetensors, and …-ema from the EMA weights when EMA is on (method lora).",
+                           fingerprint=False)
+    lora_file_dtype: str = opt("float16", "dtype of those LoRA files' weights.",
+                               choices=("float16", "bfloat16", "float32"), fingerprint=False)
     keep_checkpoints: int = opt(3, "Keep the newest K checkpoints.", fingerprint=False, ge=1)
     resume: str = opt("auto", "auto (continue an unfinished run of this config from its newest checkpoint), "
                               "never (set an unfinished run aside and start over), or a checkpoint / train "
@@ -167,6 +185,13 @@ class Config:
                                 "gradient (each is skipped and counted).", fingerprint=False, ge=1)
     eval_samples: int = opt(8, "Samples in the fixed evaluation set (loss on fixed noise and timesteps, at the "
                                "start, at each checkpoint and at the end); 0 = off.", fingerprint=False, ge=0)
+    holdout: float = opt(0.0, "Fraction of the items held out for validation, chosen by a hash of the item id "
+                              "(adding items never moves an existing one in or out); never trained on, recorded in "
+                              "<out>/holdout.json, their loss (fixed noise and timesteps) logged as val_loss at "
+                              "every evaluation; 0 = off.", ge=0, le=0.5)
+    holdout_count: int = opt(0, "Or hold out this many items (the smallest id hashes); 0 = off.", ge=0)
+    item_losses: bool = opt(False, "Log each evaluated item's loss with its id and caption to "
+                                   "<out>/logs/item_losses.jsonl (to find bad captions).", fingerprint=False)
     log_every: int = opt(10, "Write metrics every N optimizer steps.", fingerprint=False, ge=1)
     tensorboard: bool = opt(True, "Write TensorBoard scalars to <out>/logs/tensorboard.", fingerprint=False)
     wandb: bool = opt(False, "Also log to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline "
@@ -174,6 +199,23 @@ class Config:
     wandb_project: str = opt("sdxl-stages", "WandB project name.", fingerprint=False, nonempty=True)
     comment: str = opt("", "Free-text training comment (kept in the manifest and exported LoRA metadata).",
                        fingerprint=False)
+    sample_prompts: Path | None = opt(None, "TOML file of prompts rendered during training ([[prompt]] tables: "
+                                            "prompt, negative, seed, width, height, steps, cfg), with the model "
+                                            "as it is training (EMA weights when EMA is on), at the start, every "
+                                            "sample_every steps and at the end, into <out>/samples (grid.png) and "
+                                            "TensorBoard.", fingerprint=False)
+    sample_every: int = opt(0, "Render the sample prompts every N optimizer steps; 0 = only at the start and the "
+                               "end.", fingerprint=False, ge=0)
+    sample_sampler: str = opt("auto", "Sampler of the sample images: auto (by objective: DPM++ 2M for epsilon, "
+                                      "Euler for zero-terminal-SNR v-prediction and flow), euler, dpmpp_2m.",
+                              choices=("auto", "euler", "dpmpp_2m"), fingerprint=False)
+    sample_sigmas: str = opt("auto", "Noise levels of the sample images: auto (Karras for epsilon, trailing "
+                                     "timesteps for zero terminal SNR, the trained shift for flow), karras, "
+                                     "trailing, novelai (NovelAI's 10-step ladder from σ 20000; v-prediction).",
+                             choices=("auto", "karras", "trailing", "novelai"), fingerprint=False)
+    sample_guidance_rescale: float | None = opt(None, "Guidance rescale φ of the sample images [default: 0.7 "
+                                                      "with zero terminal SNR, else 0].", fingerprint=False,
+                                                ge=0, le=1)
     prefetch: int = opt(4, "Batches read ahead by the loader thread.", fingerprint=False, ge=1)
     device: str = opt("auto", "auto (the launcher's LOCAL_RANK GPU when CUDA is present), cpu or cuda.",
                       choices=("auto", "cpu", "cuda"), fingerprint=False)
@@ -191,6 +233,13 @@ class Config:
                               f"(the input is the noise); use --prediction v_prediction")
         if self.prediction == "flow" and self.min_snr_gamma:
             raise ConfigError("min_snr_gamma applies to epsilon / v prediction, not to flow")
+        if self.init_lora is not None and self.method != "lora":
+            raise ConfigError("init_lora starts a LoRA; this run fine-tunes the whole UNet (method full)")
+        if self.lora_files and self.method != "lora":
+            raise ConfigError("lora_files writes LoRA files; this run fine-tunes the whole UNet (method full): "
+                              "export it with sdxl export --format single-file")
+        if self.holdout and self.holdout_count:
+            raise ConfigError(f"holdout {self.holdout:g} and holdout_count {self.holdout_count}: give one of them")
         if self.lr_schedule == "polynomial" and self.lr_end >= self.learning_rate:
             raise ConfigError(f"lr_end {self.lr_end:g} must be below learning_rate {self.learning_rate:g} "
                               f"(the polynomial schedule decays from one to the other)")
@@ -245,6 +294,14 @@ class Config:
     @cached_property
     def logging(self) -> LogConfig:
         return _view(self, LogConfig)
+
+    @cached_property
+    def holdout_set(self) -> HoldoutConfig:
+        return _view(self, HoldoutConfig)
+
+    @cached_property
+    def previews(self) -> PreviewConfig:
+        return _view(self, PreviewConfig)
 
 
 def _view(cfg: Config, group: type) -> Any:

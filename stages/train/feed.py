@@ -74,14 +74,18 @@ def check_shapes(unet: Any, index: Index, where: Path | str) -> None:
         raise InputError(f"{where}: the shards do not fit this UNet ({'; '.join(bad)}); encode with this model")
 
 
-def first_samples(data: Data, count: int) -> list[dict]:
-    """The first `count` samples in index order (the fixed evaluation set)."""
+def first_samples(data: Data, count: int, skip: set[str] = frozenset()) -> list[dict]:
+    """The first `count` samples in index order whose ids are not in `skip` (the fixed evaluation set of
+    training samples; `skip` is the held-out set)."""
     out: list[dict] = []
+    if not count:
+        return out
     for info in data.infos:
         for _, sample in data.read(info.number):
             if len(out) == count:
                 return out
-            out.append(sample)
+            if sample.key not in skip:
+                out.append(sample)
     return out
 
 

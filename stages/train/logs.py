@@ -24,6 +24,7 @@ class LogConfig:
     tensorboard: bool     # TensorBoard scalars under <out>/logs/tensorboard
     wandb: bool           # also Weights & Biases (the wandb package)
     wandb_project: str
+    item_losses: bool     # each evaluated item's loss (id, caption) in logs/item_losses.jsonl
 
 
 class TrainLog:
@@ -32,17 +33,20 @@ class TrainLog:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.metrics = folder / "metrics.jsonl"
+        self.items = folder / "item_losses.jsonl" if cfg.item_losses else None
         _truncate_after(self.metrics, start)
+        if self.items is not None:
+            _truncate_after(self.items, start)
         self.batch_per_step = batch_per_step
         self.bar = _bar(total, start)
         self.tb = _tensorboard(folder / "tensorboard") if cfg.tensorboard else None
         self.wandb = _wandb(cfg.wandb_project, folder, run_config) if cfg.wandb else None
         self.clock, self.clock_step = time.monotonic(), start
 
-    def step(self, step: int, loss: float, lr: float) -> None:
+    def step(self, step: int, loss: float, lr: float, epoch: float = 0.0) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            self.bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
 
     def write(self, step: int, values: dict[str, float], bins: list[float | None]) -> None:
         now = time.monotonic()
@@ -56,8 +60,8 @@ class TrainLog:
         with open(self.metrics, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
-                                 samples_s=f"{row['samples_per_s']:.1f}")
+            self.bar.set_postfix(epoch=f"{values.get('epoch', 0):.2f}", loss=f"{values['loss']:.4f}",
+                                 lr=f"{values['lr']:.2e}", samples_s=f"{row['samples_per_s']:.1f}")
         scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
         if self.tb is not None:
             for k, v in scalars.items():
@@ -67,14 +71,33 @@ class TrainLog:
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
 
-    def note(self, step: int, name: str, value: float) -> None:
+    def evaluation(self, step: int, name: str, each: Any, samples: list) -> None:
+        """A fixed-noise loss (`each`: [samples, EVAL_FRACTIONS] tensor): its mean and per-timestep columns in
+        metrics.jsonl (`<name>`, `<name>_t10` …) and TensorBoard (eval/<name>, <name>_by_timestep/t10 …), and with
+        item_losses each sample's mean loss, id and caption in item_losses.jsonl."""
+        from stages.train.step import EVAL_FRACTIONS
+
+        row = {"step": step, name: float(each.mean())}
+        row.update({f"{name}_t{round(f * 100):02d}": float(v) for f, v in zip(EVAL_FRACTIONS, each.mean(dim=0))})
         with open(self.metrics, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": step, name: value}) + "\n")
+            fh.write(json.dumps(row) + "\n")
         if self.tb is not None:
-            self.tb.add_scalar(f"eval/{name}", value, step)
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(f"eval/{k}" if k == name else f"{name}_by_timestep/{k[len(name) + 1:]}", v, step)
             self.tb.flush()
         if self.wandb is not None:
-            self.wandb.log({f"eval/{name}": value}, step=step)
+            self.wandb.log({f"eval/{k}": v for k, v in row.items() if k != "step"}, step=step)
+        if self.items is not None:
+            with open(self.items, "a", encoding="utf-8") as fh:
+                for s, loss in zip(samples, each.mean(dim=1)):
+                    fh.write(json.dumps({"step": step, "set": name, "id": s.key, "caption": s.caption,
+                                         "loss": float(loss)}, ensure_ascii=False) + "\n")
+
+    def note_text(self, step: int, name: str, value: str) -> None:
+        """A non-numeric line of metrics.jsonl (e.g. where the sample grid was written)."""
+        with open(self.metrics, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, name: value}) + "\n")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -23,7 +23,9 @@ from shared.core.log import say, warn
 from shared.core.stage import BuildResult
 from stages.train import checkpoint as ckpt
 from stages.train import data as D
-from stages.train import feed, fused, logs, model as M, objective, offload as OF, optim as O, sharding, step as S
+from stages.train import feed, fused, holdout as H, lorafiles, logs, model as M, objective, offload as OF
+from stages.train import extend, initlora, optim as O, previews, sharding, step as S
+from shared.models.sampling import Objective
 from stages.train.config import Config
 
 
@@ -35,16 +37,19 @@ class Progress:
     step: int = 0                  # optimizer steps done
     skipped: int = 0               # steps skipped for a non-finite loss or gradient
     bad_in_row: int = 0            # of them, the latest in a row
-    eval: list = field(default_factory=list)   # [[step, evaluation loss], ...]
+    eval: list = field(default_factory=list)   # [[step, evaluation loss on training samples], ...]
+    val: list = field(default_factory=list)    # [[step, validation loss on the held-out set], ...]
 
     def state_dict(self) -> dict:
         epoch, in_epoch = self.schedule.locate(self.step)
         return {"step": self.step, "epoch": epoch, "step_in_epoch": in_epoch, "skipped": self.skipped,
-                "bad_in_row": self.bad_in_row, "eval": [list(e) for e in self.eval]}
+                "bad_in_row": self.bad_in_row, "eval": [list(e) for e in self.eval],
+                "val": [list(e) for e in self.val]}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.skipped, self.bad_in_row = state["step"], state["skipped"], state["bad_in_row"]
         self.eval = [list(e) for e in state["eval"]]
+        self.val = [list(e) for e in state.get("val", [])]
 
 
 @dataclass
@@ -68,9 +73,11 @@ class Run:
     sigmas: torch.Tensor | None = None
     progress: Progress | None = None
     eval_set: list = field(default_factory=list)
+    holdout: H.Holdout | None = None   # the held-out validation set (its samples on the main rank)
     log: logs.TrainLog | None = None
     offload: OF.Offload | None = None  # activation offload and block swap (offload.py)
     sharded: bool = False              # the UNet is sharded over the processes (FSDP2, sharding.py)
+    previews: previews.Previews | None = None   # sample images (main rank, when asked for)
 
     def parts(self) -> dict[str, ckpt.Stateful]:
         """What a checkpoint holds, restored in this order (the schedule after the optimizer: it sets the
@@ -91,8 +98,16 @@ class Run:
 def setup(run: Run) -> None:
     cfg = run.cfg
     run.data = feed.open_data(cfg.data)
+    if cfg.holdout_set.on:
+        run.holdout = H.prepare(run.data, cfg.holdout_set, run.staging, run.rank.main, run.barrier,
+                                samples_everywhere=cfg.parallel == "fsdp" and run.rank.world > 1)
     run.schedule = feed.plan(run.data, cfg.data, run.rank.world)
     run.unet = M.build_unet(cfg.unet, run.device)
+    if cfg.init_lora is not None:
+        initlora.load(cfg.init_lora, run.unet, cfg.adapter)
+    if run.rank.main and cfg.sample_prompts is not None:
+        run.previews = previews.Previews(cfg.previews, cfg.model, sampling_objective(cfg), run.staging / "samples",
+                                         run.device)
     torch.manual_seed(cfg.seed + run.rank.rank)  # the global generator drives LoRA dropout only
     feed.check_shapes(run.unet, run.data.index, run.data.folder)
     run.offload = OF.install(cfg.offload, run.unet, run.device, run.rank.world)  # before the state: it moves weights
@@ -111,10 +126,17 @@ def setup(run: Run) -> None:
         ids = [run.device.index] if run.device.type == "cuda" else None
         run.model = torch.nn.parallel.DistributedDataParallel(run.unet, device_ids=ids, gradient_as_bucket_view=True)
     if run.rank.main or run.sharded:   # sharded: every process runs the evaluation's forward passes
-        run.eval_set = feed.first_samples(run.data, cfg.logging.eval_samples)
+        held = set(run.holdout.ids) if run.holdout is not None else set()
+        run.eval_set = feed.first_samples(run.data, cfg.logging.eval_samples, held)
     if run.rank.main:
         run.log = logs.TrainLog(cfg.logging, run.staging / "logs", run.schedule.total, run.progress.step,
                                 cfg.batch_size * cfg.accumulate * run.rank.world, to_plain(cfg))
+    if run.previews is not None:
+        run.previews.forget_after(run.progress.step)
+
+
+def sampling_objective(cfg: Config) -> Objective:
+    return Objective(cfg.prediction, cfg.schedule, cfg.flow_shift, cfg.resolution_base if cfg.resolution_noise else 0)
 
 
 def make_state(run: Run) -> None:
@@ -146,7 +168,9 @@ def make_optimizer(cfg: O.OptimizerConfig, groups: list[dict], seed: int, world:
 
 def restore(run: Run, folder: Path) -> None:
     saved = ckpt.check_resumable(folder, run.record["config"], run.record["inputs"],
-                                 run.cfg.checkpointing.force_resume)
+                                 run.cfg.checkpointing.force_resume, extend.LENGTH)
+    if run.rank.main:
+        extend.check_length(folder, saved, run.cfg, run.schedule, run.data.infos, run.rank.world)
     missing = ckpt.restore(folder, {**run.parts(), **run.rank_parts()})
     if run.sharded:
         sharding.shard_optimizer_state(run.opt)
@@ -180,12 +204,29 @@ def train_steps(run: Run) -> None:
         run.progress.step = step + 1
         fault_point("train.step")
         if run.log is not None:
-            run.log.step(step + 1, float(loss.detach()), lr)
+            run.log.step(step + 1, float(loss.detach()), lr, epoch_position(run.schedule, step + 1))
         if (step + 1) % cfg.logging.log_every == 0 or step + 1 == total:
             report(run, step + 1, window.reduce(run.rank.world), lr)
             window = Window(run.device)
-        if (step + 1) % cfg.checkpointing.checkpoint_every == 0 or step + 1 == total:
+        if checkpoint_due(run, step + 1):
             save(run)
+        sample_images(run, step + 1)
+
+
+def checkpoint_due(run: Run, step: int) -> bool:
+    """Every checkpoint_every steps, at the end of each epoch with checkpoint_epochs, and after the last step."""
+    every = run.cfg.checkpointing
+    end_of_epoch = every.checkpoint_epochs and run.schedule.locate(step)[1] == 0
+    return step % every.checkpoint_every == 0 or step == run.schedule.total or bool(end_of_epoch)
+
+
+def sample_images(run: Run, step: int) -> None:
+    """The sample prompts rendered at `step` when due (main rank; see previews.py)."""
+    if run.previews is not None and run.previews.due(step, run.schedule.total):
+        tb = run.log.tb if run.log is not None else None
+        grid = run.previews.render(run.unet, step, run.ema, run.precision.autocast, tb)
+        if run.log is not None:
+            run.log.note_text(step, "samples", str(grid.relative_to(run.staging)))
 
 
 def sync(run: Run, last: bool) -> ContextManager:
@@ -278,10 +319,18 @@ class Window:
         return {"loss": float(s[0] / max(s[1], 1)), "grad_norm": self.norm, "bins": bins}
 
 
+def epoch_position(schedule: D.Schedule, step: int) -> float:
+    """Epochs done after `step` optimizer steps, with the fraction of the current one (1.5 = half way into the
+    second)."""
+    epoch, in_epoch = schedule.locate(step)
+    return epoch + (in_epoch / schedule.steps[epoch] if epoch < len(schedule.steps) else 0.0)
+
+
 def report(run: Run, step: int, stats: dict, lr: float) -> None:
     if run.log is not None:
         run.log.write(step, {"loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"],
-                             "skipped_steps": run.progress.skipped}, stats["bins"])
+                             "skipped_steps": run.progress.skipped,
+                             "epoch": round(epoch_position(run.schedule, step), 4)}, stats["bins"])
 
 
 def evaluate(run: Run) -> None:
@@ -291,12 +340,19 @@ def evaluate(run: Run) -> None:
 
 
 def _evaluate(run: Run) -> None:
-    if run.eval_set:
-        step = run.progress.step
-        value = S.evaluate(run.unet, run.eval_set, run.cfg.objective, run.sigmas, run.precision, run.device)
-        run.progress.eval.append([step, value])
-        if run.log is not None:
-            run.log.note(step, "eval_loss", value)
+    """The fixed-noise loss on training samples (eval_loss) and on the held-out set (val_loss), side by side
+    (main rank; with a sharded model every process runs the forward passes, the main rank logs)."""
+    if not (run.rank.main or run.sharded):
+        return
+    step = run.progress.step
+    held = run.holdout.samples if run.holdout is not None else []
+    for name, samples, history in (("eval_loss", run.eval_set, run.progress.eval),
+                                   ("val_loss", held, run.progress.val)):
+        if samples:
+            each = S.evaluate_each(run.unet, samples, run.cfg.objective, run.sigmas, run.precision, run.device)
+            history.append([step, float(each.mean())])
+            if run.log is not None:
+                run.log.evaluation(step, name, each, samples)
 
 
 def save(run: Run) -> None:
@@ -317,6 +373,29 @@ def _save(run: Run) -> None:
     parts = sharding.snapshots(run.parts()) if run.sharded else run.parts()   # sharded: gathered by every process
     ckpt.save(run.staging / "checkpoints", record, parts, run.rank_parts(), cfg.checkpointing.keep_checkpoints,
               metadata, run.rank.main, run.barrier)
+    if cfg.lora_files and run.rank.main:
+        write_lora_files(run, record)
+
+
+def write_lora_files(run: Run, record: ckpt.CheckpointManifest) -> None:
+    """The kohya LoRA file of the live weights (and of the EMA) beside the checkpoint just saved."""
+    cfg = run.cfg
+    parts = [("", run.weights, f"step-{record.step:06d}")] + ([("-ema", run.ema, "ema")] if run.ema else [])
+    for suffix, part, kind in parts:
+        info, prov = lorafiles.metadata(run.record["config"], run.record["inputs"], dataset_extras(run),
+                                        step=record.step, epoch=record.epoch, spec=cfg.adapter, base=cfg.model,
+                                        comment=cfg.comment, fingerprint=record.fingerprint,
+                                        objective=sampling_objective(cfg).to_dict(), weights=kind)
+        lorafiles.write(run.staging / "loras", f"{cfg.output.name}-step-{record.step:06d}{suffix}",
+                        part.state_dict(), cfg.adapter, run.unet.config, info, prov, cfg.lora_file_dtype)
+
+
+def dataset_extras(run: Run) -> dict:
+    """What the manifest and a LoRA file's metadata say of the data: tag frequency, buckets, main resolution."""
+    index = run.data.index
+    buckets = sorted(([*b.bucket, b.samples] for b in index.buckets), key=lambda b: -b[2])
+    return {"tag_frequency": index.tag_frequency, "resolution": buckets[0][:2] if buckets else None,
+            "buckets": buckets}
 
 
 def record(cfg: Config, inputs: dict) -> dict:
@@ -325,15 +404,15 @@ def record(cfg: Config, inputs: dict) -> dict:
 
 def result(run: Run, started: float) -> BuildResult:
     cfg, index, sched = run.cfg, run.data.index, run.schedule
-    buckets = sorted(([*b.bucket, b.samples] for b in index.buckets), key=lambda b: -b[2])
-    evals = run.progress.eval
+    evals, vals = run.progress.eval, run.progress.val
     extra = {"final_checkpoint": f"checkpoints/{ckpt.folder_name(sched.total)}",
              "steps": sched.total, "epochs": round(sched.total / max(sched.steps[0], 1), 4),
              "steps_per_epoch": list(sched.steps[:3]), "skipped_steps": run.progress.skipped,
              "eval_loss": {"first": evals[0] if evals else None, "last": evals[-1] if evals else None,
                            "history": evals},
-             "tag_frequency": index.tag_frequency, "resolution": buckets[0][:2] if buckets else None,
-             "buckets": buckets, "comment": cfg.comment, "seconds": round(time.monotonic() - started, 1)}
+             "val_loss": {"first": vals[0] if vals else None, "last": vals[-1] if vals else None,
+                          "history": vals, "items": len(run.holdout.ids) if run.holdout is not None else 0},
+             **dataset_extras(run), "comment": cfg.comment, "seconds": round(time.monotonic() - started, 1)}
     per_step = cfg.batch_size * cfg.accumulate * run.rank.world
     occurrences = sum(sum(i.repeats) for i in run.data.infos)
     extra["epoch_samples"] = occurrences  # per epoch, counting repeats
@@ -361,6 +440,8 @@ def build(cfg: Config, staging: Path, inputs: dict) -> BuildResult | None:
         setup(run)
         if not run.progress.eval:
             evaluate(run)  # the evaluation loss at the start
+        if run.progress.step == 0:
+            sample_images(run, 0)
         train_steps(run)
         if run.log is not None:
             run.log.close()

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from shared.formats.samples import WINDOW_TOKENS, EmptyCaption, Sample
+from shared.models.sampling import sigma_to_timestep
 from stages.train import objective as obj
 from stages.train.objective import ObjectiveConfig
 
 EVAL_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
+LATENT_FACTOR = 8  # pixels per latent cell (SDXL's VAE)
 
 
 @dataclass
@@ -89,17 +91,32 @@ def assemble(samples: list[Sample], step: int, micro: int, empty: EmptyCaption, 
                  tag_weight=torch.tensor([float(s.tag_weight) for s in samples], dtype=torch.float32))
 
 
+def resolution_factor(latents: torch.Tensor, cfg: ObjectiveConfig) -> float:
+    """With resolution_noise, sqrt(H·W)/base of the batch's bucket (one bucket per batch; pixels = latent · 8)."""
+    if not cfg.resolution_noise:
+        return 1.0
+    return obj.resolution_scale(latents.shape[-2] * LATENT_FACTOR, latents.shape[-1] * LATENT_FACTOR,
+                                cfg.resolution_base)
+
+
 def noised(batch: Batch, cfg: ObjectiveConfig, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(UNet input, UNet timestep, target, σ or t per sample) for the batch's draws."""
+    """(UNet input, UNet timestep, target, σ or t per sample) for the batch's draws. Resolution-aware noise
+    multiplies σ (flow: the shift) by the bucket's factor; the UNet is then given the timestep of the σ it sees
+    (flow: of the shifted t), as SD3's shift does."""
     x0 = batch.latents
+    k = resolution_factor(x0, cfg)
     if cfg.prediction == "flow":
-        t = obj.flow_shift(batch.u, cfg.flow_shift)
+        t = obj.flow_shift(batch.u, cfg.flow_shift * k)
         x, tgt = obj.flow_input(x0, batch.noise, t)
         return x, (t * 1000).float(), tgt, t
     steps = len(sigmas)
     index = (batch.u * steps).long().clamp(0, steps - 1)
     sigma = sigmas.to(index.device)[index]
-    return (obj.model_input(x0, batch.noise, sigma), index, obj.target(x0, batch.noise, sigma, cfg.prediction),
+    timestep = index
+    if k != 1.0:
+        sigma = sigma * k
+        timestep = sigma_to_timestep(sigma.cpu(), sigmas.cpu()).float().to(index.device)
+    return (obj.model_input(x0, batch.noise, sigma), timestep, obj.target(x0, batch.noise, sigma, cfg.prediction),
             sigma)
 
 
@@ -126,13 +143,14 @@ def loss(unet: Any, batch: Batch, cfg: ObjectiveConfig, sigmas: torch.Tensor, pr
 
 
 @torch.no_grad()
-def evaluate(unet: Any, samples: list[Sample], cfg: ObjectiveConfig, sigmas: torch.Tensor, precision: Precision,
-             device: torch.device) -> float:
-    """Mean unweighted loss of fixed samples at fixed timestep positions (10 % … 90 %) with fixed noise: a
-    number comparable across the run (caption as written, no flip, no dropout)."""
+def evaluate_each(unet: Any, samples: list[Sample], cfg: ObjectiveConfig, sigmas: torch.Tensor, precision: Precision,
+                  device: torch.device) -> torch.Tensor:
+    """Unweighted loss per sample (rows) and fixed timestep position 10 % … 90 % (columns, EVAL_FRACTIONS), with
+    noise keyed by the sample's id: numbers comparable across the run and across a resume (caption as written, no
+    flip, no dropout; nothing drawn from a shared generator)."""
     was_training = unet.training
     unet.eval()
-    total = []
+    rows = []
     k = len(EVAL_FRACTIONS)
     for s in samples:
         lat = torch.from_numpy(np.asarray(s.latent, np.float32))
@@ -145,6 +163,13 @@ def evaluate(unet: Any, samples: list[Sample], cfg: ObjectiveConfig, sigmas: tor
                       tag_weight=torch.ones(k)).to(device)
         x, timestep, tgt, _ = noised(batch, cfg, sigmas)
         pred = predict(unet, x, timestep, batch, precision)
-        total.append(((pred.float() - tgt.float()) ** 2).mean().item())
+        rows.append(((pred.float() - tgt.float()) ** 2).mean(dim=tuple(range(1, pred.ndim))).cpu().double())
     unet.train(was_training)
-    return float(np.mean(total)) if total else float("nan")
+    return torch.stack(rows) if rows else torch.zeros(0, k, dtype=torch.float64)
+
+
+def evaluate(unet: Any, samples: list[Sample], cfg: ObjectiveConfig, sigmas: torch.Tensor, precision: Precision,
+             device: torch.device) -> float:
+    """Mean of `evaluate_each` (NaN for no samples)."""
+    each = evaluate_each(unet, samples, cfg, sigmas, precision, device)
+    return float(each.mean()) if each.numel() else float("nan")

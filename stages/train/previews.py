@@ -1,0 +1,132 @@
+"""Sample images during training: the prompts of a TOML file rendered with the UNet as it is training (LoRA
+active; the EMA weights when EMA is on), every N steps and at the end, through the sampler of the trained
+objective (shared/models/sampling.py). Saved under `<out>/samples/` (not part of the fingerprinted result) as
+`step-NNNNNN/NN.png` and one labelled grid, `grid.png` (rows: steps, columns: prompts), and as TensorBoard
+images.
+
+Rendering never touches the training's random state: the starting noise comes from each prompt's own seed, the
+UNet runs in eval mode (no LoRA dropout), and the VAE and text encoders are loaded with the global generator's
+state saved and put back. So a run renders the same images and trains the same weights with or without
+samples, and a resumed run re-renders the steps after its checkpoint exactly. (With schedule-free optimizers the
+samples show the weights being stepped, not the averaged ones a checkpoint holds: switching modes for a sample
+would change the run.)
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.core.errors import ConfigError
+from shared.models import loading as models
+from shared.models import render as R
+from shared.models import sampling
+
+TEXT_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+PROMPT_KEYS = {f.name for f in fields(R.Prompt)}
+
+
+@dataclass(frozen=True)
+class PreviewConfig:
+    """Sample images (flat keys of the same names)."""
+    sample_prompts: Path | None        # the TOML prompts file; None = no samples
+    sample_every: int                  # optimizer steps between renders (0 = only at the start and the end)
+    sample_sampler: str                # auto | euler | dpmpp_2m
+    sample_sigmas: str                 # auto | karras | trailing | novelai
+    sample_guidance_rescale: float | None   # None: by objective (0.7 with zero terminal SNR)
+
+
+def load_prompts(path: Path) -> list[R.Prompt]:
+    """`[[prompt]]` tables of a TOML file: prompt (required), negative, seed, width, height, steps, cfg."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"--sample-prompts {path}: not a readable TOML file ({e})") from None
+    tables = data.get("prompt")
+    if not isinstance(tables, list) or not tables or set(data) != {"prompt"}:
+        raise ConfigError(f"--sample-prompts {path}: expected one or more [[prompt]] tables and nothing else")
+    return [_prompt(path, i, t) for i, t in enumerate(tables)]
+
+
+def _prompt(path: Path, i: int, table: dict) -> R.Prompt:
+    where = f"--sample-prompts {path}: prompt {i + 1}"
+    unknown = sorted(set(table) - PROMPT_KEYS)
+    if unknown or not isinstance(table.get("prompt"), str):
+        raise ConfigError(f"{where}: needs `prompt` (text) and only the keys {', '.join(sorted(PROMPT_KEYS))}"
+                          + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    p = R.Prompt(**table)
+    ints = {"seed": p.seed, "width": p.width, "height": p.height, "steps": p.steps}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints.values()) or p.seed < 0 \
+            or p.steps < 1 or p.width < 8 or p.height < 8 or p.width % 8 or p.height % 8:
+        raise ConfigError(f"{where}: seed >= 0, steps >= 1, width and height multiples of 8 (got {ints})")
+    if not isinstance(p.cfg, (int, float)) or not math.isfinite(p.cfg) or p.cfg < 0:
+        raise ConfigError(f"{where}: cfg must be a finite number >= 0 (got {p.cfg!r})")
+    if not isinstance(p.negative, str):
+        raise ConfigError(f"{where}: negative must be text")
+    return p
+
+
+class Previews:
+    """The prompts' conditioning and the VAE, made once at setup; `render` draws one row of the grid."""
+
+    def __init__(self, cfg: PreviewConfig, model_spec: str, objective: sampling.Objective, folder: Path,
+                 device: torch.device):
+        self.cfg, self.objective, self.folder = cfg, objective, folder
+        self.prompts = load_prompts(cfg.sample_prompts)
+        try:
+            self.sampler = sampling.choose(objective, cfg.sample_sampler, cfg.sample_sigmas,
+                                           cfg.sample_guidance_rescale)
+        except ValueError as e:
+            raise ConfigError(f"--sample-sampler / --sample-sigmas: {e}") from None
+        with torch.random.fork_rng(devices=[]):  # a model builder may draw from the global generator
+            parts = models.load_model(model_spec, TEXT_PARTS, dtype=torch.float32)
+        self.conds = R.encode(parts, self.prompts)
+        self.vae = parts.vae.to(device).eval()
+
+    def due(self, step: int, total: int) -> bool:
+        every = self.cfg.sample_every
+        return step == 0 or step == total or bool(every and step % every == 0)
+
+    def forget_after(self, step: int) -> None:
+        """A resumed run drops the renders of steps after its checkpoint (they are rendered again)."""
+        for old in self.folder.glob("step-*"):
+            if old.is_dir() and int(old.name[5:]) > step:
+                shutil.rmtree(old)
+
+    def render(self, unet: Any, step: int, ema: Any, autocast: Any, tensorboard: Any) -> Path:
+        """Every prompt at `step` into step-NNNNNN/, the grid rewritten; returns the grid's path."""
+        where = self.folder / f"step-{step:06d}"
+        where.mkdir(parents=True, exist_ok=True)
+        with (ema.swapped() if ema is not None else contextlib.nullcontext()), autocast:
+            images = [R.render(unet, self.vae, c, p, self.objective, self.sampler)
+                      for c, p in zip(self.conds, self.prompts)]
+        (where / "weights.txt").write_text("ema\n" if ema is not None else "live\n")
+        for i, image in enumerate(images):
+            image.save(where / f"{i:02d}.png")
+            if tensorboard is not None:
+                tensorboard.add_image(f"samples/{i:02d}", np.asarray(image), step, dataformats="HWC")
+        if tensorboard is not None:
+            tensorboard.flush()
+        return self.write_grid()
+
+    def write_grid(self) -> Path:
+        from PIL import Image
+
+        rows = []
+        for folder in sorted(p for p in self.folder.glob("step-*") if p.is_dir()):
+            which = (folder / "weights.txt").read_text().strip() if (folder / "weights.txt").exists() else "live"
+            label = f"step {int(folder.name[5:])}" + (" (EMA)" if which == "ema" else "")
+            rows.append((label, [Image.open(folder / f"{i:02d}.png") for i in range(len(self.prompts))]))
+        size = (max(p.width for p in self.prompts), max(p.height for p in self.prompts))
+        columns = [f"{p.prompt}\nseed {p.seed}, cfg {p.cfg:g}, {p.steps} steps" for p in self.prompts]
+        out = self.folder / "grid.png"
+        R.grid(rows, columns, size).save(out)
+        return out
+
