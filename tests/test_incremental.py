@@ -186,7 +186,7 @@ def test_a_damaged_previous_shard_is_read_from_zarr_or_encoded_again(tmp_path, d
         data = bytearray(tar.read_bytes())
         data[3000] ^= 1
         tar.write_bytes(data)
-    shutil.rmtree(work / "encode" / "zarr" / "128x128" / "latent" / "c" / "17")  # reads back as zeros
+    shutil.rmtree(work / "encode" / "zarr" / "128x128" / "latent" / "c" / "2")  # shard 2's: reads back as zeros
     done = _encode_cli(work)
     assert done.returncode == 0, done.stderr
     assert "shard 128x128/000002 of" in done.stderr and "does not match its record" in done.stderr

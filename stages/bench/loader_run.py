@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 from shared.core.errors import ConfigError, DataError
+from shared.formats.samples import ENCODE_VERSION
 from stages.bench import loader, loader_data
 from stages.bench.loader_data import Shapes
 from stages.bench.server import LatencyServer
@@ -19,7 +20,8 @@ HEADERS = ("samples", "path", "read", "seconds", "samples/s", "x per-file")
 def prepare(root: Path, count: int, shapes: Shapes, shard_samples: int) -> list[str]:
     """`root/encode` and `root/per-file` for `count` samples (reused when a previous run made the same)."""
     stamp = root / "made.json"
-    want = {"count": count, "shapes": repr(shapes), "shard_samples": shard_samples}
+    want = {"count": count, "shapes": repr(shapes), "shard_samples": shard_samples, "version": ENCODE_VERSION,
+            "zarr": list(loader_data.encode_compression())}
     if stamp.is_file() and json.loads(stamp.read_text()) == want:
         return [f"{i:08d}" for i in range(count)]
     need = 3.1 * count * shapes.sample_bytes()  # tar + zarr + npz, and their overheads
