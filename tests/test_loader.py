@@ -183,3 +183,19 @@ def test_the_latency_server_is_bounded(tmp_path):
         assert fs.cat_file(f"{url}/f") == b"x" and fs.cat_file(f"{url}/f") == b"x"
         with pytest.raises(Exception, match="503|budget"):
             fs.cat_file(f"{url}/f")
+
+
+def test_http_get_reads_whole_objects_and_names_a_missing_one(encoded):
+    """http(s) objects are read by location.http_get (a buffer of the Content-Length); a 404 is
+    FileNotFoundError (a zarr chunk never written, read as the fill value), a refused connection an OSError."""
+    from shared.formats import location
+
+    tar = encoded / "encode" / "shards" / "32x32" / "000000.tar"
+    with LatencyServer(encoded, latency_ms=0, max_requests=10, max_seconds=60) as url:
+        got = location.read_bytes(f"{url}/encode/shards/32x32/000000.tar")
+        assert bytes(got) == tar.read_bytes() and got.flags.writeable
+        with pytest.raises(FileNotFoundError):
+            location.http_get(f"{url}/encode/nothing.tar")
+        assert shards.read_objects([f"{url}/encode/nothing", f"{url}/encode/index.json"])[0] is None
+    with pytest.raises(OSError):
+        location.http_get(url + "/encode/index.json")  # the server is gone

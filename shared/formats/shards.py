@@ -304,16 +304,19 @@ class ChunkReader:
             elif self.codec is not None:
                 self.codec.decode(raw, out=part.reshape(-1).view(np.uint8))
             else:
-                part.reshape(-1).view(np.uint8)[...] = np.frombuffer(raw, np.uint8)
+                part.reshape(-1).view(np.uint8)[...] = np.frombuffer(raw, np.uint8)  # ValueError if cut short
         return out[lo - first * self.rows:hi - first * self.rows]
 
 
 def read_objects(urls: list[str | Path]) -> list[Any]:
-    """The bytes of each path or URL, None where it does not exist; URLs fetched concurrently by fsspec."""
+    """The bytes of each path or URL, None where it does not exist; URLs fetched concurrently (http(s) by
+    location.http_get, other schemes by fsspec)."""
     from shared.formats import location
 
     if not urls or not location.is_url(str(urls[0])):
         return [_read_file(Path(u)) for u in urls]
+    if location.is_http(str(urls[0])):
+        return [_read_http(str(u)) for u in urls] if len(urls) == 1 else _read_http_concurrently(urls)
     import fsspec
 
     fs, _ = fsspec.core.url_to_fs(str(urls[0]))
@@ -329,9 +332,28 @@ def read_objects(urls: list[str | Path]) -> list[Any]:
     return out
 
 
-def _read_file(path: Path) -> bytes | None:
+def _read_http(url: str) -> Any:
+    from shared.formats import location
+
     try:
-        with open(path, "rb") as fh:
-            return fh.read()
+        return location.http_get(url)
+    except FileNotFoundError:
+        return None
+
+
+def _read_http_concurrently(urls: list[str | Path]) -> list[Any]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(len(urls), 8)) as pool:
+        return list(pool.map(lambda u: _read_http(str(u)), urls))
+
+
+def _read_file(path: Path) -> Any:
+    """The file's bytes as a uint8 array (read into it: half the cost of a `bytes` object of a chunk's size), or
+    None when it does not exist."""
+    from shared.formats import location
+
+    try:
+        return location.read_bytes(path)
     except FileNotFoundError:
         return None
