@@ -4,8 +4,8 @@ caption's record; with the constants both stages share (text window, encoder par
 A `Sample` is one planned item after encoding. In a tar shard it is a run of members `<key>.latent.npy`,
 `.latent_flip.npy`, `.te.npy`, `.pooled.npy`, `.ids.npy`, `.clip_image.npy`, `.clip_text.npy` and `.json`
 (the scalars and what the item was: path, captions, sizes; with the format `version`); in the zarr store it is
-row k of each array of its bucket's group (`zarr_specs`; a shard's rows are one chunk), `te` padded to `max_windows` windows with the valid
-count in `te_windows`, the keys and the `version` in the group's attributes. `Layout` says what every sample
+row k of each array of its bucket's group (`zarr_specs`; a shard's rows are one chunk), `te` padded to
+`max_windows` windows with the valid count in `te_windows`, the keys and the `version` in the group's attributes. `Layout` says what every sample
 of one encode output holds. The empty caption's states sit in `empty/` (`EmptyCaption`).
 """
 from __future__ import annotations

@@ -3,8 +3,8 @@ several shards at once ahead of the stream.
 
 A tar shard is read in one request (a path, an fsspec URL or a `pipe:` command), its size and sha256 compared
 with index.json, and only then listed; its arrays are views of the shard's bytes (no copy per sample). A zarr
-shard's rows are read array by array concurrently (one request per chunk on a remote store) and their digest
-compared with index.json. A mismatch is a DataError naming the shard, raised when the shard's turn comes —
+shard is one chunk per array (encode chunks the store by shard): the arrays are fetched concurrently, one object
+each, decompressed in one call each off the training thread, and the rows' digest compared with index.json. A mismatch is a DataError naming the shard, raised when the shard's turn comes —
 before any of its samples reaches a training step.
 
 `ShardReader.ahead(order)` loads the shards of a stream in background threads, up to `depth` beyond the one
