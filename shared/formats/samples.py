@@ -5,8 +5,8 @@ A `Sample` is one planned item after encoding. In a tar shard it is a run of mem
 `.latent_flip.npy`, `.te.npy`, `.pooled.npy`, `.ids.npy`, `.clip_image.npy`, `.clip_text.npy` and `.json`
 (the scalars and what the item was: path, captions, sizes; with the format `version`); in the zarr store it is
 row k of each array of its bucket's group (`zarr_specs`; a shard's rows are one chunk), `te` padded to
-`max_windows` windows with the valid count in `te_windows`, the keys and the `version` in the group's attributes. `Layout` says what every sample
-of one encode output holds. The empty caption's states sit in `empty/` (`EmptyCaption`).
+`max_windows` windows with the valid count in `te_windows`, the keys and the `version` in the group's
+attributes. `Layout` says what every sample of one encode output holds. The empty caption's states sit in `empty/` (`EmptyCaption`).
 """
 from __future__ import annotations
 
@@ -221,7 +221,8 @@ def read_rows(group: Any, lo: int, hi: int, names: Iterable[str] | None = None,
     names = sorted(names if names is not None else group.array_keys())
     arrays = arrays if arrays is not None else {}
     with ThreadPoolExecutor(max(1, min(len(names), 8))) as pool:
-        got = list(pool.map(lambda name: _rows(arrays.get(name) or group[name], lo, hi, where, name), names))
+        got = list(pool.map(lambda name: _rows(arrays[name] if name in arrays else group[name], lo, hi, where,
+                                               name), names))
     return dict(zip(names, got)), list(group.attrs["keys"][lo:hi])
 
 

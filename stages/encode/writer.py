@@ -129,7 +129,7 @@ def write_shard(staging: Path, shard: Shard, made: list[Made], wds: bool, zarr: 
     if zarr:
         group = shards.open_store(staging / "zarr", mode="a")[shard.group]
         fmt.write_rows(group, shard.first, samples)
-        entry["zarr_sha256"] = zarr_rows_digest(group, shard.first, len(samples))
+        entry["zarr_sha256"] = zarr_rows_digest(group, shard.first, len(samples), staging / "zarr" / shard.group)
     if wds:
         tmp.replace(final)
     checkpoint("encode.shard")
@@ -140,9 +140,10 @@ def write_shard(staging: Path, shard: Shard, made: list[Made], wds: bool, zarr: 
                        tuple(m.key for m in made), tuple(m.cut for m in made), sum(m.reused for m in made))
 
 
-def zarr_rows_digest(group: Any, first: int, count: int) -> str:
-    """The digest of what the store now holds for a shard's rows (read back, as train will read them)."""
-    return fmt.rows_digest(*fmt.read_rows(group, first, first + count))
+def zarr_rows_digest(group: Any, first: int, count: int, where: Path | None = None) -> str:
+    """The digest of what the store now holds for a shard's rows (read back, from the chunk files at `where`
+    as train reads them)."""
+    return fmt.rows_digest(*fmt.read_rows(group, first, first + count, where=where))
 
 
 def content_hash(members: list[dict]) -> str:
@@ -174,6 +175,7 @@ def shard_intact(staging: Path, record: ShardRecord, store: Any) -> bool:
         return True
     try:
         group = store[group_name(record.bucket)]
-        return zarr_rows_digest(group, entry.first, entry.samples) == entry.zarr_sha256
+        where = staging / "zarr" / group_name(record.bucket)
+        return zarr_rows_digest(group, entry.first, entry.samples, where) == entry.zarr_sha256
     except Exception:  # noqa: BLE001 - unreadable rows are damaged rows
         return False
