@@ -140,6 +140,10 @@ def test_every_planned_item_is_stored_once_in_both_formats(encoded):
         for s in b["shards"]:
             tar = out / s["name"]
             assert tar.stat().st_size == s["bytes"] and artifacts.sha256_file(tar) == s["sha256"]
+        # one chunk per shard: every array's chunk holds a shard's rows (all of them when the bucket is smaller)
+        rows = max(s["samples"] for s in b["shards"])
+        assert all(s["first"] % rows == 0 for s in b["shards"])
+        assert {group[name].chunks[0] for name in group.array_keys()} == {rows}
         for k, key in enumerate(keys):
             sample = found[key]
             assert np.array_equal(group["latent"][k], sample["latent.npy"])
