@@ -139,7 +139,8 @@ class Previous:
                 self._store = shards.open_store(self.folder / "zarr", mode="r")
             group = self._store[group_name(record.bucket)]
             fmt.check_group(group, str(self.folder / "zarr"), fmt.fix_for(self.folder))
-            rows, keys = fmt.read_rows(group, entry.first, entry.first + entry.samples)
+            rows, keys = fmt.read_rows(group, entry.first, entry.first + entry.samples,
+                                       where=self.folder / "zarr" / group_name(record.bucket))
         except Exception:  # noqa: BLE001 - a store or rows that cannot be read are not reused
             return None
         if keys != list(record.keys) or fmt.rows_digest(rows, keys) != entry.zarr_sha256:

@@ -104,11 +104,13 @@ def prepare(staging: Path, plan: list[Shard], layout: Layout, empty: EmptyCaptio
         return
     store = shards.open_store(staging / "zarr", mode="a")
     groups: dict[tuple[int, int], list[str]] = {}
+    chunk_rows: dict[tuple[int, int], int] = {}
     for s in plan:
         groups.setdefault(s.bucket, []).extend(r.id for r in s.rows)
-    for bucket, keys in groups.items():
+        chunk_rows[s.bucket] = max(chunk_rows.get(s.bucket, 1), len(s.rows))
+    for bucket, keys in groups.items():  # one chunk per shard: a bucket's shards are runs of its first's length
         shards.create_arrays(store, group_name(bucket), fmt.zarr_specs(layout, bucket, len(keys)), codecs,
-                             fmt.zarr_attrs(bucket, keys))
+                             fmt.zarr_attrs(bucket, keys), chunk_rows[bucket])
 
 
 def write_shard(staging: Path, shard: Shard, made: list[Made], wds: bool, zarr: bool) -> ShardRecord:
@@ -127,7 +129,7 @@ def write_shard(staging: Path, shard: Shard, made: list[Made], wds: bool, zarr: 
     if zarr:
         group = shards.open_store(staging / "zarr", mode="a")[shard.group]
         fmt.write_rows(group, shard.first, samples)
-        entry["zarr_sha256"] = zarr_rows_digest(group, shard.first, len(samples))
+        entry["zarr_sha256"] = zarr_rows_digest(group, shard.first, len(samples), staging / "zarr" / shard.group)
     if wds:
         tmp.replace(final)
     checkpoint("encode.shard")
@@ -138,9 +140,10 @@ def write_shard(staging: Path, shard: Shard, made: list[Made], wds: bool, zarr: 
                        tuple(m.key for m in made), tuple(m.cut for m in made), sum(m.reused for m in made))
 
 
-def zarr_rows_digest(group: Any, first: int, count: int) -> str:
-    """The digest of what the store now holds for a shard's rows (read back, as train will read them)."""
-    return fmt.rows_digest(*fmt.read_rows(group, first, first + count))
+def zarr_rows_digest(group: Any, first: int, count: int, where: Path | None = None) -> str:
+    """The digest of what the store now holds for a shard's rows (read back, from the chunk files at `where`
+    as train reads them)."""
+    return fmt.rows_digest(*fmt.read_rows(group, first, first + count, where=where))
 
 
 def content_hash(members: list[dict]) -> str:
@@ -172,6 +175,7 @@ def shard_intact(staging: Path, record: ShardRecord, store: Any) -> bool:
         return True
     try:
         group = store[group_name(record.bucket)]
-        return zarr_rows_digest(group, entry.first, entry.samples) == entry.zarr_sha256
+        where = staging / "zarr" / group_name(record.bucket)
+        return zarr_rows_digest(group, entry.first, entry.samples, where) == entry.zarr_sha256
     except Exception:  # noqa: BLE001 - unreadable rows are damaged rows
         return False
