@@ -1,6 +1,7 @@
 """The `sdxl` command: one sub-command per stage, plus `run`, `demo` and the `bench` group."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -42,6 +43,8 @@ def demo_command(workdir: Path = typer.Option(Path("demo"), help="Folder for the
 
 
 def main() -> None:
+    # bitsandbytes logs advice on import (peft imports it) about optional CPU kernels; not the user's concern
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     app()
 
 

@@ -38,7 +38,8 @@ def one_line(error: pytest.ExceptionInfo) -> str:
 ITEM = {"id": "a5d0cb46c80ea7fd", "path": "img_000.png", "source": "/data/src", "caption_path": "img_000.txt",
         "width": 320, "height": 240, "stored_width": 240, "stored_height": 320, "orientation": 6, "mode": "RGB",
         "format": "PNG", "frames": 1, "bytes": 307964, "caption": "tag0, common", "caption_encoding": "utf-8",
-        "tags": ["tag0", "common"], "tag_weight": 0.959014, "sha256": "a5" * 32, "repeats": 2}
+        "tags": ["tag0", "common"], "tag_weight": 0.959014, "sha256": "a5" * 32, "repeats": 2,
+        "role": "instance"}  # as ingest writes items (the role since DreamBooth sources)
 
 
 def test_plan_rows_round_trip_with_the_bytes_bucket_always_wrote(tmp_path):

@@ -97,7 +97,7 @@ def test_kohya_layout_sets_repeats_prompts_and_folder_captions(tmp_path):
     assert (b["caption"], b["caption_from"], b["caption_path"], b["tags"]) == ("sks dog", "folder", None, ["sks dog"])
     assert (c["caption"], c["caption_from"]) == ("dog", "folder")
     assert d["caption"] == "a dog"
-    assert list(a)[-4:] == ["repeats", "subset", "instance_prompt", "class_prompt"]   # today's keys, then these
+    assert list(a)[-5:] == ["repeats", "role", "subset", "instance_prompt", "class_prompt"]  # today's keys, then these
     outside = {p: r["detail"] for p, r in rejected.items() if r["reason"] == "outside_layout"}
     assert sorted(outside) == ["0_cat/f.png", "10_sks dog/old/g.png", "raw/e.png", "top.png"]
     assert "'raw' is not named <repeats>_<name>" in outside["raw/e.png"]
@@ -314,3 +314,24 @@ def test_a_changed_metadata_file_reruns_ingest(tmp_path, runner):
     assert runner.invoke(app, args).exit_code == 0
     assert next(r for r in read_jsonl(tmp_path / "o" / "items.jsonl") if r["path"] == "a.png")["caption"] == \
         "a new caption"
+
+
+# ---------------------------------------------------------------- DreamBooth roles
+
+
+def test_a_class_source_marks_its_items_and_the_mark_reaches_the_plan(tmp_path):
+    from stages import bucket
+    from shared.formats.plan import read_plan
+    from shared.core.config import resolve
+
+    image(tmp_path / "me" / "a.png", 1, "sks dog")
+    image(tmp_path / "dogs" / "b.png", 2, "a dog")
+    work = tmp_path / "w"
+    sources = ({"path": str(tmp_path / "me")}, {"path": str(tmp_path / "dogs"), "role": "class"})
+    _, items, _ = run_ingest(tmp_path, work / "ingest", sources=sources)
+    assert {p: r["role"] for p, r in items.items()} == {"a.png": "instance", "b.png": "class"}
+    bucket.run(resolve(bucket.Config, "bucket", {}, {"workdir": work, "max_area": 128 * 128, "min_side": 64}))
+    assert {Path(r.path).name: r.role for r in read_plan(work / "bucket")} == {"a.png": "instance",
+                                                                              "b.png": "class"}
+    with pytest.raises(Exception, match="role"):
+        build(ingest.Config, {"sources": ({"path": "x", "role": "prior"},)}, "[ingest]")

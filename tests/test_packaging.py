@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCH = "torch==2.13.0"  # first, as README and .ci/setup do: a bare `torch` resolved by pip is a multi-GB build
 VOCAB = "shared/models/bpe_simple_vocab_16e6.txt.gz"
 # not the project's source (top-level folders of a working checkout): left out of the copy the wheel is built from
-NOT_SOURCE = {".git", ".venv", "build", "dist", ".pytest_cache", "work", "demo", "wheels"}
+NOT_SOURCE = {".git", ".venv", "build", "dist", ".pytest_cache", "work", "demo", "wheels", ".wheels"}
 
 
 def run(cmd: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:

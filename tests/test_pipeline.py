@@ -16,10 +16,11 @@ from tests.conftest import make_dataset, noise_image, save
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_config(tmp_path: Path, max_area: int = 1048576) -> Path:
+def write_config(tmp_path: Path, max_area: int = 256 * 256) -> Path:
     cfg = tmp_path / "pipeline.toml"
     cfg.write_text(f"[pipeline]\nworkdir = '{tmp_path / 'w'}'\nmodel = 'builtin:tiny'\n[ingest]\n"
                    f"sources = ['{tmp_path / 'src'}']\nworkers = 1\n[bucket]\nmax_area = {max_area}\n"
+                   f"min_side = 64\nmax_side = 512\n"
                    f"[encode]\nworkers = 0\n[train]\nbatch_size = 1\nmax_steps = 2\neval_samples = 1\n")
     return cfg
 
@@ -34,12 +35,12 @@ def test_run_skips_unchanged_and_says_why_it_reruns(tmp_path, runner):
     again = runner.invoke(app, ["run", "--config", str(write_config(tmp_path))])
     assert "ingest: unchanged, skipped" in again.output and "bucket: unchanged, skipped" in again.output
     assert "encode: unchanged, skipped" in again.output and "train: unchanged, skipped" in again.output
-    changed = runner.invoke(app, ["run", "--config", str(write_config(tmp_path, 786432))])
+    changed = runner.invoke(app, ["run", "--config", str(write_config(tmp_path, 192 * 256))])
     assert "ingest: unchanged, skipped" in changed.output
-    assert "bucket: runs: config changed: max_area 1048576 -> 786432" in changed.output
+    assert "bucket: runs: config changed: max_area 65536 -> 49152" in changed.output
     assert "encode: runs: input changed: bucket" in changed.output
     save(noise_image(300, 300, 50), tmp_path / "src" / "more.png")
-    grown = runner.invoke(app, ["run", "--config", str(write_config(tmp_path, 786432))])
+    grown = runner.invoke(app, ["run", "--config", str(write_config(tmp_path, 192 * 256))])
     assert "ingest: runs: input changed" in grown.output and "bucket: runs: input changed: ingest" in grown.output
 
 

@@ -44,6 +44,7 @@ class PlanRow:
     tag_weight: float = 1.0
     sha256: str | None = None
     repeats: int = 1
+    role: str = "instance"             # instance | class (DreamBooth class images)
     bucket: tuple[int, int]
     resize: tuple[int, int]
     crop: tuple[int, int]

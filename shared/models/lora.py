@@ -1,8 +1,14 @@
 """LoRA on the SDXL UNet through peft: which modules a preset targets, applying it, and its weights.
 
-Presets: `attn` targets the attention projections (to_q, to_k, to_v, to_out.0) of every transformer block;
-`attn+conv` adds the 3x3 and 1x1 convolutions of the ResNet blocks and the down/upsamplers (what kohya calls
-LoRA-C3Lier / LoCon). The weights are peft's own state dict (`…lora_A.weight`, `…lora_B.weight`, and
+Presets (which tool's default each matches is in the README):
+- `attn`: the attention projections (to_q, to_k, to_v, to_out.0) of every transformer block, self and cross
+  (diffusers' train_text_to_image_lora_sdxl, OneTrainer's attn-only);
+- `self-attn`: the self-attention projections only (attn1);
+- `kohya`: every Linear inside the transformer models (proj_in / proj_out, both attentions, the feed-forward),
+  what kohya's `networks.lora` targets by default;
+- `attn+conv`: `attn` plus the 3x3 and 1x1 convolutions of the ResNet blocks and the down/upsamplers (what
+  kohya calls LoRA-C3Lier / LoCon);
+- `kohya+conv`: `kohya` plus those convolutions (kohya's `networks.lora` with conv_dim). The weights are peft's own state dict (`…lora_A.weight`, `…lora_B.weight`, and
 `…lora_magnitude_vector` with DoRA), keyed by diffusers UNet module names, so train (checkpoints) and export
 (kohya / diffusers names) agree on one format.
 """
@@ -14,7 +20,7 @@ from typing import Any
 
 from shared.core.errors import ConfigError
 
-PRESETS = ("attn", "attn+conv")
+PRESETS = ("attn", "self-attn", "kohya", "attn+conv", "kohya+conv")
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 CONV = ("conv1", "conv2", "conv_shortcut")  # in ResnetBlock2D; plus downsamplers/upsamplers `.conv`
 
@@ -63,14 +69,22 @@ def target_modules(unet: Any, preset: str) -> list[str]:
         raise ConfigError(f"lora_preset {preset!r}: expected one of {', '.join(PRESETS)}")
     names = []
     for name, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".attn" in name and name.endswith(ATTENTION):
+        if isinstance(module, torch.nn.Linear) and _linear_target(name, preset):
             names.append(name)
-        elif preset == "attn+conv" and isinstance(module, torch.nn.Conv2d):
+        elif preset.endswith("+conv") and isinstance(module, torch.nn.Conv2d):
             in_resnet = ".resnets." in name and name.rsplit(".", 1)[-1] in CONV
             sampler = (".downsamplers." in name or ".upsamplers." in name) and name.endswith(".conv")
             if in_resnet or sampler:
                 names.append(name)
     return sorted(names)
+
+
+def _linear_target(name: str, preset: str) -> bool:
+    if preset.startswith("kohya"):
+        return ".attentions." in name  # every Linear of a Transformer2DModel (kohya: Linear and 1x1 conv there)
+    if not name.endswith(ATTENTION):
+        return False
+    return ".attn1." in name if preset == "self-attn" else ".attn" in name
 
 
 def apply_lora(unet: Any, spec: LoraSpec) -> None:

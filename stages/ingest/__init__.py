@@ -121,7 +121,7 @@ def examine(task: Task) -> dict:
            "orientation": info.orientation, "mode": info.mode, "format": info.format, "frames": info.frames,
            "bytes": len(data), "caption": caption, "caption_encoding": encoding,
            "tags": tagging.split_tags(caption, src.tag_separator, cfg.lowercase_tags, cfg.underscores_to_spaces),
-           "tag_weight": 1.0, "sha256": digest, "repeats": src.repeats}
+           "tag_weight": 1.0, "sha256": digest, "repeats": src.repeats, "role": src.role}
     if task.caption:  # where a caption not read from a caption file came from
         row["caption_from"] = task.caption[1]
         if task.caption[2]:

@@ -9,6 +9,9 @@ from shared.core.config import opt
 from shared.core.errors import ConfigError
 
 LAYOUTS = ("plain", "kohya", "auto")
+#: what a source's images are for: the subject trained (instance), or DreamBooth's class images, whose loss
+#: train weights by prior_loss_weight (prior preservation)
+ROLES = ("instance", "class")
 
 
 @dataclass(frozen=True)
@@ -24,13 +27,15 @@ class Source:
                                                  "folder's tokens.")
     metadata: bool | None = opt(None, "Read captions from metadata.jsonl files.")
     caption_column: str | None = opt(None, "metadata.jsonl column holding the caption.", nonempty=True)
+    role: str = opt("instance", "instance: images of what is trained; class: DreamBooth class (regularisation) "
+                                "images, whose loss train weights by prior_loss_weight.", choices=ROLES)
 
 
 @dataclass(frozen=True)
 class Config:
     sources: tuple[Source, ...] = opt((), "Source folders. In TOML: a list of paths or [[ingest.sources]] "
                                       "tables with per-source repeats, caption_ext, caption_required, "
-                                      "tag_separator, layout, caption_from_folder, metadata, caption_column.",
+                                      "tag_separator, layout, caption_from_folder, metadata, caption_column, role.",
                                       positional=True)
     workdir: Path = opt(Path("work"), "Pipeline work folder; default parent of every stage's output.",
                         pipeline=True, fingerprint=False)

@@ -53,8 +53,10 @@ class Config:
     allow_encoder_mismatch: bool = opt(False, "Train even though the shards were encoded with another VAE or "
                                               "text encoders than the model's.", fingerprint=False)
     method: str = opt("lora", "Train a LoRA on the UNet, or fine-tune the whole UNet.", choices=("lora", "full"))
-    lora_preset: str = opt("attn", "LoRA targets: attention projections, or those plus the ResNet and "
-                                   "down/upsampler convolutions.", choices=PRESETS)
+    lora_preset: str = opt("attn", "LoRA targets: attn (attention projections), self-attn (self-attention "
+                                   "only), kohya (every Linear of the transformer blocks, as kohya's "
+                                   "networks.lora), and attn+conv / kohya+conv (those plus the ResNet and "
+                                   "down/upsampler convolutions).", choices=PRESETS)
     lora_rank: int = opt(16, "LoRA rank (network dim).", ge=1)
     lora_alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank.", gt=0)
     lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.", ge=0, lt=1)
