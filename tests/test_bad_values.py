@@ -66,7 +66,7 @@ CASES = [
     ("bucket", "min_side", 32, "min_side: 32 is outside [64, inf), a multiple of 64"),
     ("bucket", "max_area", 1000, "max_area: 1000 is outside [4096, inf)"),
     ("bucket", "seed", -5, "seed: -5 is outside [0, 2**63)"),
-    ("encode", "zarr_level", 10, "zarr_level: 10 is outside [0, 9], the levels of blosc"),
+    ("encode", "zarr_level", 10, "zarr_level: 10 is outside [0, 9], the levels of lz4"),
     ("encode", "zarr_level", -1, "zarr_level: -1 is outside [0, 22]"),
     ("encode", "workers", -1, "workers: -1 is outside [0, inf)"),
     ("encode", "caption_variants", -1, "caption_variants: -1 is outside [0, inf)"),

@@ -138,7 +138,7 @@ def test_an_edited_index_is_refused(work, tmp_path, edit):
 def test_tampered_zarr_rows_stop_training(work, tmp_path):
     enc = copy_encode(work, tmp_path / "enc")
     chunks = enc / "zarr" / "128x128" / "latent" / "c"
-    shutil.copy(chunks / "0" / "0" / "0" / "0", chunks / "5" / "0" / "0" / "0")  # row 5 now holds row 0's latent
+    shutil.copy(chunks / "0" / "0" / "0" / "0", chunks / "1" / "0" / "0" / "0")  # shard 1's rows: shard 0's latents
     with pytest.raises(DataError, match=r"rows 4\.\.7 \(shard .*\) differ from what encode recorded"):
         run_train(enc, tmp_path / "t", source="zarr")
 
@@ -154,7 +154,7 @@ def test_encode_repairs_only_the_damaged_shards(work, tmp_path):
     zarr_before = shards.open_store(out / "zarr", mode="r")["128x128"]["te"][8:12]
     mtimes = {n: (out / n).stat().st_mtime_ns for n in names}
     (out / names[1]).unlink()
-    shutil.copy(out / "zarr/128x128/te/c/0/0/0/0", out / "zarr/128x128/te/c/9/0/0/0")
+    shutil.copy(out / "zarr/128x128/te/c/0/0/0/0", out / "zarr/128x128/te/c/2/0/0/0")  # shard 2's text states
     m = run_encode(w)
     assert m.fingerprint == artifacts.read_manifest(work / "encode").fingerprint
     assert {n: (out / n).read_bytes() for n in names} == before

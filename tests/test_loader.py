@@ -69,21 +69,38 @@ def test_in_memory_listing_refuses_what_write_tar_never_writes(tmp_path):
         list(shards.tar_samples(b"\x00" * 100 + b"x" * 900, "t.tar"))
 
 
-@pytest.mark.parametrize("compression", ["blosc", "zstd", "none"])
-def test_zarr_rows_read_by_chunk_equal_zarrs_own_read(tmp_path, compression):
+@pytest.mark.parametrize("compression,chunk_rows", [("lz4", 3), ("blosc", 3), ("zstd", 1), ("none", 3)])
+def test_zarr_rows_read_by_chunk_equal_zarrs_own_read(tmp_path, compression, chunk_rows):
+    """8 rows in chunks of 3 (the last chunk an edge chunk, its last row never written): every range, within a
+    chunk, across chunks, into the edge, read from the chunk objects equals zarr's own read."""
     layout = SHAPES.layout
     store = shards.open_store(tmp_path / "z", mode="a")
-    shards.create_arrays(store, "32x32", fmt.zarr_specs(layout, (32, 32), 5), shards.zarr_codecs(compression, 3),
-                         fmt.zarr_attrs((32, 32), [f"k{i}" for i in range(5)]))
+    shards.create_arrays(store, "32x32", fmt.zarr_specs(layout, (32, 32), 8), shards.zarr_codecs(compression, 3),
+                         fmt.zarr_attrs((32, 32), [f"k{i}" for i in range(8)]), chunk_rows)
     pool = loader_data.random_pool(SHAPES, 1)
-    fmt.write_rows(store["32x32"], 0, [loader_data.make_sample(i, SHAPES, pool) for i in range(4)])  # row 4 unset
+    fmt.write_rows(store["32x32"], 0, [loader_data.make_sample(i, SHAPES, pool) for i in range(7)])  # row 7 unset
     group = shards.open_store(tmp_path / "z", mode="r")["32x32"]
-    ours, keys = fmt.read_rows(group, 1, 5, fmt.zarr_names(layout), tmp_path / "z" / "32x32")
-    theirs, keys2 = fmt.read_rows(group, 1, 5)
-    assert keys == keys2 and ours.keys() == theirs.keys()
-    for name in ours:
-        assert ours[name].dtype == theirs[name].dtype and np.array_equal(ours[name], theirs[name]), name
-    assert fmt.rows_digest(ours, keys) == fmt.rows_digest(theirs, keys2)
+    assert group["latent"].chunks[0] == chunk_rows
+    for lo, hi in ((0, 3), (1, 5), (3, 6), (4, 8), (6, 8), (0, 8)):
+        ours, keys = fmt.read_rows(group, lo, hi, fmt.zarr_names(layout), tmp_path / "z" / "32x32")
+        theirs, keys2 = fmt.read_rows(group, lo, hi)
+        assert keys == keys2 == [f"k{i}" for i in range(lo, hi)] and ours.keys() == theirs.keys()
+        for name in ours:
+            assert ours[name].dtype == theirs[name].dtype and np.array_equal(ours[name], theirs[name]), (name, lo)
+        assert fmt.rows_digest(ours, keys) == fmt.rows_digest(theirs, keys2)
+
+
+def test_a_zarr_shard_is_one_request_per_array(encoded):
+    """encode chunks the store by shard: reading a shard by URL costs one request per array (and the group's
+    metadata once), not one per sample."""
+    names = fmt.zarr_names(SHAPES.layout)
+    server = LatencyServer(encoded, latency_ms=0, max_requests=1000, max_seconds=60)
+    with server as url:
+        data = feed.open_data(data_config(f"{url}/encode", "zarr"))
+        data.read.load(0)  # opens the group and its arrays
+        before = server.requests
+        got = data.read.load(1)
+        assert len(got) == 6 and server.requests - before == len(names)
 
 
 def test_read_ahead_loads_in_order_and_raises_a_failure_at_its_turn():
@@ -166,3 +183,19 @@ def test_the_latency_server_is_bounded(tmp_path):
         assert fs.cat_file(f"{url}/f") == b"x" and fs.cat_file(f"{url}/f") == b"x"
         with pytest.raises(Exception, match="503|budget"):
             fs.cat_file(f"{url}/f")
+
+
+def test_http_get_reads_whole_objects_and_names_a_missing_one(encoded):
+    """http(s) objects are read by location.http_get (a buffer of the Content-Length); a 404 is
+    FileNotFoundError (a zarr chunk never written, read as the fill value), a refused connection an OSError."""
+    from shared.formats import location
+
+    tar = encoded / "encode" / "shards" / "32x32" / "000000.tar"
+    with LatencyServer(encoded, latency_ms=0, max_requests=10, max_seconds=60) as url:
+        got = location.read_bytes(f"{url}/encode/shards/32x32/000000.tar")
+        assert bytes(got) == tar.read_bytes() and got.flags.writeable
+        with pytest.raises(FileNotFoundError):
+            location.http_get(f"{url}/encode/nothing.tar")
+        assert shards.read_objects([f"{url}/encode/nothing", f"{url}/encode/index.json"])[0] is None
+    with pytest.raises(OSError):
+        location.http_get(url + "/encode/index.json")  # the server is gone

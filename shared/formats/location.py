@@ -53,7 +53,56 @@ def read_bytes(where: str | Path) -> Any:
 
         with gopen(str(where), "rb") as stream:
             return bytearray(stream.read())
+    if is_http(where):
+        return http_get(str(where))
     return bytearray(_fsspec_cat(str(where)))
+
+
+def is_http(where: Any) -> bool:
+    return isinstance(where, str) and where.split("://", 1)[0].lower() in ("http", "https")
+
+
+#: seconds an http(s) read may stall before it fails
+HTTP_TIMEOUT = 120.0
+
+
+def http_get(url: str) -> np.ndarray:
+    """GET `url` into one buffer of its Content-Length, read in the calling thread by the standard library.
+
+    Not through fsspec's http backend: that one runs every transfer of the process on its single event-loop
+    thread, copying each body through Python chunk by chunk (~0.4 GB/s on localhost, however many shards are in
+    flight); here each shard's socket reads straight into its buffer without the GIL (~1.2 GB/s each, in
+    parallel). FileNotFoundError for a 404; OSError for any other failure or a body cut short."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT) as response:
+            size = response.headers.get("Content-Length")
+            if size is None or response.headers.get("Content-Encoding"):
+                return np.frombuffer(bytearray(response.read()), np.uint8)
+            data = np.empty(int(size), np.uint8)
+            view, got = memoryview(data), 0
+            while got < len(data):
+                n = response.readinto(view[got:])
+                if not n:
+                    raise OSError(f"the connection closed after {got} of {len(data)} bytes")
+                got += n
+            return data
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise FileNotFoundError(f"{url}: HTTP 404") from None
+        raise OSError(f"HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise OSError(str(e.reason)) from None
+    except (ValueError, http_errors()) as e:
+        raise OSError(f"{type(e).__name__}: {e}") from None
+
+
+def http_errors() -> type:
+    import http.client
+
+    return http.client.HTTPException
 
 
 def _fsspec_cat(url: str) -> bytes:
@@ -101,7 +150,7 @@ def require_remote(url: str, stage: str, versions: tuple[int, ...], fix: str) ->
     folder), or an InputError."""
     where = join(url, MANIFEST)
     try:
-        data = json.loads(read_bytes(where).decode("utf-8"))
+        data = json.loads(bytes(read_bytes(where)).decode("utf-8"))
         manifest = Manifest.from_dict(data)
     except OSError as e:
         raise InputError(f"{where}: unreadable ({e}); give --in the URL of a folder that `sdxl {stage}` "

@@ -4,8 +4,8 @@ caption's record; with the constants both stages share (text window, encoder par
 A `Sample` is one planned item after encoding. In a tar shard it is a run of members `<key>.latent.npy`,
 `.latent_flip.npy`, `.te.npy`, `.pooled.npy`, `.ids.npy`, `.clip_image.npy`, `.clip_text.npy` and `.json`
 (the scalars and what the item was: path, captions, sizes; with the format `version`); in the zarr store it is
-row k of each array of its bucket's group (`zarr_specs`), `te` padded to `max_windows` windows with the valid
-count in `te_windows`, the keys and the `version` in the group's attributes. `Layout` says what every sample
+row k of each array of its bucket's group (`zarr_specs`; a shard's rows are one chunk), `te` padded to
+`max_windows` windows with the valid count in `te_windows`, the keys and the `version` in the group's attributes. `Layout` says what every sample
 of one encode output holds. The empty caption's states sit in `empty/` (`EmptyCaption`).
 """
 from __future__ import annotations
@@ -26,8 +26,9 @@ WINDOW_TOKENS = 77  # one text window: BOS + 75 caption tokens + EOS (CLIP's con
 #: the model parts encode uses; train refuses shards whose parts differ from its model's
 ENCODER_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 #: the encode output's format (2: per-shard repeats, tag frequency; 3: file hashes, zarr digests; 4: typed
-#: records: the version in index.json, in each sample's json and in each zarr group, `clip_dim`)
-ENCODE_VERSION = 4
+#: records: the version in index.json, in each sample's json and in each zarr group, `clip_dim`; 5: the zarr
+#: store chunked by shard, one chunk per shard and array, instead of one per sample)
+ENCODE_VERSION = 5
 EMPTY = "empty"
 
 
@@ -210,26 +211,33 @@ def check_group(group: Any, where: str, fix: str) -> None:
 
 
 def read_rows(group: Any, lo: int, hi: int, names: Iterable[str] | None = None,
-              where: Path | str | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+              where: Path | str | None = None, arrays: dict[str, Any] | None = None
+              ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Rows lo..hi-1 of the arrays `names` (default: every array) of a bucket group, and their keys; the arrays
-    are read concurrently. Given the group's folder or URL (`where`), chunks are read straight from there
-    (shards.chunk_decoder). Unreadable rows raise KeyError, ValueError or OSError, which the caller turns into
-    an error naming the shard."""
+    are read concurrently. Given the group's folder or URL (`where`), each array's chunks are fetched whole
+    straight from there and decoded in one call (shards.ChunkReader; a shard is one chunk per array). `arrays`:
+    the group's arrays already opened (a remote store's metadata read once). Unreadable rows raise KeyError,
+    ValueError or OSError, which the caller turns into an error naming the shard."""
     names = sorted(names if names is not None else group.array_keys())
+    arrays = arrays if arrays is not None else {}
     with ThreadPoolExecutor(max(1, min(len(names), 8))) as pool:
-        arrays = list(pool.map(lambda name: _rows(group[name], lo, hi, where, name), names))
-    return dict(zip(names, arrays)), list(group.attrs["keys"][lo:hi])
+        got = list(pool.map(lambda name: _rows(arrays.get(name) or group[name], lo, hi, where, name), names))
+    return dict(zip(names, got)), list(group.attrs["keys"][lo:hi])
+
+
+def open_arrays(group: Any, names: Iterable[str]) -> dict[str, Any]:
+    """The group's arrays `names`, opened once (each is a metadata read; on a remote store, a request)."""
+    names = list(names)
+    with ThreadPoolExecutor(max(1, min(len(names), 8))) as pool:
+        return dict(zip(names, pool.map(lambda name: group[name], names)))
 
 
 def _rows(array: Any, lo: int, hi: int, where: Path | str | None, name: str) -> np.ndarray:
-    decode = shards.chunk_decoder(array.metadata.to_dict()) if where is not None and hi > lo else None
-    if decode is None:
+    reader = shards.ChunkReader.of(array) if where is not None and hi > lo else None
+    if reader is None:
         return np.asarray(array[lo:hi])
-    raws = shards.read_objects([location.join(where, name, key) for key in shards.chunk_keys(array, lo, hi)])
-    out = np.empty((hi - lo,) + tuple(array.shape[1:]), array.dtype)
-    for k, raw in enumerate(raws):
-        decode(raw, out[k, ...])  # a view even of a 1-d array's row
-    return out
+    raws = shards.read_objects([location.join(where, name, reader.keys(c)) for c in reader.chunks(lo, hi)])
+    return reader.assemble(lo, hi, raws)
 
 
 def rows_digest(rows: dict[str, np.ndarray], keys: list[str]) -> str:

@@ -5,8 +5,9 @@ pickle, one `.json` of metadata), which is what `webdataset.WebDataset` reads. M
 mode and mtime, so the same samples always make the same bytes (and the same checksum).
 
 The zarr store holds one group per bucket (`WxH`) with the same arrays stacked along the sample axis, chunked
-one sample per chunk. Arrays whose length varies per sample (text states of long captions) are padded to the
-store's maximum and come with their valid lengths.
+one shard per chunk (encode's shards are consecutive rows of `shard_samples`), so a shard is one object per
+array: one request and one decompression call each. Arrays whose length varies per sample (text states of long
+captions) are padded to the store's maximum and come with their valid lengths.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -201,7 +203,8 @@ def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
 
 
 def zarr_codecs(compression: str, level: int) -> dict:
-    """Keyword arguments for `create_array`: zstd, blosc (zstd + bit shuffle) or none."""
+    """Keyword arguments for `create_array`: lz4 (blosc lz4 + byte shuffle), blosc (blosc zstd + bit shuffle),
+    zstd or none."""
     import zarr.codecs as codecs
 
     if compression == "none":
@@ -210,6 +213,8 @@ def zarr_codecs(compression: str, level: int) -> dict:
         return {"compressors": codecs.ZstdCodec(level=level)}
     if compression == "blosc":
         return {"compressors": codecs.BloscCodec(cname="zstd", clevel=level, shuffle="bitshuffle")}
+    if compression == "lz4":
+        return {"compressors": codecs.BloscCodec(cname="lz4", clevel=level, shuffle="shuffle")}
     raise ValueError(compression)
 
 
@@ -220,13 +225,15 @@ def open_store(path: Path, mode: str = "a") -> Any:
 
 
 def create_arrays(store: Any, group: str, specs: dict[str, tuple[tuple[int, ...], str]], codecs: dict,
-                  attrs: dict) -> None:
-    """Create (if missing) group `group` with arrays {name: (shape, dtype)}, one sample per chunk."""
+                  attrs: dict, chunk_rows: int = 1) -> None:
+    """Create (if missing) group `group` with arrays {name: (shape, dtype)}, `chunk_rows` samples per chunk
+    (encode: a shard's; fewer when the group holds fewer)."""
     g = store.require_group(group)
     for name, (shape, dtype) in specs.items():
         if name in g:
             continue
-        g.create_array(name, shape=shape, chunks=(1,) + tuple(shape[1:]), dtype=dtype, fill_value=0, **codecs)
+        rows = max(1, min(chunk_rows, shape[0]))
+        g.create_array(name, shape=shape, chunks=(rows,) + tuple(shape[1:]), dtype=dtype, fill_value=0, **codecs)
     g.attrs.update(attrs)
 
 
@@ -245,51 +252,71 @@ def zarr_digest(rows: dict[str, np.ndarray], keys: list[str]) -> str:
 # ---------------------------------------------------------------- zarr rows, read chunk by chunk
 
 
-def chunk_decoder(meta: dict) -> Callable[[Any, np.ndarray], None] | None:
-    """A decoder of one chunk of the array whose zarr.json is `meta` into a row of the caller's array, for what
-    `create_arrays` writes (one row per chunk, codecs bytes + none / zstd / blosc); None for any other array
-    (read it through zarr).
+@dataclass(frozen=True)
+class ChunkReader:
+    """Reads rows of one array written by `create_arrays` (chunks of whole rows; codecs bytes + none / zstd /
+    blosc) straight from the store's objects: the chunks covering the rows, each fetched whole and decoded into
+    one buffer.
 
-    Written by hand because zarr reads one-row chunks at ~0.1–0.3 ms each in Python (most of a zarr shard's
-    time; on a remote store one request per chunk, ten at a time); the rows are then checked against encode's
+    Written by hand because zarr's own read costs a Python-level pass per chunk and, on a remote store, one
+    sequential request per chunk; here a shard is one object per array, fetched (concurrently across arrays by
+    the caller) and decompressed in one call that releases the GIL. The rows are then checked against encode's
     digest, so a misread is an error, never a silent change."""
-    import numcodecs
+    rows: int                   # per chunk
+    row_shape: tuple[int, ...]
+    dtype: np.dtype
+    codec: Any                  # a numcodecs codec, or None for raw bytes
+    fill: Any
+    keys: Callable[[int], str]  # chunk number -> its key, relative to the array
 
-    codecs, chunk = meta["codecs"], tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
-    separator = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
-    if (meta["chunk_key_encoding"]["name"] != "default" or separator != "/" or chunk[0] != 1
-            or chunk[1:] != tuple(meta["shape"][1:]) or codecs[0]["name"] != "bytes" or len(codecs) > 2):
-        return None
-    endian = codecs[0].get("configuration", {}).get("endian", "little")
-    dtype = np.dtype(meta["data_type"]).newbyteorder("<" if endian == "little" else ">")
-    inner = codecs[1]["name"] if len(codecs) == 2 else None
-    if inner not in (None, "zstd", "blosc"):
-        return None
-    codec = {None: None, "zstd": numcodecs.Zstd(), "blosc": numcodecs.Blosc()}[inner]
-    fill = np.full(chunk[1:], meta["fill_value"], dtype)
+    @classmethod
+    def of(cls, array: Any) -> "ChunkReader | None":
+        """The reader of a zarr array, or None for a layout it does not handle (read it through zarr)."""
+        import numcodecs
 
-    def decode(raw: Any, out: np.ndarray) -> None:
-        if raw is None:  # a chunk never written holds the fill value, as zarr reads it
-            out[...] = fill
-        elif codec is not None:
-            codec.decode(raw, out=out.reshape(-1).view(np.uint8))
-        else:
-            out[...] = np.frombuffer(raw, dtype).reshape(chunk[1:])
-    return decode
+        meta = array.metadata.to_dict()
+        codecs, chunk = meta["codecs"], tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        if (meta["chunk_grid"]["name"] != "regular" or chunk[1:] != tuple(meta["shape"][1:])
+                or codecs[0]["name"] != "bytes" or len(codecs) > 2):
+            return None
+        inner = codecs[1]["name"] if len(codecs) == 2 else None
+        if inner not in (None, "zstd", "blosc"):
+            return None
+        endian = codecs[0].get("configuration", {}).get("endian", "little")
+        dtype = np.dtype(meta["data_type"]).newbyteorder("<" if endian == "little" else ">")
+        codec = {None: None, "zstd": numcodecs.Zstd(), "blosc": numcodecs.Blosc()}[inner]
+        tail = (0,) * (len(chunk) - 1)
+        return cls(chunk[0], chunk[1:], dtype, codec, meta["fill_value"],
+                   lambda c: array.metadata.encode_chunk_key((c, *tail)))
 
+    def chunks(self, lo: int, hi: int) -> range:
+        """The chunk numbers holding rows lo..hi-1 (hi > lo)."""
+        return range(lo // self.rows, (hi - 1) // self.rows + 1)
 
-def chunk_keys(array: Any, lo: int, hi: int) -> list[str]:
-    """The store keys of rows lo..hi-1 of a one-row-per-chunk array, relative to the array."""
-    tail = (0,) * (array.ndim - 1)
-    return [array.metadata.encode_chunk_key((i, *tail)) for i in range(lo, hi)]
+    def assemble(self, lo: int, hi: int, raws: list[Any]) -> np.ndarray:
+        """Rows lo..hi-1 from the objects of `chunks(lo, hi)` (None: never written, reads as the fill value)."""
+        first = self.chunks(lo, hi).start
+        out = np.empty((len(raws) * self.rows,) + self.row_shape, self.dtype)
+        for k, raw in enumerate(raws):
+            part = out[k * self.rows:(k + 1) * self.rows]
+            if raw is None:
+                part[...] = self.fill
+            elif self.codec is not None:
+                self.codec.decode(raw, out=part.reshape(-1).view(np.uint8))
+            else:
+                part.reshape(-1).view(np.uint8)[...] = np.frombuffer(raw, np.uint8)  # ValueError if cut short
+        return out[lo - first * self.rows:hi - first * self.rows]
 
 
 def read_objects(urls: list[str | Path]) -> list[Any]:
-    """The bytes of each path or URL, None where it does not exist; URLs fetched concurrently by fsspec."""
+    """The bytes of each path or URL, None where it does not exist; URLs fetched concurrently (http(s) by
+    location.http_get, other schemes by fsspec)."""
     from shared.formats import location
 
     if not urls or not location.is_url(str(urls[0])):
         return [_read_file(Path(u)) for u in urls]
+    if location.is_http(str(urls[0])):
+        return [_read_http(str(u)) for u in urls] if len(urls) == 1 else _read_http_concurrently(urls)
     import fsspec
 
     fs, _ = fsspec.core.url_to_fs(str(urls[0]))
@@ -305,9 +332,28 @@ def read_objects(urls: list[str | Path]) -> list[Any]:
     return out
 
 
-def _read_file(path: Path) -> bytes | None:
+def _read_http(url: str) -> Any:
+    from shared.formats import location
+
     try:
-        with open(path, "rb") as fh:
-            return fh.read()
+        return location.http_get(url)
+    except FileNotFoundError:
+        return None
+
+
+def _read_http_concurrently(urls: list[str | Path]) -> list[Any]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(len(urls), 8)) as pool:
+        return list(pool.map(lambda u: _read_http(str(u)), urls))
+
+
+def _read_file(path: Path) -> Any:
+    """The file's bytes as a uint8 array (read into it: half the cost of a `bytes` object of a chunk's size), or
+    None when it does not exist."""
+    from shared.formats import location
+
+    try:
+        return location.read_bytes(path)
     except FileNotFoundError:
         return None

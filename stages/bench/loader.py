@@ -11,11 +11,12 @@ request per tar; one per zarr chunk), the per-file cache file by file.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -29,10 +30,20 @@ class Result:
     samples: int
     seconds: float
     check: float        # a sum over every batch's latents (the paths must agree)
+    cpu: float = 0.0    # CPU seconds of this process and its (finished) worker processes
 
     @property
     def rate(self) -> float:
         return self.samples / self.seconds
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (every thread) and of its children that have ended (the
+    DataLoader's workers, joined at the end of an epoch)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def collate_samples(samples: list[Any]) -> dict[str, Any]:
@@ -55,7 +66,7 @@ def read_ours(encoded: Path | str, source: str, batch: int, seed: int = 0) -> Re
     from stages.train import data as D
     from stages.train import feed
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     cfg = feed.DataConfig(input=encoded, shards=(), source=source, batch_size=batch, accumulate=1,
                           shuffle_buffer=256, epochs=1, max_steps=0, seed=seed, prefetch=4)
     data = feed.open_data(cfg)
@@ -65,7 +76,7 @@ def read_ours(encoded: Path | str, source: str, batch: int, seed: int = 0) -> Re
         tensors = collate_samples(samples)
         count, check = count + len(samples), check + fingerprint(tensors)
     return Result(f"{source}{' by URL' if location.is_url(str(encoded)) else ''}", count,
-                  time.perf_counter() - start, check)
+                  time.perf_counter() - start, check, cpu_seconds() - cpu)
 
 
 class PerFileCache:
@@ -115,19 +126,25 @@ def read_per_file(where: Path | str, ids: list[str], shapes: Shapes, batch: int,
     """One epoch of the per-file cache through a torch DataLoader (shuffled, `workers` processes)."""
     import torch
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     loader = torch.utils.data.DataLoader(PerFileCache(where, ids, shapes), batch_size=batch, shuffle=True,
                                          num_workers=workers, generator=torch.Generator().manual_seed(seed))
     count, check = 0, 0.0
     for tensors in loader:
         count, check = count + len(tensors["latents"]), check + fingerprint(tensors)
+    seconds = time.perf_counter() - start
+    del loader  # its worker processes end and are joined (their CPU time counted) before the clock is read
     label = f"per-file .npz, DataLoader x{workers}{' by URL' if location.is_url(str(where)) else ''}"
-    return Result(label, count, time.perf_counter() - start, check)
+    return Result(label, count, seconds, check, cpu_seconds() - cpu)
 
 
 def run_paths(encoded: Path | str, cache: Path | str, ids: list[str], shapes: Shapes, batch: int,
-              workers: int, sources: tuple[str, ...]) -> Iterator[Result]:
-    """The per-file baseline first, then each of our sources, on the same samples."""
-    yield read_per_file(cache, ids, shapes, batch, workers)
-    for source in sources:
-        yield read_ours(encoded, source, batch)
+              workers: int, sources: tuple[str, ...], server_cpu: Callable[[], float] = lambda: 0.0
+              ) -> Iterator[Result]:
+    """The per-file baseline first, then each of our sources, on the same samples. `server_cpu`: the CPU
+    seconds an HTTP server in this process has spent so far, left out of each path's CPU time."""
+    for read in [lambda: read_per_file(cache, ids, shapes, batch, workers)] + \
+            [lambda s=source: read_ours(encoded, s, batch) for source in sources]:
+        served = server_cpu()
+        result = read()
+        yield dataclasses.replace(result, cpu=result.cpu - (server_cpu() - served))

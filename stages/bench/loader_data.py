@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +67,12 @@ def random_pool(shapes: Shapes, seed: int, size: int = 8) -> list[dict[str, np.n
              "pooled": rng.standard_normal(shapes.pooled, np.float32).astype(shapes.dtype)} for _ in range(size)]
 
 
-def write_encode_output(out: Path, count: int, shapes: Shapes, shard_samples: int = 256, seed: int = 0) -> Index:
-    """An encode output of `count` samples at `out` (format both, blosc-compressed zarr as encode's default),
-    committed with its manifest as encode commits one."""
+def write_encode_output(out: Path, count: int, shapes: Shapes, shard_samples: int = 256, seed: int = 0,
+                        compression: tuple[str, int] | None = None) -> Index:
+    """An encode output of `count` samples at `out` (format both; the zarr store chunked and compressed as
+    encode writes it, `compression` = (codec, level), default encode's), committed with its manifest as encode
+    commits one."""
+    compression = compression or encode_compression()
     staging = artifacts.staging_dir(out)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -79,8 +82,8 @@ def write_encode_output(out: Path, count: int, shapes: Shapes, shard_samples: in
                                           ids=np.zeros((2, WINDOW_TOKENS), np.int32)))
     keys = [f"{i:08d}" for i in range(count)]
     store = shards.open_store(staging / "zarr", mode="a")
-    shards.create_arrays(store, group, fmt.zarr_specs(layout, bucket, count), shards.zarr_codecs("blosc", 5),
-                         fmt.zarr_attrs(bucket, keys))
+    shards.create_arrays(store, group, fmt.zarr_specs(layout, bucket, count), shards.zarr_codecs(*compression),
+                         fmt.zarr_attrs(bucket, keys), shard_samples)
     pool, entries = random_pool(shapes, seed), []
     for k, first in enumerate(range(0, count, shard_samples)):
         batch = [make_sample(i, shapes, pool) for i in range(first, min(first + shard_samples, count))]
@@ -93,6 +96,14 @@ def write_encode_output(out: Path, count: int, shapes: Shapes, shard_samples: in
                                   created=artifacts.now())
     artifacts.commit(staging, out, manifest, trees=("shards", "zarr"))
     return index
+
+
+def encode_compression() -> tuple[str, int]:
+    """encode's default zarr codec and level."""
+    from stages.encode.config import Config
+
+    found = {f.name: f.default for f in fields(Config)}
+    return found["zarr_compression"], found["zarr_level"]
 
 
 def _write_shard(staging: Path, group: object, name: str, k: int, first: int, batch: list[Sample]) -> ShardEntry:

@@ -6,20 +6,22 @@ import contextlib
 import json
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from shared.core.errors import ConfigError, DataError
+from shared.formats.samples import ENCODE_VERSION
 from stages.bench import loader, loader_data
 from stages.bench.loader_data import Shapes
 from stages.bench.server import LatencyServer
 
-HEADERS = ("samples", "path", "read", "seconds", "samples/s", "x per-file")
+HEADERS = ("samples", "path", "read", "seconds", "samples/s", "x per-file", "CPU ms/sample", "x per-file (CPU)")
 
 
 def prepare(root: Path, count: int, shapes: Shapes, shard_samples: int) -> list[str]:
     """`root/encode` and `root/per-file` for `count` samples (reused when a previous run made the same)."""
     stamp = root / "made.json"
-    want = {"count": count, "shapes": repr(shapes), "shard_samples": shard_samples}
+    want = {"count": count, "shapes": repr(shapes), "shard_samples": shard_samples, "version": ENCODE_VERSION,
+            "zarr": list(loader_data.encode_compression())}
     if stamp.is_file() and json.loads(stamp.read_text()) == want:
         return [f"{i:08d}" for i in range(count)]
     need = 3.1 * count * shapes.sample_bytes()  # tar + zarr + npz, and their overheads
@@ -37,14 +39,16 @@ def prepare(root: Path, count: int, shapes: Shapes, shard_samples: int) -> list[
 
 
 @contextlib.contextmanager
-def served(root: Path, latency_ms: float, count: int) -> Iterator[tuple[str, str]]:
-    """(encode output, per-file cache) as paths, or as URLs of a latency server over `root`."""
+def served(root: Path, latency_ms: float, count: int) -> Iterator[tuple[str, str, Callable[[], float]]]:
+    """(encode output, per-file cache, the server's CPU seconds so far) as paths, or as URLs of a latency server
+    over `root`."""
     if not latency_ms:
-        yield str(root / "encode"), str(root / "per-file")
+        yield str(root / "encode"), str(root / "per-file"), lambda: 0.0
         return
-    budget = 40 * count + 20_000  # zarr: 8 chunks a sample; per-file: 2 files a sample; a few runs
-    with LatencyServer(root, latency_ms, max_requests=budget, max_seconds=3600) as url:
-        yield f"{url}/encode", f"{url}/per-file"
+    budget = 4 * count + 20_000  # per-file: 2 files a sample; ours: ~10 objects a shard; a few runs
+    server = LatencyServer(root, latency_ms, max_requests=budget, max_seconds=3600)
+    with server as url:
+        yield f"{url}/encode", f"{url}/per-file", lambda: server.cpu
 
 
 def measure(root: Path, counts: tuple[int, ...], latency_ms: float, batch: int, workers: int, shapes: Shapes,
@@ -58,8 +62,8 @@ def measure(root: Path, counts: tuple[int, ...], latency_ms: float, batch: int, 
     rows = []
     for count in counts:
         ids = prepare(root / f"{count}-{side}", count, shapes, shard_samples)
-        with served(root / f"{count}-{side}", latency_ms, count * repeat) as (encoded, cache):
-            runs = [list(loader.run_paths(encoded, cache, ids, shapes, batch, workers, sources))
+        with served(root / f"{count}-{side}", latency_ms, count * repeat) as (encoded, cache, server_cpu):
+            runs = [list(loader.run_paths(encoded, cache, ids, shapes, batch, workers, sources, server_cpu))
                     for _ in range(repeat)]  # interleaved, so a busy moment does not hit one path only
         results = [min(same, key=lambda r: r.seconds) for same in zip(*runs)]
         base = results[0]
@@ -68,11 +72,15 @@ def measure(root: Path, counts: tuple[int, ...], latency_ms: float, batch: int, 
                 raise DataError(f"{r.path} read other samples than the per-file path ({r.samples} samples, "
                                 f"check {r.check} vs {base.samples}, {base.check})")
             rows.append((count, r.path, "local" if not latency_ms else f"HTTP +{latency_ms:g} ms",
-                         round(r.seconds, 2), r.rate, round(r.rate / base.rate, 1)))
+                         round(r.seconds, 2), r.rate, round(r.rate / base.rate, 1),
+                         round(1000 * r.cpu / r.samples, 2), round(base.cpu / r.cpu, 1) if r.cpu else 0.0))
     notes = (f"Samples: latent {shapes.channels}x{side // 8}x{side // 8}, text states 77x{sum(shapes.te_dims)}, "
              f"pooled {shapes.pooled}, {shapes.dtype} ({shapes.sample_bytes() / 1e3:.0f} kB a sample); batch "
              f"{batch}; shards of {shard_samples}; per-file: DataLoader with {workers} workers (kohya: "
              f"min(8, CPUs)), shuffled; best of {repeat} interleaved runs per path; ours: train's reader (index + "
              f"manifest checked, every shard verified whole), seeded shuffle buffer 256. Every path read the same "
-             f"samples (count and a latent checksum agree).")
+             f"samples (count and a latent checksum agree). CPU: user + system seconds of the process (all "
+             f"threads, less the HTTP server's) and of its DataLoader workers, per sample; the "
+             f"last column is the per-file path's CPU per sample over this path's, a ratio that other load on "
+             f"the machine does not move.")
     return rows, notes

@@ -21,7 +21,9 @@ class _Handler(SimpleHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - the http.server API
         if self.server.admit():
+            start = time.thread_time()
             super().do_GET()
+            self.server.count_cpu(time.thread_time() - start)
         else:
             self.send_error(HTTPStatus.SERVICE_UNAVAILABLE, "request budget spent")
 
@@ -50,6 +52,11 @@ class _Server(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), lambda *a: _Handler(*a, directory=str(root)))
         self.latency, self.max_requests, self.deadline = latency, max_requests, deadline
         self.requests, self.lock = 0, threading.Lock()
+        self.cpu = 0.0  # CPU seconds spent serving GETs (not the latency's sleep)
+
+    def count_cpu(self, seconds: float) -> None:
+        with self.lock:
+            self.cpu += seconds
 
     def admit(self) -> bool:
         """Count the request and wait out the latency; False once the budget of requests or time is spent."""
@@ -79,6 +86,11 @@ class LatencyServer:
     @property
     def requests(self) -> int:
         return self.server.requests if self.server is not None else 0
+
+    @property
+    def cpu(self) -> float:
+        """CPU seconds its threads spent serving GETs so far (a reader in the same process subtracts them)."""
+        return self.server.cpu if self.server is not None else 0.0
 
     def __enter__(self) -> str:
         deadline = time.monotonic() + self.max_seconds

@@ -28,9 +28,10 @@ class Config:
     shard_samples: int = opt(256, "Samples per shard (one bucket per shard); the unit of work of ranks and of "
                                   "resumption.", ge=1)
     storage_dtype: str = opt("float16", "dtype of stored latents and embeddings.", choices=("float16", "float32"))
-    zarr_compression: str = opt("blosc", "zarr codec: blosc (zstd + bit shuffle), zstd or none.",
-                                choices=("blosc", "zstd", "none"))
-    zarr_level: int = opt(5, "zarr compression level (blosc takes 0-9, zstd 0-22).", ge=0, le=22)
+    zarr_compression: str = opt("lz4", "zarr codec: lz4 (blosc lz4 + byte shuffle; fast to read), blosc (blosc "
+                                       "zstd + bit shuffle; smaller, several times slower to read), zstd or none.",
+                                choices=("lz4", "blosc", "zstd", "none"))
+    zarr_level: int = opt(5, "zarr compression level (lz4 and blosc take 0-9, zstd 0-22).", ge=0, le=22)
     vae_dtype: str = opt("float32", "VAE precision. float16 only for a VAE whose config says it is fp16-safe "
                                     "(force_upcast = false, e.g. sdxl-vae-fp16-fix).", choices=DTYPES)
     text_dtype: str = opt("float32", "Text encoders' precision.", choices=DTYPES)
@@ -68,9 +69,9 @@ class Config:
         if not self.model:
             raise ConfigError("encode needs a model: --model builtin:tiny | builtin:sdxl-random | FOLDER "
                               "(or `model` in [pipeline])")
-        if self.zarr_compression == "blosc" and self.zarr_level > 9:  # each field's own range: config.build
-            raise ConfigError(f"zarr_level: {self.zarr_level} is outside [0, 9], the levels of blosc (zstd "
-                              f"takes up to 22: --zarr-compression zstd)")
+        if self.zarr_compression in ("lz4", "blosc") and self.zarr_level > 9:  # each field's own range: config.build
+            raise ConfigError(f"zarr_level: {self.zarr_level} is outside [0, 9], the levels of "
+                              f"{self.zarr_compression} (zstd takes up to 22: --zarr-compression zstd)")
         object.__setattr__(self, "input", self.input or self.workdir / "bucket")
         object.__setattr__(self, "output", self.output or self.workdir / "encode")
 

@@ -104,11 +104,13 @@ def prepare(staging: Path, plan: list[Shard], layout: Layout, empty: EmptyCaptio
         return
     store = shards.open_store(staging / "zarr", mode="a")
     groups: dict[tuple[int, int], list[str]] = {}
+    chunk_rows: dict[tuple[int, int], int] = {}
     for s in plan:
         groups.setdefault(s.bucket, []).extend(r.id for r in s.rows)
-    for bucket, keys in groups.items():
+        chunk_rows[s.bucket] = max(chunk_rows.get(s.bucket, 1), len(s.rows))
+    for bucket, keys in groups.items():  # one chunk per shard: a bucket's shards are runs of its first's length
         shards.create_arrays(store, group_name(bucket), fmt.zarr_specs(layout, bucket, len(keys)), codecs,
-                             fmt.zarr_attrs(bucket, keys))
+                             fmt.zarr_attrs(bucket, keys), chunk_rows[bucket])
 
 
 def write_shard(staging: Path, shard: Shard, made: list[Made], wds: bool, zarr: bool) -> ShardRecord:

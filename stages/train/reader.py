@@ -3,8 +3,8 @@ several shards at once ahead of the stream.
 
 A tar shard is read in one request (a path, an fsspec URL or a `pipe:` command), its size and sha256 compared
 with index.json, and only then listed; its arrays are views of the shard's bytes (no copy per sample). A zarr
-shard's rows are read array by array concurrently (one request per chunk on a remote store) and their digest
-compared with index.json. A mismatch is a DataError naming the shard, raised when the shard's turn comes —
+shard is one chunk per array (encode chunks the store by shard): the arrays are fetched concurrently, one object
+each, decompressed in one call each off the training thread, and the rows' digest compared with index.json. A mismatch is a DataError naming the shard, raised when the shard's turn comes —
 before any of its samples reaches a training step.
 
 `ShardReader.ahead(order)` loads the shards of a stream in background threads, up to `depth` beyond the one
@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from shared.core.errors import DataError
 from shared.formats import location, shards
@@ -38,6 +38,8 @@ class ShardReader:
         self.fix = fmt.fix_for(folder)
         self.names = fmt.zarr_names(layout) if layout is not None else None
         self.store = shards.open_store(location.join(folder, "zarr"), mode="r") if source == "zarr" else None
+        self.groups: dict[str, tuple[Any, dict[str, Any]]] = {}  # bucket group -> (group, its arrays), opened once
+        self.lock = threading.Lock()
 
     def __call__(self, number: int) -> Iterator[tuple[int, Sample]]:
         yield from enumerate(self.load(number))
@@ -64,9 +66,8 @@ class ShardReader:
         where = location.join(self.folder, "zarr", info.group)
         lo, hi = info.first, info.first + info.samples
         try:
-            group = self.store[info.group]
-            fmt.check_group(group, str(where), self.fix)
-            rows, keys = fmt.read_rows(group, lo, hi, self.names, where)
+            group, arrays = self._group(info.group, str(where))
+            rows, keys = fmt.read_rows(group, lo, hi, self.names, where, arrays)
         except (KeyError, ValueError, OSError) as e:
             raise DataError(f"{where}: unreadable rows {lo}..{hi - 1} ({e}); re-encode") from None
         except Exception as e:  # noqa: BLE001 - a remote store's client raises its own types
@@ -75,6 +76,16 @@ class ShardReader:
             raise DataError(f"{where}: rows {lo}..{hi - 1} (shard {info.name or lo}) differ from what encode "
                             f"recorded in index.json; re-encode")
         return list(fmt.from_rows(rows, keys))
+
+    def _group(self, name: str, where: str) -> tuple[Any, dict[str, Any]]:
+        """A bucket group and its arrays, opened and version-checked once (a remote store's metadata are requests)."""
+        with self.lock:
+            if name not in self.groups:
+                group = self.store[name]
+                fmt.check_group(group, where, self.fix)
+                names = self.names if self.names is not None else sorted(group.array_keys())
+                self.groups[name] = (group, fmt.open_arrays(group, names))
+            return self.groups[name]
 
 
 def verified_tar(url: str, info: ShardInfo) -> bytearray:
