@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from shared.core import artifacts
 from shared.formats import checkpoints
-from stages.export import kohya
+from shared.formats import kohya
 from shared.models import loading as models
 from shared.core.artifacts import Manifest
 from shared.core.errors import ConfigError, InputError
@@ -303,7 +303,7 @@ def test_compare_renders_each_variant_with_its_trained_objectives_sampler(tmp_pa
     train = make_train_output(tmp_path / "t", prediction="v_prediction", schedule="ztsnr")
     m = _export(train, tmp_path / "v", format=("kohya",), verify=False)
     assert m.extra["provenance"]["objective"] == {"prediction": "v_prediction", "schedule": "ztsnr",
-                                                  "flow_shift": 1.0}
+                                                  "flow_shift": 1.0, "resolution_base": 0}
     kohya_file = tmp_path / "v" / m.extra["formats"]["kohya"]["file"]
     with safe_open(str(kohya_file), framework="pt") as f:
         meta = dict(f.metadata())

@@ -103,7 +103,7 @@ def test_two_processes_materialising_the_builtin_at_once(tmp_path):
 def save_single_file(m, path):
     from safetensors.torch import save_file
 
-    from stages.export import sgm
+    from shared.models import sgm
     save_file(sgm.to_sgm(m.unet, m.vae, m.text_encoder, m.text_encoder_2), str(path))
     return path
 
@@ -143,7 +143,7 @@ def test_full_size_sgm_names_are_what_diffusers_converts(tmp_path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    from stages.export import sgm
+    from shared.models import sgm
 
     configs = models.sdxl_configs()
     with init_empty_weights():

@@ -94,7 +94,8 @@ def test_config_groups_are_typed_views_of_the_flat_keys():
     assert cfg.unet.adapter.dora and cfg.unet.adapter.rank == 4 and cfg.optim.lr_power == 2.0
     assert resolve(train.Config, "train", {}, {**BASE, "method": "full"}).adapter is None
     ungrouped = flat - seen - {"lora_preset", "lora_rank", "lora_alpha", "lora_dropout", "dora"}
-    assert ungrouped == {"workdir", "output", "allow_encoder_mismatch", "comment", "device", "plan"}
+    assert ungrouped == {"workdir", "output", "allow_encoder_mismatch", "comment", "device", "plan", "init_lora",
+                         "lora_files", "lora_file_dtype"}
     assert set(fingerprinted(cfg)) < flat and "learning_rate" in fingerprinted(cfg)
     with pytest.raises(ConfigError, match="lr_end 0.01 must be below learning_rate 0.003"):
         resolve(train.Config, "train", {}, {**BASE, "lr_schedule": "polynomial", "lr_end": 0.01})

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.core import artifacts, ranks
-from stages.export import kohya
+from shared.formats import kohya
 from shared.models import loading as models
 from shared.core.errors import ConfigError
 from shared.core.log import say
@@ -50,27 +50,20 @@ def _info(cfg: Any, ckpt: source.Checkpoint) -> dict:
     """What kohya metadata and the single file's modelspec record, from the checkpoint and the training."""
     train = ckpt.train.config if ckpt.train else {}
     extra = ckpt.train.extra if ckpt.train else {}
-    spec = ckpt.spec
-    lora = {"rank": spec.rank, "alpha": spec.alpha, "dropout": spec.dropout, "preset": spec.preset,
-            "dora": spec.dora} if spec else {}
     comment = cfg.comment if cfg.comment is not None else extra.get("comment", train.get("comment"))
-    return {**lora, "name": cfg.name, "base_model": Path(ckpt.base).name if not ckpt.base.startswith("builtin:")
-            else ckpt.base, "resolution": extra.get("resolution"), "steps": ckpt.step,
-            "epoch": ckpt.meta.get("epoch"), "tag_frequency": extra.get("tag_frequency"),
-            "buckets": extra.get("buckets"), "comment": comment,
-            "finished": ckpt.train.created if ckpt.train else None,
-            **{k: train.get(k) for k in ("max_steps", "learning_rate", "batch_size", "seed", "prediction",
-                                         "schedule", "min_snr_gamma", "noise_offset")}}
+    return kohya.training_info(train, extra, step=ckpt.step, epoch=ckpt.meta.get("epoch"), spec=ckpt.spec,
+                               base=ckpt.base, name=cfg.name, comment=comment,
+                               finished=ckpt.train.created if ckpt.train else None)
 
 
 def _provenance(ckpt: source.Checkpoint) -> dict:
     train = ckpt.train
-    return {"exported_by": f"sdxl-stages {artifacts.PACKAGE_VERSION}", "base_model": ckpt.base,
-            "train_fingerprint": train.fingerprint if train else None,
-            "encode_fingerprint": (train.inputs.get("encode") or {}).get("fingerprint") if train else None,
-            "model_fingerprint": (train.inputs.get("model") or {}).get("fingerprint") if train else None,
-            "checkpoint": {"weights": ckpt.kind, "step": ckpt.step, "fingerprint": ckpt.meta.get("fingerprint")},
-            "objective": Objective.from_config(ckpt.record.config or (train.config if train else {})).to_dict()}
+    return kohya.provenance(version=artifacts.PACKAGE_VERSION, base=ckpt.base,
+                            train_fingerprint=train.fingerprint if train else None,
+                            inputs=train.inputs if train else {}, weights=ckpt.kind, step=ckpt.step,
+                            checkpoint_fingerprint=ckpt.meta.get("fingerprint"),
+                            objective=Objective.from_config(ckpt.record.config or (train.config if train else {}))
+                            .to_dict())
 
 
 def _record(job: Job, fmt: str, path: Path, check: tuple[float, float] | None) -> dict:

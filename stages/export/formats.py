@@ -5,14 +5,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stages.export import kohya, sgm
+from shared.formats import kohya
+from shared.models import sgm
 from shared.core.log import warn
 
 LORA_FORMATS = ("kohya", "peft")
 MODEL_FORMATS = ("diffusers", "single-file")
 FORMATS = LORA_FORMATS + MODEL_FORMATS
 PEFT_FILE = "pytorch_lora_weights.safetensors"
-PROVENANCE = "sdxl_stages"  # metadata key / file stem holding the pipeline's fingerprints
+PROVENANCE = kohya.PROVENANCE  # metadata key / file stem holding the pipeline's fingerprints
 
 
 def torch_dtype(name: str) -> Any:
@@ -29,11 +30,8 @@ def paths(out: Path, name: str) -> dict[str, Path]:
 
 def write_kohya(path: Path, states: dict[str, dict], alpha: float, unet_config: Any, info: dict,
                 provenance: dict, dtype: str) -> None:
-    """One kohya `.safetensors`: SGM names, lora_down/lora_up/alpha (+ dora_scale), `ss_*` metadata."""
-    tensors = kohya.to_kohya(states, alpha, unet_config, torch_dtype(dtype))
-    meta = kohya.metadata(info)
-    meta[PROVENANCE] = json.dumps(provenance, sort_keys=True)
-    kohya.save(tensors, meta, path)
+    """One kohya `.safetensors` (shared/formats/kohya.py's writer, which train also uses mid-run)."""
+    kohya.write(path, states, alpha, unet_config, info, provenance, torch_dtype(dtype))
 
 
 def _adapter_config(state: dict, alpha: float) -> dict:
@@ -120,7 +118,7 @@ def write_diffusers(folder: Path, model: Any, dtype: str, prediction: str | None
 
 
 def write_single_file(path: Path, model: Any, dtype: str, info: dict, provenance: dict) -> None:
-    """One SGM-layout SDXL checkpoint (stages.export.sgm), with the markers ComfyUI reads for v-prediction
+    """One SGM-layout SDXL checkpoint (shared.models.sgm), with the markers ComfyUI reads for v-prediction
     (`v_pred`) and zero terminal SNR (`ztsnr`), and modelspec metadata."""
     import torch
     from safetensors.torch import save_file

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from stages.export import kohya
+from shared.formats import kohya
 from shared.models import loading as models
 from shared.core.errors import PipelineError
 

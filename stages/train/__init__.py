@@ -21,8 +21,11 @@ from shared.core.errors import ConfigError, InputError
 from shared.core.log import say, warn
 from shared.core.stage import Stage, claimed, decide, execute
 from shared.formats import location, samples
+from typing import Any
+
+from shared.core.config import fingerprinted
 from stages.train import checkpoint as ckpt
-from stages.train import loop
+from stages.train import extend, loop
 from stages.train.config import Config
 
 __all__ = ["Config", "run", "STAGE"]
@@ -43,7 +46,13 @@ def _inputs(cfg: Config) -> dict:
                          f"--allow-encoder-mismatch")
     unet = models.model_identity(cfg.model, ("unet",))
     world = ranks.current().world
-    return {"encode": {"path": str(cfg.input), "fingerprint": manifest.fingerprint, "what": "encode output changed"},
+    start = {}
+    if cfg.init_lora is not None:
+        if not Path(cfg.init_lora).is_file():
+            raise InputError(f"--init-lora {cfg.init_lora}: no such file")
+        start = {"init_lora": {"path": str(cfg.init_lora), "fingerprint": artifacts.sha256_file(Path(cfg.init_lora)),
+                               "what": f"the LoRA file {cfg.init_lora} changed"}}
+    return {**start, "encode": {"path": str(cfg.input), "fingerprint": manifest.fingerprint, "what": "encode output changed"},
             "model": {"name": cfg.model, "components": unet, "fingerprint": artifacts.hash_json(unet),
                       "what": f"UNet weights of {cfg.model}"},
             "world": {"fingerprint": f"{world} processes", "what": f"now {world} processes"}}
@@ -62,7 +71,7 @@ def _protected(cfg: Config) -> list[tuple[str, Path]]:
 STAGE = Stage(name="train", version=VERSION,
               module=__name__,
               out_dir=lambda cfg: cfg.output, inputs=_inputs, build=loop.build, resumable=True,
-              protected=_protected, trees=("checkpoints",), skip=("logs", "samples"), kept=_kept)
+              protected=_protected, trees=("checkpoints",), skip=("logs", "samples", "loras"), kept=_kept)
 
 
 def _adopt_unfinished(cfg: Config, fingerprint: str, record: dict) -> None:
@@ -82,7 +91,7 @@ def _adopt_unfinished(cfg: Config, fingerprint: str, record: dict) -> None:
         staging.rename(aside)
         say(f"train: set the unfinished run aside (--resume {cfg.resume}): {aside}")
         return
-    diff = ckpt.differences(ckpt.read_manifest(found[-1]), record["config"], record["inputs"])
+    diff = ckpt.differences(ckpt.read_manifest(found[-1]), record["config"], record["inputs"], extend.LENGTH)
     if diff and not cfg.force_resume:
         raise ConfigError(f"{staging} holds an unfinished run (newest checkpoint {found[-1].name}) whose config "
                           f"differs: {'; '.join(diff)}. Pass --force-resume to continue it with the new settings, "
@@ -104,4 +113,14 @@ def run(cfg: Config, force: bool = False) -> Manifest | None:
         decision = decide(STAGE, cfg)
         if ranks.current().main and (decision.reasons or force):
             _adopt_unfinished(cfg, decision.fingerprint, loop.record(cfg, decision.inputs))
+            _extend_finished(cfg, decision)
         return execute(STAGE, cfg, force, decision)
+
+
+def _extend_finished(cfg: Config, decision: Any) -> None:
+    """A finished output asked for a longer run (nothing else changed) continues from its final checkpoint."""
+    if artifacts.staging_dir(cfg.output).exists() or cfg.checkpointing.resume != "auto":
+        return
+    config = fingerprinted(cfg)
+    if extend.extendable(decision.previous, config, decision.inputs, decision.code_version):
+        extend.prepare(cfg.output, decision.previous, decision.fingerprint, outputs.job_id(ranks.current().world))

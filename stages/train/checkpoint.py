@@ -32,6 +32,7 @@ from shared.core.log import warn
 class CheckpointConfig:
     """When checkpoints are written, how many are kept, and where a run starts (flat keys of the same names)."""
     checkpoint_every: int   # save every N optimizer steps, and always after the last
+    checkpoint_epochs: bool  # also save at the end of every epoch
     keep_checkpoints: int   # the newest K finished checkpoints are kept
     resume: str             # auto (this run's newest intact checkpoint) | never | a checkpoint or train output
     force_resume: bool      # resume even when the checkpoint's fingerprinted config or inputs differ
@@ -79,10 +80,11 @@ def newest_intact(root: Path, set_aside: bool = True) -> Path | None:
     return None
 
 
-def differences(saved: CheckpointManifest, config: dict, inputs: dict) -> list[str]:
-    """What differs between a checkpoint's recorded math (config, world size, inputs) and this run's."""
+def differences(saved: CheckpointManifest, config: dict, inputs: dict, allowed: tuple[str, ...] = ()) -> list[str]:
+    """What differs between a checkpoint's recorded math (config, world size, inputs) and this run's, but for the
+    `allowed` keys (the run's length: continuing to another length is an extension, not another training)."""
     out = []
-    for key in sorted(set(saved.config) | set(config)):
+    for key in sorted((set(saved.config) | set(config)) - set(allowed)):
         a, b = saved.config.get(key), config.get(key)
         if a != b:
             out.append(f"{key} {json.dumps(a)} -> {json.dumps(b)}")
@@ -93,10 +95,12 @@ def differences(saved: CheckpointManifest, config: dict, inputs: dict) -> list[s
     return out
 
 
-def check_resumable(folder: Path, config: dict, inputs: dict, force: bool) -> CheckpointManifest:
-    """The checkpoint's record, or a ConfigError naming what differs from this run (unless `force`)."""
+def check_resumable(folder: Path, config: dict, inputs: dict, force: bool,
+                    allowed: tuple[str, ...] = ()) -> CheckpointManifest:
+    """The checkpoint's record, or a ConfigError naming what differs from this run (unless `force`; `allowed`
+    keys may differ)."""
     saved = read_manifest(folder)
-    diff = differences(saved, config, inputs)
+    diff = differences(saved, config, inputs, allowed)
     if diff and not force:
         raise ConfigError(f"resuming {folder} with a config that changes the training: {'; '.join(diff)}. "
                           f"Pass --force-resume to resume anyway, or --resume never to start over")

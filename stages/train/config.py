@@ -61,6 +61,10 @@ class Config:
     lora_alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank.", gt=0)
     lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.", ge=0, lt=1)
     dora: bool = opt(False, "DoRA: weight-decomposed LoRA (a learned magnitude per output channel).")
+    init_lora: Path | None = opt(None, "Start the LoRA from this LoRA file (kohya, as ComfyUI loads it, or peft / "
+                                       "diffusers) instead of zero: same rank, targets and DoRA as configured (a "
+                                       "different alpha is rescaled); its content is an input of the run.",
+                                 fingerprint=False)
     prediction: str = opt("epsilon", "What the UNet predicts: noise, v (needed with zero-terminal-SNR), or "
                                      "the rectified-flow velocity ε − x0.", choices=("epsilon", "v_prediction", "flow"))
     schedule: str = opt("sdxl", "Noise schedule: SDXL's scaled linear (σ 0.029 … 14.6), zero terminal SNR, or "
@@ -141,6 +145,13 @@ class Config:
     tf32: bool = opt(True, "Allow TF32 matmuls on NVIDIA GPUs.", fingerprint=False)
     checkpoint_every: int = opt(500, "Save a checkpoint every N optimizer steps (and always at the end).",
                                 fingerprint=False, ge=1)
+    checkpoint_epochs: bool = opt(False, "Also save a checkpoint at the end of every epoch.", fingerprint=False)
+    lora_files: bool = opt(False, "With each checkpoint, also write the kohya LoRA file (what ComfyUI / A1111 / "
+                                  "Forge load; the metadata export writes) to <out>/loras/<out name>-step-NNNNNN"
+                                  ".safetensors, and …-ema from the EMA weights when EMA is on (method lora).",
+                           fingerprint=False)
+    lora_file_dtype: str = opt("float16", "dtype of those LoRA files' weights.",
+                               choices=("float16", "bfloat16", "float32"), fingerprint=False)
     keep_checkpoints: int = opt(3, "Keep the newest K checkpoints.", fingerprint=False, ge=1)
     resume: str = opt("auto", "auto (continue an unfinished run of this config from its newest checkpoint), "
                               "never (set an unfinished run aside and start over), or a checkpoint / train "
@@ -199,6 +210,11 @@ class Config:
                               f"(the input is the noise); use --prediction v_prediction")
         if self.prediction == "flow" and self.min_snr_gamma:
             raise ConfigError("min_snr_gamma applies to epsilon / v prediction, not to flow")
+        if self.init_lora is not None and self.method != "lora":
+            raise ConfigError("init_lora starts a LoRA; this run fine-tunes the whole UNet (method full)")
+        if self.lora_files and self.method != "lora":
+            raise ConfigError("lora_files writes LoRA files; this run fine-tunes the whole UNet (method full): "
+                              "export it with sdxl export --format single-file")
         if self.holdout and self.holdout_count:
             raise ConfigError(f"holdout {self.holdout:g} and holdout_count {self.holdout_count}: give one of them")
         if self.lr_schedule == "polynomial" and self.lr_end >= self.learning_rate:

@@ -84,3 +84,19 @@ def without(infos: list[Any], refs: list[tuple[int, int]]) -> list[Any]:
     held = set(map(tuple, refs))
     return [dataclasses.replace(i, repeats=tuple(0 if (i.number, j) in held else r for j, r in enumerate(i.repeats)))
             if any(n == i.number for n, _ in held) else i for i in infos]
+
+
+def prepare(data: Any, cfg: HoldoutConfig, staging: Path, main: bool, barrier: Any) -> Holdout:
+    """Choose the held-out set (main rank, one pass over the data), record it in the output, and take it out of
+    every rank's epoch plan (`data.infos`)."""
+    from shared.core.log import say
+
+    if main:
+        held = scan(data, cfg)
+        write(staging, held, cfg)
+        say(f"train: {len(held.ids)} items held out for validation ({FILE})")
+    barrier()
+    if not main:
+        held = read(staging)
+    data.infos = without(data.infos, held.refs)
+    return held

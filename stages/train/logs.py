@@ -43,10 +43,10 @@ class TrainLog:
         self.wandb = _wandb(cfg.wandb_project, folder, run_config) if cfg.wandb else None
         self.clock, self.clock_step = time.monotonic(), start
 
-    def step(self, step: int, loss: float, lr: float) -> None:
+    def step(self, step: int, loss: float, lr: float, epoch: float = 0.0) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            self.bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
 
     def write(self, step: int, values: dict[str, float], bins: list[float | None]) -> None:
         now = time.monotonic()
@@ -60,8 +60,8 @@ class TrainLog:
         with open(self.metrics, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
-                                 samples_s=f"{row['samples_per_s']:.1f}")
+            self.bar.set_postfix(epoch=f"{values.get('epoch', 0):.2f}", loss=f"{values['loss']:.4f}",
+                                 lr=f"{values['lr']:.2e}", samples_s=f"{row['samples_per_s']:.1f}")
         scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
         if self.tb is not None:
             for k, v in scalars.items():
@@ -70,15 +70,6 @@ class TrainLog:
             self.tb.flush()
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
-
-    def note(self, step: int, name: str, value: float) -> None:
-        with open(self.metrics, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": step, name: value}) + "\n")
-        if self.tb is not None:
-            self.tb.add_scalar(f"eval/{name}", value, step)
-            self.tb.flush()
-        if self.wandb is not None:
-            self.wandb.log({f"eval/{name}": value}, step=step)
 
     def evaluation(self, step: int, name: str, each: Any, samples: list) -> None:
         """A fixed-noise loss (`each`: [samples, EVAL_FRACTIONS] tensor): its mean and per-timestep columns in

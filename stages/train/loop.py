@@ -22,7 +22,8 @@ from shared.core.log import say, warn
 from shared.core.stage import BuildResult
 from stages.train import checkpoint as ckpt
 from stages.train import data as D
-from stages.train import feed, fused, holdout as H, logs, model as M, objective, optim as O, previews, step as S
+from stages.train import feed, fused, holdout as H, lorafiles, logs, model as M, objective, optim as O, previews
+from stages.train import extend, initlora, step as S
 from shared.models.sampling import Objective
 from stages.train.config import Config
 
@@ -95,9 +96,11 @@ def setup(run: Run) -> None:
     cfg = run.cfg
     run.data = feed.open_data(cfg.data)
     if cfg.holdout_set.on:
-        hold_out(run)
+        run.holdout = H.prepare(run.data, cfg.holdout_set, run.staging, run.rank.main, run.barrier)
     run.schedule = feed.plan(run.data, cfg.data, run.rank.world)
     run.unet = M.build_unet(cfg.unet, run.device)
+    if cfg.init_lora is not None:
+        initlora.load(cfg.init_lora, run.unet, cfg.adapter)
     if run.rank.main and cfg.sample_prompts is not None:
         run.previews = previews.Previews(cfg.previews, cfg.model, sampling_objective(cfg), run.staging / "samples",
                                          run.device)
@@ -122,19 +125,6 @@ def setup(run: Run) -> None:
 
 def sampling_objective(cfg: Config) -> Objective:
     return Objective(cfg.prediction, cfg.schedule, cfg.flow_shift, cfg.resolution_base if cfg.resolution_noise else 0)
-
-
-def hold_out(run: Run) -> None:
-    """Choose the held-out set (main rank, one pass over the data), record it in the output, and plan the epochs
-    without it on every rank."""
-    if run.rank.main:
-        run.holdout = H.scan(run.data, run.cfg.holdout_set)
-        H.write(run.staging, run.holdout, run.cfg.holdout_set)
-        say(f"train: {len(run.holdout.ids)} items held out for validation ({H.FILE})")
-    run.barrier()
-    if not run.rank.main:
-        run.holdout = H.read(run.staging)
-    run.data.infos = H.without(run.data.infos, run.holdout.refs)
 
 
 def make_state(run: Run) -> None:
@@ -166,7 +156,9 @@ def make_optimizer(cfg: O.OptimizerConfig, groups: list[dict], seed: int, world:
 
 def restore(run: Run, folder: Path) -> None:
     saved = ckpt.check_resumable(folder, run.record["config"], run.record["inputs"],
-                                 run.cfg.checkpointing.force_resume)
+                                 run.cfg.checkpointing.force_resume, extend.LENGTH)
+    if run.rank.main:
+        extend.check_length(folder, saved, run.cfg, run.schedule, run.data.infos, run.rank.world)
     missing = ckpt.restore(folder, {**run.parts(), **run.rank_parts()})
     O.after_restore(run.opt)
     if missing:
@@ -196,13 +188,20 @@ def train_steps(run: Run) -> None:
         run.progress.step = step + 1
         fault_point("train.step")
         if run.log is not None:
-            run.log.step(step + 1, float(loss.detach()), lr)
+            run.log.step(step + 1, float(loss.detach()), lr, epoch_position(run.schedule, step + 1))
         if (step + 1) % cfg.logging.log_every == 0 or step + 1 == total:
             report(run, step + 1, window.reduce(run.rank.world), lr)
             window = Window(run.device)
-        if (step + 1) % cfg.checkpointing.checkpoint_every == 0 or step + 1 == total:
+        if checkpoint_due(run, step + 1):
             save(run)
         sample_images(run, step + 1)
+
+
+def checkpoint_due(run: Run, step: int) -> bool:
+    """Every checkpoint_every steps, at the end of each epoch with checkpoint_epochs, and after the last step."""
+    every = run.cfg.checkpointing
+    end_of_epoch = every.checkpoint_epochs and run.schedule.locate(step)[1] == 0
+    return step % every.checkpoint_every == 0 or step == run.schedule.total or bool(end_of_epoch)
 
 
 def sample_images(run: Run, step: int) -> None:
@@ -304,10 +303,18 @@ class Window:
         return {"loss": float(s[0] / max(s[1], 1)), "grad_norm": self.norm, "bins": bins}
 
 
+def epoch_position(schedule: D.Schedule, step: int) -> float:
+    """Epochs done after `step` optimizer steps, with the fraction of the current one (1.5 = half way into the
+    second)."""
+    epoch, in_epoch = schedule.locate(step)
+    return epoch + (in_epoch / schedule.steps[epoch] if epoch < len(schedule.steps) else 0.0)
+
+
 def report(run: Run, step: int, stats: dict, lr: float) -> None:
     if run.log is not None:
         run.log.write(step, {"loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"],
-                             "skipped_steps": run.progress.skipped}, stats["bins"])
+                             "skipped_steps": run.progress.skipped,
+                             "epoch": round(epoch_position(run.schedule, step), 4)}, stats["bins"])
 
 
 def evaluate(run: Run) -> None:
@@ -347,6 +354,29 @@ def _save(run: Run) -> None:
                 "lora": cfg.adapter.to_json() if cfg.adapter is not None else ""}
     ckpt.save(run.staging / "checkpoints", record, run.parts(), run.rank_parts(), cfg.checkpointing.keep_checkpoints,
               metadata, run.rank.main, run.barrier)
+    if cfg.lora_files and run.rank.main:
+        write_lora_files(run, record)
+
+
+def write_lora_files(run: Run, record: ckpt.CheckpointManifest) -> None:
+    """The kohya LoRA file of the live weights (and of the EMA) beside the checkpoint just saved."""
+    cfg = run.cfg
+    parts = [("", run.weights, f"step-{record.step:06d}")] + ([("-ema", run.ema, "ema")] if run.ema else [])
+    for suffix, part, kind in parts:
+        info, prov = lorafiles.metadata(run.record["config"], run.record["inputs"], dataset_extras(run),
+                                        step=record.step, epoch=record.epoch, spec=cfg.adapter, base=cfg.model,
+                                        comment=cfg.comment, fingerprint=record.fingerprint,
+                                        objective=sampling_objective(cfg).to_dict(), weights=kind)
+        lorafiles.write(run.staging / "loras", f"{cfg.output.name}-step-{record.step:06d}{suffix}",
+                        part.state_dict(), cfg.adapter, run.unet.config, info, prov, cfg.lora_file_dtype)
+
+
+def dataset_extras(run: Run) -> dict:
+    """What the manifest and a LoRA file's metadata say of the data: tag frequency, buckets, main resolution."""
+    index = run.data.index
+    buckets = sorted(([*b.bucket, b.samples] for b in index.buckets), key=lambda b: -b[2])
+    return {"tag_frequency": index.tag_frequency, "resolution": buckets[0][:2] if buckets else None,
+            "buckets": buckets}
 
 
 def record(cfg: Config, inputs: dict) -> dict:
@@ -355,7 +385,6 @@ def record(cfg: Config, inputs: dict) -> dict:
 
 def result(run: Run, started: float) -> BuildResult:
     cfg, index, sched = run.cfg, run.data.index, run.schedule
-    buckets = sorted(([*b.bucket, b.samples] for b in index.buckets), key=lambda b: -b[2])
     evals, vals = run.progress.eval, run.progress.val
     extra = {"final_checkpoint": f"checkpoints/{ckpt.folder_name(sched.total)}",
              "steps": sched.total, "epochs": round(sched.total / max(sched.steps[0], 1), 4),
@@ -364,8 +393,7 @@ def result(run: Run, started: float) -> BuildResult:
                            "history": evals},
              "val_loss": {"first": vals[0] if vals else None, "last": vals[-1] if vals else None,
                           "history": vals, "items": len(run.holdout.ids) if run.holdout is not None else 0},
-             "tag_frequency": index.tag_frequency, "resolution": buckets[0][:2] if buckets else None,
-             "buckets": buckets, "comment": cfg.comment, "seconds": round(time.monotonic() - started, 1)}
+             **dataset_extras(run), "comment": cfg.comment, "seconds": round(time.monotonic() - started, 1)}
     per_step = cfg.batch_size * cfg.accumulate * run.rank.world
     occurrences = sum(sum(i.repeats) for i in run.data.infos)
     extra["epoch_samples"] = occurrences  # per epoch, counting repeats

@@ -1,6 +1,6 @@
 """Kohya LoRA files (what ComfyUI, A1111 and Forge load): module names, tensors, `ss_*` metadata, hashes.
 
-Names: `lora_unet_<SGM module path, '.' -> '_'>` (the SGM path from `stages.export.sgm.unet_key`, so the block
+Names: `lora_unet_<SGM module path, '.' -> '_'>` (the SGM path from `shared.models.sgm.unet_key`, so the block
 indices follow the UNet's own layout), `lora_te1_…` / `lora_te2_…` with the Hugging Face CLIP module path
 including `text_model.` (transformers 5 drops that prefix inside CLIPTextModel; files keep it). Per module:
 `lora_down.weight` (peft's `lora_A`), `lora_up.weight` (`lora_B`), `alpha` (a float32 scalar; the update is
@@ -21,8 +21,9 @@ import hashlib
 import json
 from typing import Any
 
-from stages.export import sgm
+from shared.models import sgm
 
+PROVENANCE = "sdxl_stages"  # metadata key / file stem holding the pipeline's fingerprints
 PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 BASE_MODEL_VERSION = "sdxl_base_v1-0"  # what kohya's sdxl_train_util writes for SDXL
 ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
@@ -131,6 +132,43 @@ def metadata(info: dict) -> dict[str, str]:
     if args:
         meta["ss_network_args"] = json.dumps(args)
     return {k: str(v) for k, v in meta.items() if v is not None}
+
+
+def training_info(config: dict, extra: dict, *, step: int, epoch: int | None, spec: Any, base: str, name: str,
+                  comment: str | None, finished: str | None) -> dict:
+    """What `metadata` records, from a training's config and manifest extras (or, mid-run, what train knows):
+    used by export and by train's LoRA files written beside its checkpoints."""
+    from pathlib import Path
+
+    lora = {"rank": spec.rank, "alpha": spec.alpha, "dropout": spec.dropout, "preset": spec.preset,
+            "dora": spec.dora} if spec else {}
+    return {**lora, "name": name, "base_model": base if base.startswith("builtin:") else Path(base).name,
+            "resolution": extra.get("resolution"), "steps": step, "epoch": epoch,
+            "tag_frequency": extra.get("tag_frequency"), "buckets": extra.get("buckets"), "comment": comment,
+            "finished": finished,
+            **{k: config.get(k) for k in ("max_steps", "learning_rate", "batch_size", "seed", "prediction",
+                                          "schedule", "min_snr_gamma", "noise_offset")}}
+
+
+def provenance(*, version: str, base: str, train_fingerprint: str | None, inputs: dict, weights: str, step: int,
+               checkpoint_fingerprint: str | None, objective: dict) -> dict:
+    """Our fingerprints in an exported file's metadata: the package, base model, training, its encode and model
+    inputs, the checkpoint, and the trained objective (how compare picks the sampler)."""
+    return {"exported_by": f"sdxl-stages {version}", "base_model": base, "train_fingerprint": train_fingerprint,
+            "encode_fingerprint": (inputs.get("encode") or {}).get("fingerprint"),
+            "model_fingerprint": (inputs.get("model") or {}).get("fingerprint"),
+            "checkpoint": {"weights": weights, "step": step, "fingerprint": checkpoint_fingerprint},
+            "objective": objective}
+
+
+def write(path: Any, states: dict[str, dict], alpha: float, unet_config: Any, info: dict, provenance: dict,
+          dtype: Any) -> None:
+    """One kohya `.safetensors`: SGM names, lora_down/lora_up/alpha (+ dora_scale), `ss_*` metadata and our
+    provenance; `dtype` a torch dtype."""
+    tensors = to_kohya(states, alpha, unet_config, dtype)
+    meta = metadata(info)
+    meta[PROVENANCE] = json.dumps(provenance, sort_keys=True)
+    save(tensors, meta, path)
 
 
 def hashes(tensors: dict, meta: dict[str, str]) -> tuple[str, str]:
