@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from shared.core.command import config_option, stage_command, user_errors
-from stages import bench, bucket, encode, export, ingest, pipeline, train
+from stages import bench, bucket, encode, export, generate, ingest, pipeline, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="sdxl stages: a staged, offline pipeline for fine-tuning Stable Diffusion XL.")
@@ -18,6 +18,8 @@ app.command("encode")(stage_command(encode.Config, "encode", encode.run, encode.
 app.command("train")(stage_command(train.Config, "train", train.run, train.__doc__ or "", pipeline.TABLES))
 app.command("export")(stage_command(export.Config, "export", export.run, export.__doc__ or "", pipeline.TABLES))
 app.command("compare")(export.compare_command)
+app.command("generate")(stage_command(generate.Config, "generate", generate.run, generate.__doc__ or "",
+                                      pipeline.TABLES))
 app.add_typer(bench.app, name="bench")
 
 

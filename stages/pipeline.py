@@ -13,13 +13,15 @@ from shared.core.config import load_toml, resolve
 from shared.core.errors import ConfigError
 from shared.core.log import say
 from stages.synthetic import generate_dataset
-from stages import bucket, encode, export, ingest, train
+from stages import bucket, encode, export, generate, ingest, train
 
 #: (pipeline.toml table, stage module) in execution order: the one list of the stages
 STAGES: list[tuple[str, ModuleType]] = [("ingest", ingest), ("bucket", bucket), ("encode", encode),
                                           ("train", train), ("export", export)]
+#: stages that `sdxl run` does not run (their own command makes input for one that it does)
+OPTIONAL: list[tuple[str, ModuleType]] = [("generate", generate)]
 #: the tables a pipeline.toml may hold besides [pipeline], with their config classes
-TABLES: dict[str, type] = {table: module.Config for table, module in STAGES}
+TABLES: dict[str, type] = {table: module.Config for table, module in STAGES + OPTIONAL}
 
 
 def run_all(config_path: Path | None, force: bool = False, overrides: dict[str, dict] | None = None) -> list:

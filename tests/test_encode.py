@@ -76,6 +76,9 @@ def test_pack_sample_pads_variants_to_the_longest_and_stores_the_dtype():
     assert s.clip_similarity == 0.6 and s.clip_image.dtype == np.float32
     assert (s.tag_weight, s.repeats, s.bucket, s.tags) == (0.5, 2, (128, 96), ("a", "b", "c", "d"))
     assert s.time_ids_flip[3] == 0.0
+    assert not s.prior  # an instance image; a class source's row makes a prior (DreamBooth class) sample
+    assert items.pack_sample(dataclasses.replace(ROW, role="class"), np.ones((4, 12, 16), np.float32), texts[1:],
+                             "float32").prior
     plain = items.pack_sample(ROW, np.ones((4, 12, 16), np.float32), texts[1:], "float32")
     assert plain.ids is None and plain.latent_flip is None and plain.clip_image is None
     assert plain.te.shape == (1, n, 4) and plain.te.dtype == np.float32

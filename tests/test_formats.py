@@ -86,14 +86,14 @@ def sample(key: str = "k1", variants: int = 2, windows: tuple = (2, 1), clip: bo
     return Sample(key=key, latent=rng.standard_normal((4, 2, 3)).astype(np.float16), te=te, windows=windows,
                   pooled=rng.standard_normal((variants, 6)).astype(np.float16),
                   time_ids=(240.0, 320.0, 0.0, 16.0, 16.0, 24.0), time_ids_flip=(240.0, 320.0, 0.0, 8.0, 16.0, 24.0),
-                  tag_weight=0.75, repeats=3, latent_flip=rng.standard_normal((4, 2, 3)).astype(np.float16),
+                  tag_weight=0.75, repeats=3, prior=True, latent_flip=rng.standard_normal((4, 2, 3)).astype(np.float16),
                   ids=rng.integers(0, 9, (variants, 2, n)).astype(np.int32), path="a.png", source="/src",
                   bucket=(24, 16), caption="a, b", tags=("a", "b"), variants=("a, b", "b, a"),
                   original_size=(240, 320), crop_top_left=(0, 16), target_size=(16, 24), **extra)
 
 
 ARRAYS = ("latent", "latent_flip", "te", "pooled", "ids", "clip_image", "clip_text")
-SCALARS = ("key", "windows", "time_ids", "time_ids_flip", "tag_weight", "repeats", "clip_similarity")
+SCALARS = ("key", "windows", "time_ids", "time_ids_flip", "tag_weight", "repeats", "prior", "clip_similarity")
 
 
 def assert_same(a: Sample, b: Sample, fields: tuple = ARRAYS + SCALARS) -> None:
@@ -143,7 +143,7 @@ def test_samples_round_trip_through_zarr_rows(tmp_path):
     rows, keys = fmt.read_rows(group, 1, 3)
     assert keys == ["k1", "key2"] and rows["te"].shape == (2, 2, 3 * WINDOW_TOKENS, 8)
     for a, b in zip(want, fmt.from_rows(rows, keys)):
-        assert_same(a, b, ARRAYS + ("key", "windows", "time_ids", "time_ids_flip", "tag_weight", "repeats"))
+        assert_same(a, b, ARRAYS + ("key", "windows", "time_ids", "time_ids_flip", "tag_weight", "repeats", "prior"))
     assert fmt.rows_digest(rows, keys) == fmt.rows_digest(*fmt.read_rows(group, 1, 3))
     group.attrs["version"] = ENCODE_VERSION + 1
     with pytest.raises(InputError) as e:

@@ -120,6 +120,38 @@ def test_training_loss_applies_min_snr_and_tag_weights():
     assert loss.item() == pytest.approx(want, rel=1e-5)
 
 
+def test_prior_preservation_weighs_class_images_by_lambda():
+    """DreamBooth: loss = mean over the batch of per-sample MSE × (λ for a class image, 1 for an instance one)."""
+    from types import SimpleNamespace
+
+    from stages.train import step as S
+
+    class Echo(torch.nn.Module):
+        def forward(self, x, t, encoder_hidden_states=None, added_cond_kwargs=None):
+            return SimpleNamespace(sample=x)
+
+    def run(weight: float, prior: list[bool]) -> tuple[float, list[float]]:
+        cfg = obj.ObjectiveConfig(prediction="epsilon", schedule="sdxl", timesteps="uniform", logit_mean=0.0,
+                                  logit_std=1.0, flow_shift=1.0, min_snr_gamma=0.0, noise_offset=0.0,
+                                  tag_weighting=False, caption_dropout=0.0, flip_rate=0.0, seed=0,
+                                  prior_loss_weight=weight)
+        x0 = torch.tensor([0.5, -0.5, 0.25, 1.0]).view(4, 1, 1, 1)
+        batch = S.Batch(latents=x0, noise=torch.ones(4, 1, 1, 1), u=torch.full((4,), 0.5, dtype=torch.float64),
+                        te=torch.zeros(4, 77, 4), pooled=torch.zeros(4, 4), time_ids=torch.zeros(4, 6),
+                        tag_weight=torch.ones(4), prior=torch.tensor(prior))
+        loss, per, _ = S.loss(Echo(), batch, cfg, obj.schedule("sdxl").float(), S.Precision.make("float32", "no", "cpu"))
+        return loss.item(), per.tolist()
+
+    prior = [False, True, False, True]
+    plain, per = run(1.0, prior)
+    assert plain == pytest.approx(sum(per) / 4, rel=1e-6)
+    weighted, per2 = run(0.3, prior)
+    assert per2 == per  # the weight changes the loss, not the per-sample error
+    assert weighted == pytest.approx((per[0] + 0.3 * per[1] + per[2] + 0.3 * per[3]) / 4, rel=1e-6)
+    assert run(0.0, [True] * 4)[0] == 0.0
+    assert run(5.0, [False] * 4)[0] == pytest.approx(plain, rel=1e-6)  # no class image: λ does nothing
+
+
 def _optimizer_config(**values):
     """The optimizer group of a train config with these flat values (the rest at their defaults)."""
     from shared.core.config import resolve

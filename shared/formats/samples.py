@@ -93,6 +93,7 @@ class Sample:
     time_ids_flip: tuple[float, ...]  # the same for the mirrored crop
     tag_weight: float = 1.0
     repeats: int = 1
+    prior: bool = False                     # a DreamBooth class image (its loss weighs prior_loss_weight)
     latent_flip: np.ndarray | None = None   # the mirrored crop's latent
     ids: np.ndarray | None = None           # [variants, 2, max(windows) * 77] int32, both tokenizers
     clip_image: np.ndarray | None = None    # [clip_dim] float32, L2-normalised
@@ -110,7 +111,7 @@ class Sample:
 
 
 ARRAYS = ("latent", "latent_flip", "te", "pooled", "ids", "clip_image", "clip_text")  # .npy members
-META = ("path", "source", "bucket", "caption", "tags", "variants", "windows", "tag_weight", "repeats",
+META = ("path", "source", "bucket", "caption", "tags", "variants", "windows", "tag_weight", "repeats", "prior",
         "original_size", "crop_top_left", "target_size", "time_ids", "time_ids_flip")
 
 
@@ -138,7 +139,7 @@ def from_tar(raw: dict[str, Any], where: str, fix: str) -> Sample:
     tuples = {k: tuple(meta[k]) for k in ("bucket", "tags", "variants", "windows", "original_size",
                                           "crop_top_left", "target_size", "time_ids", "time_ids_flip")}
     return Sample(key=raw["__key__"], **arrays, **tuples, tag_weight=meta["tag_weight"], repeats=meta["repeats"],
-                  clip_similarity=meta.get("clip_similarity"), path=meta["path"], source=meta["source"],
+                  prior=bool(meta["prior"]), clip_similarity=meta.get("clip_similarity"), path=meta["path"], source=meta["source"],
                   caption=meta["caption"])
 
 
@@ -160,7 +161,7 @@ def zarr_specs(layout: Layout, bucket: tuple[int, int], count: int) -> dict[str,
     specs = {"latent": ((count,) + lat, store), "te": ((count, v, length, layout.te_dim), store),
              "te_windows": ((count, v), "int16"), "pooled": ((count, v, layout.pooled_dim), store),
              "time_ids": ((count, 6), "float32"), "time_ids_flip": ((count, 6), "float32"),
-             "tag_weight": ((count,), "float32"), "repeats": ((count,), "int32")}
+             "tag_weight": ((count,), "float32"), "repeats": ((count,), "int32"), "prior": ((count,), "bool")}
     if layout.flip:
         specs["latent_flip"] = ((count,) + lat, store)
     if layout.token_ids:
@@ -197,7 +198,7 @@ def write_rows(group: Any, first: int, samples: list[Sample]) -> None:
                "pooled": [s.pooled for s in samples], "te_windows": [s.windows for s in samples],
                "time_ids": [s.time_ids for s in samples], "time_ids_flip": [s.time_ids_flip for s in samples],
                "tag_weight": [s.tag_weight for s in samples], "repeats": [s.repeats for s in samples],
-               "clip_image": [s.clip_image for s in samples], "clip_text": [s.clip_text for s in samples],
+               "prior": [s.prior for s in samples], "clip_image": [s.clip_image for s in samples], "clip_text": [s.clip_text for s in samples],
                "clip_similarity": [s.clip_similarity for s in samples]}
     present = set(group.array_keys())
     for name, values in columns.items():
@@ -259,7 +260,8 @@ def from_rows(rows: dict[str, np.ndarray], keys: list[str]) -> Iterator[Sample]:
         yield Sample(key=key, latent=rows["latent"][j], te=rows["te"][j][:, :n], windows=windows,
                      pooled=rows["pooled"][j], time_ids=tuple(float(x) for x in rows["time_ids"][j]),
                      time_ids_flip=tuple(float(x) for x in rows["time_ids_flip"][j]),
-                     tag_weight=float(rows["tag_weight"][j]), repeats=int(rows["repeats"][j]), **optional)
+                     tag_weight=float(rows["tag_weight"][j]), repeats=int(rows["repeats"][j]),
+                     prior=bool(rows["prior"][j]), **optional)
 
 
 # ---------------------------------------------------------------- the empty caption

@@ -75,7 +75,7 @@ def unet_model(unet: Any, cond: Conditioning, size: tuple[int, int], scale: floa
 
     def run(z: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         return unet(z.to(hidden.device, dtype), t.to(hidden.device, torch.float32), encoder_hidden_states=hidden,
-                    added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample.float()
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": ids.expand(z.shape[0], -1)}).sample.float()
 
     def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         positive = run(z, t, cond.hidden, cond.pooled)

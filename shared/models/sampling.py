@@ -64,6 +64,14 @@ class Objective:
         return cls(config.get("prediction") or "epsilon", config.get("schedule") or "sdxl",
                    float(config.get("flow_shift") or 1.0), int(base or 0))
 
+    @classmethod
+    def from_scheduler(cls, config: dict) -> "Objective":
+        """A diffusers scheduler config's objective: its prediction type, with zero terminal SNR when it
+        rescales the betas to it (v-prediction only: ε cannot be trained there)."""
+        v_pred = config.get("prediction_type") == "v_prediction"
+        ztsnr = bool(config.get("rescale_betas_zero_snr"))
+        return cls("v_prediction" if v_pred else "epsilon", "ztsnr" if ztsnr and v_pred else "sdxl")
+
     def scale(self, height: int, width: int) -> float:
         """The resolution-aware factor of an image of this size (1 when off)."""
         return resolution_scale(height, width, self.resolution_base) if self.resolution_base else 1.0

@@ -84,7 +84,8 @@ def described(row: PlanRow, variants: Sequence[str], sample: Sample) -> Sample:
     the plan says of the item and its micro-conditioning. Fresh and reused samples both go through here, so a
     reused one describes its item as it is now (tag weight, repeats, path), and equals a fresh one."""
     sim = sample.clip_similarity  # a zarr row holds it as float32; rounding gives back the stored value
-    return dataclasses.replace(sample, key=row.id, tag_weight=row.tag_weight, repeats=row.repeats, path=row.path,
+    return dataclasses.replace(sample, key=row.id, tag_weight=row.tag_weight, repeats=row.repeats,
+                               prior=row.role == "class", path=row.path,
                                source=row.source, bucket=row.bucket, caption=row.caption or "", tags=row.tags,
                                variants=tuple(variants), clip_similarity=None if sim is None else round(float(sim), 6),
                                **conditioning(row))

@@ -37,7 +37,7 @@ from stages.encode.writer import ShardRecord
 #: options that decide where and how samples are stored, never what a sample holds
 STORAGE_ONLY = ("format", "shard_samples", "zarr_compression", "zarr_level")
 #: plan row fields that reach a sample only as its description (taken from the current row, never reused)
-DESCRIPTIVE = ("path", "source", "caption_path", "caption_encoding", "tag_weight", "repeats")
+DESCRIPTIVE = ("path", "source", "caption_path", "caption_encoding", "tag_weight", "repeats", "role")
 
 
 def run_key(cfg: Config, inputs: dict, code_version: str, numerics: dict) -> str:

@@ -65,10 +65,7 @@ def _objective_of_folder(folder: Path) -> sampling.Objective | None:
     sched = folder / "scheduler" / "scheduler_config.json"
     if not sched.is_file():
         return None
-    config = json.loads(sched.read_text(encoding="utf-8"))
-    v_pred = config.get("prediction_type") == "v_prediction"
-    ztsnr = bool(config.get("rescale_betas_zero_snr"))
-    return sampling.Objective("v_prediction" if v_pred else "epsilon", "ztsnr" if ztsnr and v_pred else "sdxl")
+    return sampling.Objective.from_scheduler(json.loads(sched.read_text(encoding="utf-8")))
 
 
 def _file_kind(path: Path) -> tuple[str, sampling.Objective | None]:

@@ -83,6 +83,9 @@ class Config:
     min_snr_gamma: float = opt(0.0, "min-SNR-γ loss weighting (5 is usual); 0 = off.", ge=0)
     noise_offset: float = opt(0.0, "Noise offset (0.03–0.1 typical); 0 = off.", ge=0)
     tag_weighting: bool = opt(True, "Weight each sample's loss by its tag-frequency weight from ingest.")
+    prior_loss_weight: float = opt(1.0, "DreamBooth prior preservation: the loss weight λ of class images (an "
+                                         "ingest source with role = \"class\"); instance images weigh 1.",
+                                   ge=0, le=1000)
     caption_dropout: float = opt(0.0, "Probability of training a sample with the empty caption's embedding.",
                                  ge=0, le=1)
     flip_rate: float = opt(0.5, "Probability of using the flipped latent (when encode stored latent_flip).", ge=0, le=1)

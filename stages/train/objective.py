@@ -37,6 +37,7 @@ class ObjectiveConfig:
     seed: int               # keys every per-sample draw (caption variant, dropout, flip, timestep, noise)
     resolution_noise: bool = False   # scale σ (flow: the shift) by the batch's bucket, `resolution_scale()`
     resolution_base: int = 1024      # the side at which that scale is 1
+    prior_loss_weight: float = 1.0   # DreamBooth: λ, the class images' loss weight (instance images: 1)
 
 
 def sample_u(batch: int, mode: str, generator: torch.Generator, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ContextManager
 
 import numpy as np
@@ -33,6 +33,7 @@ class Batch:
     pooled: torch.Tensor       # [B, P]
     time_ids: torch.Tensor     # [B, 6]
     tag_weight: torch.Tensor   # [B]
+    prior: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))  # [B]: class images
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(**{k: v.to(device, non_blocking=True) for k, v in vars(self).items()})
@@ -88,7 +89,8 @@ def assemble(samples: list[Sample], step: int, micro: int, empty: EmptyCaption, 
     return Batch(latents=torch.stack(latents), noise=torch.cat(noise), u=torch.cat(u), te=torch.from_numpy(te),
                  pooled=torch.from_numpy(np.stack([p for _, p in chosen]).astype(np.float32)),
                  time_ids=torch.from_numpy(np.stack(time_ids).astype(np.float32)),
-                 tag_weight=torch.tensor([float(s.tag_weight) for s in samples], dtype=torch.float32))
+                 tag_weight=torch.tensor([float(s.tag_weight) for s in samples], dtype=torch.float32),
+                 prior=torch.tensor([bool(s.prior) for s in samples], dtype=torch.bool))
 
 
 def resolution_factor(latents: torch.Tensor, cfg: ObjectiveConfig) -> float:
@@ -137,9 +139,16 @@ def loss(unet: Any, batch: Batch, cfg: ObjectiveConfig, sigmas: torch.Tensor, pr
     weight = torch.ones_like(per)
     if cfg.tag_weighting:
         weight = weight * batch.tag_weight
+    if cfg.prior_loss_weight != 1.0 and batch.prior.numel():
+        weight = weight * prior_weights(batch.prior, cfg.prior_loss_weight).to(per.device)
     if cfg.min_snr_gamma and cfg.prediction != "flow":
         weight = weight * obj.min_snr_weight(level, cfg.min_snr_gamma, cfg.prediction).to(per.device)
     return (per * weight).mean(), per.detach(), batch.u.detach()
+
+
+def prior_weights(prior: torch.Tensor, weight: float) -> torch.Tensor:
+    """DreamBooth prior preservation: a class image's loss weighs `weight` (λ), an instance image's 1."""
+    return torch.where(prior, torch.tensor(weight), torch.tensor(1.0))
 
 
 @torch.no_grad()
