@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from shared.core.config import resolve
-from stages import bucket, encode, ingest, train
+from stages import train
 from stages.bench.server import LatencyServer
-from tests.conftest import caption, noise_image, save
+from tests.conftest import encode_sixteen
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTS = {"model": "builtin:tiny", "batch_size": 4, "max_steps": 4, "shuffle_buffer": 1, "lora_dropout": 0.0,
@@ -22,19 +22,7 @@ OPTS = {"model": "builtin:tiny", "batch_size": 4, "max_steps": 4, "shuffle_buffe
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory) -> Path:
     """16 captioned images of one size -> one 128x128 bucket, 4 shards of 4, tar + zarr (as tests/test_train.py)."""
-    root = tmp_path_factory.mktemp("launch")
-    for i in range(16):
-        p = save(noise_image(256, 256, seed=100 + i), root / "src" / f"img_{i:02d}.png")
-        caption(p, f"colour {i % 4}, shape {i % 3}, common")
-    work = root / "w"
-    ingest.run(resolve(ingest.Config, "ingest", {}, {"sources": (str(root / "src"),), "workdir": work, "workers": 1,
-                                                    "min_side": 64}))
-    bucket.run(resolve(bucket.Config, "bucket", {}, {"workdir": work, "max_area": 128 * 128, "min_side": 64,
-                                                    "max_side": 256}))
-    encode.run(resolve(encode.Config, "encode", {}, {"workdir": work, "model": "builtin:tiny", "shard_samples": 4,
-                                                    "format": "both", "flip": True, "caption_variants": 1,
-                                                    "workers": 0, "decoder": "pil"}))
-    return work
+    return encode_sixteen(tmp_path_factory.mktemp("launch"))
 
 
 def train_args(work: Path, out: Path) -> list[str]:

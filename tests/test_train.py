@@ -17,9 +17,9 @@ from shared.models import loading as models
 from shared.formats import shards
 from shared.core.config import resolve
 from shared.core.errors import ConfigError, DataError, InputError
-from stages import bucket, encode, ingest, train
+from stages import train
 from stages.cli import app
-from tests.conftest import caption, noise_image, save
+from tests.conftest import encode_sixteen
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"model": "builtin:tiny", "batch_size": 2, "shuffle_buffer": 4, "max_steps": 6, "checkpoint_every": 3,
@@ -29,19 +29,7 @@ BASE = {"model": "builtin:tiny", "batch_size": 2, "shuffle_buffer": 4, "max_step
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory):
     """16 captioned images of one size -> one 128x128 bucket, 4 shards of 4, tar + zarr, flipped latents."""
-    root = tmp_path_factory.mktemp("train")
-    for i in range(16):
-        p = save(noise_image(256, 256, seed=100 + i), root / "src" / f"img_{i:02d}.png")
-        caption(p, f"colour {i % 4}, shape {i % 3}, common")
-    work = root / "w"
-    ingest.run(resolve(ingest.Config, "ingest", {}, {"sources": (str(root / "src"),), "workdir": work, "workers": 1,
-                                                    "min_side": 64}))
-    bucket.run(resolve(bucket.Config, "bucket", {}, {"workdir": work, "max_area": 128 * 128, "min_side": 64,
-                                                    "max_side": 256}))
-    encode.run(resolve(encode.Config, "encode", {}, {"workdir": work, "model": "builtin:tiny", "shard_samples": 4,
-                                                    "format": "both", "flip": True, "caption_variants": 1,
-                                                    "workers": 0, "decoder": "pil"}))
-    return work
+    return encode_sixteen(tmp_path_factory.mktemp("train"))
 
 
 def run_train(work: Path, out: Path, **kw):

@@ -162,11 +162,17 @@ def require_input(folder: Path, stage: str, versions: Iterable[int], fix: str) -
     if manifest is None:
         raise InputError(f"{folder}: no readable {MANIFEST}, so it is not a finished `{stage}` output; give --in "
                          f"a folder that `sdxl {stage}` wrote")
+    return check_manifest(manifest, folder, stage, versions, fix)
+
+
+def check_manifest(manifest: Manifest, where: Path | str, stage: str, versions: Any, fix: str) -> Manifest:
+    """`manifest` when it is `stage`'s, of a format version in `versions` (read from `where`, a folder or URL);
+    else an InputError naming what it holds and the fix."""
     if manifest.stage != stage:
-        raise InputError(f"{folder}: holds `{manifest.stage}` output, expected `{stage}` output; give --in a "
+        raise InputError(f"{where}: holds `{manifest.stage}` output, expected `{stage}` output; give --in a "
                          f"folder that `sdxl {stage}` wrote")
     if manifest.version not in set(versions):
-        raise InputError(f"{folder}: `{stage}` output of format version {manifest.version}, which this "
+        raise InputError(f"{where}: `{stage}` output of format version {manifest.version}, which this "
                          f"version of sdxl cannot read; rerun: {fix}")
     return manifest
 

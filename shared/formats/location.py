@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from shared.core import integrity
-from shared.core.artifacts import MANIFEST, Manifest
+from shared.core.artifacts import MANIFEST, Manifest, check_manifest
 from shared.core.errors import InputError
 
 SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -158,10 +158,4 @@ def require_remote(url: str, stage: str, versions: tuple[int, ...], fix: str) ->
     except (ValueError, KeyError, TypeError, AttributeError):
         raise InputError(f"{where}: not a readable manifest, so {url} is not a finished `{stage}` output; give "
                          f"--in the URL of a folder that `sdxl {stage}` wrote") from None
-    if manifest.stage != stage:
-        raise InputError(f"{url}: holds `{manifest.stage}` output, expected `{stage}` output; give --in a "
-                         f"folder that `sdxl {stage}` wrote")
-    if manifest.version not in set(versions):
-        raise InputError(f"{url}: `{stage}` output of format version {manifest.version}, which this version of "
-                         f"sdxl cannot read; rerun: {fix}")
-    return manifest
+    return check_manifest(manifest, url, stage, versions, fix)
