@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from shared.core import artifacts, ranks
+from shared.core import artifacts, outputs, ranks
 from shared.core.artifacts import Manifest
 from shared.core.config import SEED_RANGE, opt
 from shared.core.errors import ConfigError, InputError
@@ -84,12 +84,6 @@ def _inputs(cfg: Config) -> dict:
 
 
 def _protected(cfg: Config) -> list[tuple[str, Path]]:
-    return [("model", p) for _, p in models_paths(cfg)]
-
-
-def models_paths(cfg: Config) -> list[tuple[str, Path]]:
-    from shared.core import outputs
-
     return outputs.local_paths({"model": cfg.model})
 
 

@@ -89,14 +89,21 @@ def damage(folder: Path, files: dict, trees: dict) -> list[str]:
     return problems
 
 
-def verified(folder: Path, rel: str, files: dict | None, fix: str) -> Path:
-    """`folder/rel`, after checking it is the file its producer recorded; an InputError naming it otherwise."""
-    path = Path(folder) / rel
+def recorded(folder: Path | str, where: Path | str, rel: str, files: dict | None, fix: str) -> dict:
+    """The producer's record (bytes, sha256) of `rel` in `folder`'s manifest (`files`), `where` being the file's
+    path or URL; an InputError naming it when the manifest has no such record."""
     if files is None:
         raise InputError(f"{folder}: its manifest records no file hashes (made by an older sdxl); rerun: {fix}")
     rec = files.get(rel)
     if rec is None:
-        raise InputError(f"{path}: not recorded in {folder}/manifest.json; rerun: {fix}")
+        raise InputError(f"{where}: not recorded in {str(folder).rstrip('/')}/manifest.json; rerun: {fix}")
+    return rec
+
+
+def verified(folder: Path, rel: str, files: dict | None, fix: str) -> Path:
+    """`folder/rel`, after checking it is the file its producer recorded; an InputError naming it otherwise."""
+    path = Path(folder) / rel
+    rec = recorded(folder, path, rel, files, fix)
     try:
         size = path.stat().st_size
     except OSError:

@@ -130,11 +130,7 @@ def verified_bytes(folder: str | Path, rel: str, files: dict | None, fix: str) -
     if not is_url(folder):
         return integrity.verified(Path(folder), rel, files, fix).read_bytes()
     where = join(folder, rel)
-    if files is None:
-        raise InputError(f"{folder}: its manifest records no file hashes (made by an older sdxl); rerun: {fix}")
-    rec = files.get(rel)
-    if rec is None:
-        raise InputError(f"{where}: not recorded in {join(folder, MANIFEST)}; rerun: {fix}")
+    rec = integrity.recorded(folder, where, rel, files, fix)
     try:
         data = read_bytes(where)
     except OSError as e:
