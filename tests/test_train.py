@@ -137,15 +137,31 @@ RESUMED = {
 }
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(encoded, tmp_path_factory) -> dict[str, Path]:
+    """The uninterrupted 8-step run of every RESUMED case, one after the other in ONE process started as the CLI
+    is (a process's start, ~6 s of imports, costs more than a tiny run); the resumed runs, each in its own
+    process, must still equal them bitwise, which also shows that runs in one process leave nothing to the next."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    runs = {case: cli_args(encoded, root / case, max_steps=8, **opts) for case, opts in RESUMED.items()}
+    script = ("import json, logging, sys\nfrom stages.cli import app\n"
+              "logging.getLogger('bitsandbytes').setLevel(logging.ERROR)\n"
+              "for args in json.loads(sys.argv[1]):\n"
+              "    try:\n        app(args, standalone_mode=False)\n"
+              "    except SystemExit as e:\n        assert not e.code, (args, e.code)\n")
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(list(runs.values()))], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "SDXL_PROGRESS": "0", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {case: root / case for case in runs}
+
+
 @pytest.mark.parametrize("case", list(RESUMED))
-def test_kill_9_then_resume_equals_the_uninterrupted_run(encoded, tmp_path, case):
+def test_kill_9_then_resume_equals_the_uninterrupted_run(encoded, uninterrupted, tmp_path, case):
     """Kill -9 after step 4 (checkpoint at 3), rerun: weights, EMA, optimizer, LR schedule, scaler, progress and
     RNG state at step 8 are bitwise those of a run never interrupted — with LoRA dropout (global RNG), EMA,
     caption dropout, flips, noise offset, min-SNR, v-prediction on the NovelAI schedule, and 2 accumulated
     micro-batches; and with warmup into a cosine schedule with restarts under fp16 with its gradient scaler."""
     opts = dict(max_steps=8, **RESUMED[case])
-    full = sdxl(cli_args(encoded, tmp_path / "a", **opts))
-    assert full.returncode == 0, full.stderr[-2000:]
     killed = sdxl(cli_args(encoded, tmp_path / "b", **opts), env={"SDXL_FAULT": "train.step:4"})
     assert killed.returncode == -9
     assert not (tmp_path / "b").exists()
@@ -153,7 +169,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(encoded, tmp_path, case
     again = sdxl(cli_args(encoded, tmp_path / "b", **opts))
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from" in again.stdout and "step 3 of 8" in again.stdout
-    a, b = tmp_path / "a" / "checkpoints" / "step-000008", tmp_path / "b" / "checkpoints" / "step-000008"
+    a, b = uninterrupted[case] / "checkpoints" / "step-000008", tmp_path / "b" / "checkpoints" / "step-000008"
     for name in ("weights", "ema", "optimizer", "rng-rank0"):
         if name == "ema" and not opts.get("ema_decay"):
             continue
