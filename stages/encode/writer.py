@@ -113,10 +113,12 @@ def prepare(staging: Path, plan: list[Shard], layout: Layout, empty: EmptyCaptio
                              fmt.zarr_attrs(bucket, keys), chunk_rows[bucket])
 
 
-def write_shard(staging: Path, shard: Shard, made: list[Made], wds: bool, zarr: bool) -> ShardRecord:
-    """The shard's tar (to a temporary name, renamed last) and zarr rows; its record."""
+def write_shard(staging: Path, shard: Shard, made: list[Made], wds: bool, zarr: bool,
+                pixels: str = "png") -> ShardRecord:
+    """The shard's tar (to a temporary name, renamed last) and zarr rows; its record. `pixels`: the image
+    format of the samples' pixels in the tar (when they have them)."""
     samples = [m.sample for m in made]
-    members = [fmt.to_tar(s) for s in samples]
+    members = [fmt.to_tar(s, pixels) for s in samples]
     entry: dict[str, Any] = {"shard": shard.index, "first": shard.first, "samples": len(samples),
                              "repeats": tuple(int(s.repeats) for s in samples),
                              "content_sha256": content_hash(members)}
