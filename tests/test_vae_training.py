@@ -192,3 +192,35 @@ def test_kill_9_then_resume_equals_the_uninterrupted_vae_run(encoded, trained, t
         assert same_tensors(a / f"{name}.safetensors", b / f"{name}.safetensors"), name
     for name in ("optimizer", "scheduler", "progress"):
         assert json.loads((a / f"{name}.json").read_text()) == json.loads((b / f"{name}.json").read_text()), name
+
+
+def test_export_writes_a_diffusers_vae_and_an_original_layout_file_that_encode_can_use(encoded, trained, tmp_path):
+    """export of a VAE run: a diffusers AutoencoderKL folder (from_pretrained gives the trained weights) and one
+    original-layout file (from_single_file, offline, gives them too), both verified; encode --vae on the folder
+    changes encode's model fingerprint (so `sdxl run` re-encodes)."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    from stages import encode, export
+    from stages.export import vae as vae_export
+
+    folder, _ = trained
+    m = export.run(resolve(export.Config, "export", {}, {"input": folder / "a", "output": tmp_path / "x",
+                                                        "dtype": "float32", "device": "cpu"}))
+    assert set(m.extra["formats"]) == {"diffusers", "single-file"} and m.extra["method"] == "vae"
+    assert all(r["verified"] and r["max_abs_diff"] < 1e-5 for r in m.extra["formats"].values())
+    trained_state = {k[4:]: v for k, v in load_file(str(folder / "a" / "checkpoints" / "step-000006" /
+                                                        "weights.safetensors")).items()}
+    loaded = AutoencoderKL.from_pretrained(str(tmp_path / "x" / "vae")).state_dict()
+    assert loaded.keys() == trained_state.keys() and all(torch.equal(loaded[k], trained_state[k]) for k in loaded)
+    single = load_file(str(tmp_path / "x" / "sdxl.vae.safetensors"))
+    assert "decoder.conv_in.weight" in single and "post_quant_conv.weight" in single
+    assert not any(k.startswith("first_stage_model.") for k in single)
+    back = vae_export.load_single_file(tmp_path / "x" / "sdxl.vae.safetensors", tmp_path / "x" / vae_export.CONFIG)
+    assert all(torch.equal(back.state_dict()[k], trained_state[k]) for k in trained_state)
+
+    def fingerprint(**kw):
+        cfg = resolve(encode.Config, "encode", {}, {"workdir": encoded, "model": "builtin:tiny", **kw})
+        return encode.STAGE.inputs(cfg)["model"]["fingerprint"]
+
+    assert fingerprint(vae=str(tmp_path / "x" / "vae")) != fingerprint()
