@@ -73,7 +73,7 @@ def test_encode_stores_the_planned_crop_losslessly_in_tar_and_zarr(encoded, tmp_
 # ---------------------------------------------------------------- train --target vae
 
 VAE = {"model": "builtin:tiny", "target": "vae", "vae_train": "encoder+decoder", "kl_weight": 1e-4,
-       "perceptual_layers": (1.0, 1.0, 0.0, 0.0, 0.0), "batch_size": 2, "shuffle_buffer": 4, "max_steps": 6,
+       "perceptual_layers": "1,1,0,0,0", "batch_size": 2, "shuffle_buffer": 4, "max_steps": 6,
        "checkpoint_every": 3, "learning_rate": 2e-3, "eval_samples": 2, "holdout_count": 2, "ema_decay": 0.9}
 
 
@@ -155,7 +155,9 @@ def test_vae_target_options_are_checked(encoded, tmp_path):
         return resolve(train.Config, "train", {}, {"workdir": encoded, **{**VAE, **kw}})
 
     with pytest.raises(ConfigError, match="perceptual_weight 1 needs the perceptual network's weights"):
-        cfg(perceptual_layers=(1.0,) * 5)
+        cfg(perceptual_layers="1,1,1,1,1")
+    with pytest.raises(ConfigError, match="perceptual_layers '1,1,x,0,0': expected 5 numbers"):
+        cfg(perceptual_weight=0.0, perceptual_layers="1,1,x,0,0")
     with pytest.raises(ConfigError, match="kl_weight acts on the encoder"):
         cfg(perceptual_weight=0.0, vae_train="decoder")
     with pytest.raises(ConfigError, match="quantize_base applies to the UNet target"):
@@ -178,7 +180,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_vae_run(encoded, trained, t
     from tests.test_train import same_tensors, sdxl
 
     folder, _ = trained
-    opts = {**VAE, "perceptual_layers": "1,1,0,0,0", "perceptual_weights": folder / "vgg16.safetensors"}
+    opts = {**VAE, "perceptual_weights": folder / "vgg16.safetensors"}
     args = ["train", "--workdir", str(encoded), "--out", str(tmp_path / "b")]
     for k, v in opts.items():
         args += [f"--{k.replace('_', '-')}", str(v)]

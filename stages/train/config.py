@@ -69,11 +69,9 @@ class Config:
                                                 "torchvision VGG16 or LPIPS (vgg) weights, .safetensors or a "
                                                 "weights-only torch file (nothing is downloaded); its content is "
                                                 "an input of the run.", fingerprint=False)
-    perceptual_layers: tuple[float, ...] = opt((1.0, 1.0, 1.0, 1.0, 1.0), "Target vae: weight of each VGG16 "
-                                                "layer of the perceptual distance (relu1_2, relu2_2, relu3_3, "
-                                                "relu4_3, relu5_3); on the command line comma-separated "
-                                                "(1,1,1,1,1). Layers after the last non-zero one are not run.",
-                                                from_cli=lambda values: _numbers("perceptual_layers", values))
+    perceptual_layers: str = opt("1,1,1,1,1", "Target vae: weight of each VGG16 layer of the perceptual distance, "
+                                               "comma-separated (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3); "
+                                               "layers after the last non-zero one are not run.", nonempty=True)
     kl_weight: float = opt(0.0, "Target vae, encoder+decoder: weight of the KL divergence of the encoder's "
                                 "posterior from N(0, 1) (1e-6 as SD's VAE); 0 = off.", ge=0, le=1)
     vae_lr: float | None = opt(None, "Target vae: peak learning rate of the VAE's weights [default: "
@@ -335,14 +333,6 @@ class Config:
     @cached_property
     def vae_target(self) -> VaeConfig:
         return _view(self, VaeConfig)
-
-
-def _numbers(name: str, values: list[str]) -> tuple[float, ...]:
-    """Numbers given on the command line, repeated or comma-separated."""
-    try:
-        return tuple(float(v) for value in values for v in value.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"{name}: expected numbers, comma-separated, got {','.join(values)!r}") from None
 
 
 def _view(cfg: Config, group: type) -> Any:

@@ -43,7 +43,7 @@ class VaeConfig:
     vae_loss: str                        # l1 | l2: the reconstruction term
     perceptual_weight: float             # weight of the LPIPS-style distance; 0 = off
     perceptual_weights: Path | None      # the VGG16 / LPIPS weights file
-    perceptual_layers: tuple[float, ...]  # per tapped VGG16 layer (relu1_2 … relu5_3)
+    perceptual_layers: str               # per tapped VGG16 layer (relu1_2 … relu5_3), comma-separated
     kl_weight: float                     # weight of KL(q(z|x) || N(0, 1)); trains the encoder only
     weights_dtype: str                   # float32 | bfloat16
     gradient_checkpointing: bool
@@ -58,13 +58,23 @@ class VaeConfig:
             return (f"perceptual_weight {self.perceptual_weight:g} needs the perceptual network's weights: "
                     f"--perceptual-weights FILE (torchvision VGG16 or LPIPS weights, .safetensors or a weights-only "
                     f".pth), or --perceptual-weight 0")
-        if len(self.perceptual_layers) != len(P.TAPS):
-            return f"perceptual_layers: {len(P.TAPS)} weights (relu1_2 … relu5_3), got {len(self.perceptual_layers)}"
-        if any(not math.isfinite(w) or w < 0 for w in self.perceptual_layers):
-            return f"perceptual_layers: weights must be finite and >= 0, got {list(self.perceptual_layers)}"
+        try:
+            layers = self.layer_weights
+        except ValueError:
+            return f"perceptual_layers {self.perceptual_layers!r}: expected {len(P.TAPS)} numbers, comma-separated"
+        if len(layers) != len(P.TAPS):
+            return (f"perceptual_layers {self.perceptual_layers!r}: {len(P.TAPS)} weights (relu1_2 … relu5_3), got "
+                    f"{len(layers)}")
+        if any(not math.isfinite(w) or w < 0 or w > 1000 for w in layers):
+            return f"perceptual_layers {self.perceptual_layers!r}: each weight must be finite and in [0, 1000]"
         if self.kl_weight and self.vae_train == "decoder":
             return "kl_weight acts on the encoder, which vae_train decoder leaves frozen: use encoder+decoder"
         return None
+
+    @property
+    def layer_weights(self) -> tuple[float, ...]:
+        """perceptual_layers as numbers (a ValueError for a non-number)."""
+        return tuple(float(v) for v in self.perceptual_layers.split(",") if v.strip())
 
 
 #: options of the UNet target that a VAE run cannot honour (name, value that is fine)
@@ -154,7 +164,7 @@ class VaeTraining:
         self.vae = build_vae(cfg, device)
         self.model = Reconstruction(self.vae, cfg.vae_train == "encoder+decoder")
         self.channels = int(self.vae.config.latent_channels)
-        self.perceptual = (P.load(Path(cfg.perceptual_weights), tuple(cfg.perceptual_layers)).to(device)
+        self.perceptual = (P.load(Path(cfg.perceptual_weights), cfg.layer_weights).to(device)
                            if cfg.perceptual_weights is not None else None)
 
     @classmethod
