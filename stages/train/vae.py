@@ -321,7 +321,9 @@ def write_grid(run: Any) -> Path | None:
 
 def summary(run: Any) -> dict:
     """What the manifest says of a VAE run: per set, its first (the base VAE) and last measurements."""
-    out: dict[str, Any] = {"vae_train": run.vae.cfg.vae_train, "grid": f"samples/{GRID}"}
+    out: dict[str, Any] = {"vae_train": run.vae.cfg.vae_train}
+    if (run.staging / "samples" / GRID).is_file():
+        out["grid"] = f"samples/{GRID}"
     for name, history in (("eval", run.progress.eval), ("val", run.progress.val)):
         if history:
             first, last = history[0], history[-1]
