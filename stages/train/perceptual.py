@@ -176,13 +176,13 @@ def vae_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, perceptual: Pe
              ) -> tuple[torch.Tensor, dict[str, float]]:
     """The VAE target's per-sample loss and its parts (batch means, for the log)."""
     rec = reconstruction(pred, target, kind)
-    loss, parts = rec, {"reconstruction": float(rec.mean())}
+    loss, parts = rec, {"reconstruction": float(rec.detach().mean())}
     if w_perceptual:
         if perceptual is None:
             raise ValueError("a perceptual weight needs the perceptual network")
         p = perceptual(pred.float().clamp(-1, 1), target.float())
-        loss, parts["perceptual"] = loss + w_perceptual * p, float(p.mean())
+        loss, parts["perceptual"] = loss + w_perceptual * p, float(p.detach().mean())
     if w_kl and mean is not None and logvar is not None:
         k = kl(mean, logvar)
-        loss, parts["kl"] = loss + w_kl * k, float(k.mean())
+        loss, parts["kl"] = loss + w_kl * k, float(k.detach().mean())
     return loss, parts
