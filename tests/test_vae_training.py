@@ -166,6 +166,8 @@ def test_vae_target_options_are_checked(encoded, tmp_path):
 
     with pytest.raises(InputError, match="encode with --pixels png"):
         V.VaeTraining.check_data(Layout("float16", 4, 0.13, 8, 8, 1, 1, False, False), "enc")
+    assert cfg(perceptual_weight=0.0, vae_lr=1e-5).optim.group_lr("vae") == 1e-5
+    assert cfg(perceptual_weight=0.0).optim.group_lr("vae") == VAE["learning_rate"]
     decoder = V.VaeTraining(cfg(perceptual_weight=0.0, kl_weight=0.0, vae_train="decoder").vae_target,
                             torch.device("cpu"), Precision.make("float32", "no", "cpu"))
     names = {n for n, p in decoder.vae.named_parameters() if p.requires_grad}
