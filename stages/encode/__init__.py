@@ -47,8 +47,7 @@ def _inputs(cfg: Config) -> dict:
     return {"bucket": {"path": str(cfg.input), "fingerprint": manifest.fingerprint,
                        "what": "bucket plan changed"},
             "model": {"name": cfg.model, "vae": cfg.vae, "components": identity,
-                      "fingerprint": artifacts.hash_json(identity),
-                      "what": f"weights of {cfg.model}" + (f" or of the VAE {cfg.vae}" if cfg.vae else "")},
+                      "fingerprint": artifacts.hash_json(identity), "what": f"weights of {cfg.model}"},
             "decoder": {"name": decoder, "fingerprint": decoder, "what": f"decoder is now {decoder}"},
             **_clip_input(cfg)}
 
