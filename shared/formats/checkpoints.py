@@ -39,7 +39,7 @@ class CheckpointManifest:
     """What a checkpoint is: written by train, read by train's resume and by export."""
     step: int                         # optimizer steps done
     epoch: int                        # the epoch the next step belongs to
-    method: str                       # lora | full
+    method: str                       # lora | full | vae (train --target vae: `vae.*` weights, the whole VAE)
     lora: LoraSpec | None             # the adapter's shape (method lora), else None
     model: str                        # the base model whose UNet was trained
     weights_dtype: str                # the UNet's dtype in training (LoRA weights are float32)

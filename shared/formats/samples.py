@@ -2,7 +2,8 @@
 caption's record; with the constants both stages share (text window, encoder parts, format version).
 
 A `Sample` is one planned item after encoding. In a tar shard it is a run of members `<key>.latent.npy`,
-`.latent_flip.npy`, `.te.npy`, `.pooled.npy`, `.ids.npy`, `.clip_image.npy`, `.clip_text.npy` and `.json`
+`.latent_flip.npy`, `.te.npy`, `.pooled.npy`, `.ids.npy`, `.clip_image.npy`, `.clip_text.npy`, `.pixels.png` /
+`.pixels.webp` (the planned crop itself, lossless, for the VAE target) and `.json`
 (the scalars and what the item was: path, captions, sizes; with the format `version`); in the zarr store it is
 row k of each array of its bucket's group (`zarr_specs`; a shard's rows are one chunk), `te` padded to
 `max_windows` windows with the valid count in `te_windows`, the keys and the `version` in the group's
@@ -27,8 +28,11 @@ WINDOW_TOKENS = 77  # one text window: BOS + 75 caption tokens + EOS (CLIP's con
 ENCODER_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 #: the encode output's format (2: per-shard repeats, tag frequency; 3: file hashes, zarr digests; 4: typed
 #: records: the version in index.json, in each sample's json and in each zarr group, `clip_dim`; 5: the zarr
-#: store chunked by shard, one chunk per shard and array, instead of one per sample)
-ENCODE_VERSION = 5
+#: store chunked by shard, one chunk per shard and array, instead of one per sample; 6: optional `pixels`, the
+#: planned crop as a lossless PNG / WebP member or a uint8 zarr array, and `Layout.pixels`)
+ENCODE_VERSION = 6
+#: how the planned crop's pixels are stored besides the latents (none: not stored)
+PIXEL_FORMATS = ("none", "png", "webp")
 EMPTY = "empty"
 
 
@@ -66,6 +70,7 @@ class Layout:
     flip: bool              # latent_flip present
     token_ids: bool         # ids present
     clip_dim: int = 0       # width of clip_image / clip_text; 0: none stored
+    pixels: str = "none"    # the planned crop stored too (uint8 RGB): png | webp members, a zarr array; or none
 
     @property
     def te_length(self) -> int:
@@ -99,6 +104,7 @@ class Sample:
     clip_image: np.ndarray | None = None    # [clip_dim] float32, L2-normalised
     clip_text: np.ndarray | None = None
     clip_similarity: float | None = None
+    pixels: np.ndarray | None = None        # [H, W, 3] uint8: the planned crop the latent was encoded from
     path: str = ""
     source: str = ""
     bucket: tuple[int, int] = (0, 0)
@@ -115,13 +121,16 @@ META = ("path", "source", "bucket", "caption", "tags", "variants", "windows", "t
         "original_size", "crop_top_left", "target_size", "time_ids", "time_ids_flip")
 
 
-def to_tar(sample: Sample) -> dict[str, Any]:
-    """The sample as webdataset members: {"__key__": key, "latent.npy": array, ..., "json": metadata}."""
+def to_tar(sample: Sample, pixels: str = "png") -> dict[str, Any]:
+    """The sample as webdataset members: {"__key__": key, "latent.npy": array, ..., "json": metadata}; its
+    pixels (when it has them) as a lossless `pixels.<png|webp>` image."""
     out: dict[str, Any] = {"__key__": sample.key}
     for name in ARRAYS:
         value = getattr(sample, name)
         if value is not None:
             out[f"{name}.npy"] = value
+    if sample.pixels is not None:
+        out[f"pixels.{pixels}"] = image_bytes(sample.pixels, pixels)
     meta = {"version": ENCODE_VERSION, "id": sample.key}
     meta.update({k: _plain(getattr(sample, k)) for k in META})
     if sample.clip_similarity is not None:
@@ -136,11 +145,41 @@ def from_tar(raw: dict[str, Any], where: str, fix: str) -> Sample:
     meta = shards.decode_member("json", raw["json"])
     check_version(meta.get("version"), f"{where}: sample {raw['__key__']}", fix)
     arrays = {name: _array(raw[f"{name}.npy"]) for name in ARRAYS if f"{name}.npy" in raw}
+    for kind in PIXEL_FORMATS[1:]:
+        if f"pixels.{kind}" in raw:
+            arrays["pixels"] = image_array(raw[f"pixels.{kind}"], f"{where}: sample {raw['__key__']}", fix)
     tuples = {k: tuple(meta[k]) for k in ("bucket", "tags", "variants", "windows", "original_size",
                                           "crop_top_left", "target_size", "time_ids", "time_ids_flip")}
     return Sample(key=raw["__key__"], **arrays, **tuples, tag_weight=meta["tag_weight"], repeats=meta["repeats"],
                   prior=bool(meta["prior"]), clip_similarity=meta.get("clip_similarity"), path=meta["path"], source=meta["source"],
                   caption=meta["caption"])
+
+
+def image_bytes(pixels: np.ndarray, kind: str) -> bytes:
+    """uint8 [H, W, 3] as a lossless PNG or WebP file's bytes (the same bytes for the same pixels: reused samples
+    equal fresh ones)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    image = Image.fromarray(np.ascontiguousarray(pixels, np.uint8), "RGB")
+    if kind == "png":
+        image.save(buf, "PNG", compress_level=6)
+    elif kind == "webp":
+        image.save(buf, "WEBP", lossless=True, quality=80, method=4, exact=True)
+    else:
+        raise ValueError(f"pixels {kind!r}: expected one of {', '.join(PIXEL_FORMATS[1:])}")
+    return buf.getvalue()
+
+
+def image_array(data: bytes, where: str, fix: str) -> np.ndarray:
+    """A pixels member's image as uint8 [H, W, 3] (one line naming the sample if it cannot be decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as image:
+            return np.asarray(image.convert("RGB"), np.uint8)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{where}: unreadable pixels member ({e}); rewrite it: {fix}") from None
 
 
 def _array(value: Any) -> np.ndarray:
@@ -166,6 +205,8 @@ def zarr_specs(layout: Layout, bucket: tuple[int, int], count: int) -> dict[str,
         specs["latent_flip"] = ((count,) + lat, store)
     if layout.token_ids:
         specs["ids"] = ((count, v, 2, length), "int32")
+    if layout.pixels != "none":
+        specs["pixels"] = ((count, bucket[1], bucket[0], 3), "uint8")
     if layout.clip_dim:
         specs.update(clip_image=((count, layout.clip_dim), "float32"),
                      clip_text=((count, layout.clip_dim), "float32"), clip_similarity=((count,), "float32"))
@@ -199,7 +240,7 @@ def write_rows(group: Any, first: int, samples: list[Sample]) -> None:
                "time_ids": [s.time_ids for s in samples], "time_ids_flip": [s.time_ids_flip for s in samples],
                "tag_weight": [s.tag_weight for s in samples], "repeats": [s.repeats for s in samples],
                "prior": [s.prior for s in samples], "clip_image": [s.clip_image for s in samples], "clip_text": [s.clip_text for s in samples],
-               "clip_similarity": [s.clip_similarity for s in samples]}
+               "clip_similarity": [s.clip_similarity for s in samples], "pixels": [s.pixels for s in samples]}
     present = set(group.array_keys())
     for name, values in columns.items():
         if name in present:
@@ -252,7 +293,8 @@ def from_rows(rows: dict[str, np.ndarray], keys: list[str]) -> Iterator[Sample]:
     for j, key in enumerate(keys):
         windows = tuple(int(w) for w in rows["te_windows"][j])
         n = max(windows) * WINDOW_TOKENS
-        optional = {name: rows[name][j] for name in ("latent_flip", "clip_image", "clip_text") if name in rows}
+        optional = {name: rows[name][j] for name in ("latent_flip", "clip_image", "clip_text", "pixels")
+                    if name in rows}
         if "ids" in rows:
             optional["ids"] = rows["ids"][j][:, :, :n]
         if "clip_similarity" in rows:

@@ -85,6 +85,19 @@ def vae_key(key: str, blocks: int) -> str:
     raise KeyError(f"no SGM name for VAE parameter {key}")
 
 
+def vae_state(vae: Any) -> dict:
+    """A diffusers AutoencoderKL's state dict in SGM names without the model prefix (`encoder.*`, `decoder.*`,
+    `quant_conv.*`, `post_quant_conv.*`): the layout of the standalone SDXL VAE files (sdxl_vae.safetensors)."""
+    blocks = len(vae.config.block_out_channels)
+    out = {}
+    for key, value in vae.state_dict().items():
+        name = vae_key(key, blocks)
+        if ".mid.attn_1." in name and name.endswith("weight") and value.ndim == 2:
+            value = value[:, :, None, None]  # SGM's VAE attention projections are 1x1 convolutions
+        out[name] = value
+    return out
+
+
 def hf_clip_state(model: Any) -> dict:
     """A transformers CLIP text model's state dict with `text_model.` names (transformers 5 drops the
     prefix for CLIPTextModel; checkpoints keep it)."""
@@ -118,11 +131,7 @@ def to_sgm(unet: Any, vae: Any, text_encoder: Any, text_encoder_2: Any, dtype: A
     out = {}
     for key, value in unet.state_dict().items():
         out["model.diffusion_model." + unet_key(key, unet.config)] = value
-    blocks = len(vae.config.block_out_channels)
-    for key, value in vae.state_dict().items():
-        name = vae_key(key, blocks)
-        if ".mid.attn_1." in name and name.endswith("weight") and value.ndim == 2:
-            value = value[:, :, None, None]  # SGM's VAE attention projections are 1x1 convolutions
+    for name, value in vae_state(vae).items():
         out["first_stage_model." + name] = value
     for key, value in hf_clip_state(text_encoder).items():
         if not key.endswith("position_ids"):

@@ -92,7 +92,8 @@ def _alive(cfg: Config, rank: ranks.Rank) -> sharded.Alive:
 def _layout(cfg: Config, enc: Encoders) -> Layout:
     return Layout(storage_dtype=cfg.storage_dtype, latent_channels=enc.latent_channels, scaling_factor=enc.scale,
                   te_dim=enc.te_dim, pooled_dim=enc.pooled_dim, variants=1 + cfg.caption_variants,
-                  max_windows=cfg.max_windows, flip=cfg.flip, token_ids=cfg.token_ids, clip_dim=enc.clip_dim)
+                  max_windows=cfg.max_windows, flip=cfg.flip, token_ids=cfg.token_ids, clip_dim=enc.clip_dim,
+                  pixels=cfg.pixels)
 
 
 def _prepare(cfg: Config, staging: Path, plan: list[Shard], enc: Encoders) -> None:
@@ -124,7 +125,7 @@ def _encode(cfg: Config, staging: Path, todo: list[Shard], enc: Encoders, rank: 
         taken = previous.take({r.id: keys[r.id] for r in shard.rows if r.id not in made})
         made.update({r.id: _reused(cfg, r, *taken[r.id], keys[r.id]) for r in shard.rows if r.id in taken})
         made.update(_encoded_now(cfg, enc, [r for r in shard.rows if r.id not in made], keys))
-        record = writer.write_shard(staging, shard, [made[r.id] for r in shard.rows], cfg.wds, cfg.zarr)
+        record = writer.write_shard(staging, shard, [made[r.id] for r in shard.rows], cfg.wds, cfg.zarr, cfg.pixels)
         for _ in shard.rows:
             next(bar, None)
         yield shard, record.to_json()
@@ -173,13 +174,15 @@ def _encode_batch(cfg: Config, enc: Encoders, rows: tuple[PlanRow, ...], pixels:
     variants = [items.caption_variants(r, cfg.caption_variants, cfg.keep_tags, cfg.tag_join, cfg.seed) for r in rows]
     flat = enc.texts([c for vs in variants for c in vs])
     clip = enc.clip_embeddings(pixels, [vs[0] for vs in variants]) if cfg.clip else None
+    crops = pixels.cpu().numpy() if cfg.pixels != "none" else None
     out, pos = [], 0
     for j, row in enumerate(rows):
         texts = flat[pos:pos + len(variants[j])]
         pos += len(variants[j])
         sample = items.pack_sample(row, lat[j], texts, cfg.storage_dtype,
                                    latent_flip=None if lat_flip is None else lat_flip[j], token_ids=cfg.token_ids,
-                                   clip=None if clip is None else (clip[0][j], clip[1][j]))
+                                   clip=None if clip is None else (clip[0][j], clip[1][j]),
+                                   pixels=None if crops is None else crops[j])
         out.append((sample, sum(t.truncated for t in texts)))
     return out
 

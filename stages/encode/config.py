@@ -6,7 +6,7 @@ from pathlib import Path
 
 from shared.core.config import SEED_RANGE, opt
 from shared.core.errors import ConfigError
-from shared.formats.samples import WINDOW_TOKENS
+from shared.formats.samples import PIXEL_FORMATS, WINDOW_TOKENS
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -47,6 +47,10 @@ class Config:
     keep_tags: int = opt(1, "Leading tags kept in place when shuffling variants.", ge=0)
     tag_join: str = opt(", ", "Separator placed between tags in shuffled variants.", nonempty=True)
     seed: int = opt(0, "Seed of caption shuffles and sampled latents (per item, so ranks agree).", **SEED_RANGE)
+    pixels: str = opt("none", "Also store each planned crop's pixels (uint8 RGB, the crop its latent was encoded "
+                              "from), for VAE training (train --target vae): a lossless png or webp member per "
+                              "sample in tar shards, a uint8 array in zarr (compressed by zarr_compression); "
+                              "none = latents only.", choices=PIXEL_FORMATS)
     token_ids: bool = opt(False, "Also store both tokenizers' ids per variant (for text-encoder training).")
     clip: bool = opt(False, "Also store CLIP image and caption embeddings with their cosine similarity.")
     clip_model: str | None = opt(None, "A transformers CLIPModel folder (e.g. clip-vit-large-patch14) for "

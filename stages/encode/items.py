@@ -58,9 +58,10 @@ def conditioning(row: PlanRow) -> dict:
 
 def pack_sample(row: PlanRow, latent: np.ndarray, texts: list[Text], storage_dtype: str,
                 latent_flip: np.ndarray | None = None, token_ids: bool = False,
-                clip: tuple[np.ndarray, np.ndarray] | None = None) -> Sample:
+                clip: tuple[np.ndarray, np.ndarray] | None = None, pixels: np.ndarray | None = None) -> Sample:
     """The sample record of one item: arrays in `storage_dtype`, every variant's states padded to the longest
-    variant's windows (zeros after; `windows` says how many are valid), CLIP similarity rounded to 6 places."""
+    variant's windows (zeros after; `windows` says how many are valid), CLIP similarity rounded to 6 places;
+    `pixels` (uint8 [H, W, 3], the planned crop) kept as given."""
     store = np.dtype(storage_dtype)
     n = max(t.windows for t in texts) * WINDOW_TOKENS
     te = np.zeros((len(texts), n, texts[0].hidden.shape[-1]), store)
@@ -75,7 +76,8 @@ def pack_sample(row: PlanRow, latent: np.ndarray, texts: list[Text], storage_dty
         extra = {"clip_image": image, "clip_text": text, "clip_similarity": round(float((image * text).sum()), 6)}
     arrays = Sample(key=row.id, latent=latent.astype(store), te=te, windows=tuple(t.windows for t in texts),
                     pooled=np.stack([t.pooled for t in texts]).astype(store), time_ids=(), time_ids_flip=(),
-                    latent_flip=None if latent_flip is None else latent_flip.astype(store), ids=ids, **extra)
+                    latent_flip=None if latent_flip is None else latent_flip.astype(store), ids=ids,
+                    pixels=None if pixels is None else np.ascontiguousarray(pixels, np.uint8), **extra)
     return described(row, [t.caption for t in texts], arrays)
 
 

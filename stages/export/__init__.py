@@ -31,6 +31,7 @@ from stages.export import source
 from stages.export.build import build, formats_for
 from stages.export.compare import compare, compare_command  # noqa: F401  (the `sdxl compare` command)
 from stages.export.formats import FORMATS
+from stages.export.vae import formats_for as vae_formats_for
 from stages.export.verify import TOLERANCE, VerificationError  # noqa: F401
 
 VERSION = 1
@@ -84,12 +85,13 @@ class Config:
 
 def _inputs(cfg: Config) -> dict:
     ckpt = source.locate(cfg.input, cfg.weights, cfg.model)
-    formats_for(cfg, ckpt.method)
-    identity = models.model_identity(ckpt.base, models.MODEL_PARTS)
-    trained_on = ((ckpt.train.inputs.get("model") or {}).get("components") or {}).get("unet") if ckpt.train else None
-    if trained_on and trained_on != identity["unet"]:
-        warn(f"the base model {ckpt.base} has another UNet than the one {cfg.input} was trained on; the export "
-             f"applies the weights to it as asked")
+    part = "vae" if ckpt.method == "vae" else "unet"
+    vae_formats_for(cfg) if part == "vae" else formats_for(cfg, ckpt.method)
+    identity = models.model_identity(ckpt.base, ("vae",) if part == "vae" else models.MODEL_PARTS)
+    trained_on = ((ckpt.train.inputs.get("model") or {}).get("components") or {}).get(part) if ckpt.train else None
+    if trained_on and trained_on != identity[part]:
+        warn(f"the base model {ckpt.base} has another {part.upper()} than the one {cfg.input} was trained on; the "
+             f"export applies the weights to it as asked")
     return {"train": {"path": str(cfg.input), "fingerprint": ckpt.fingerprint(),
                       "what": f"{ckpt.kind} weights of {cfg.input}"},
             "model": {"name": ckpt.base, "components": identity, "fingerprint": artifacts.hash_json(identity),

@@ -15,6 +15,7 @@ from shared.core.log import say
 from shared.core.stage import BuildResult
 from shared.models.sampling import Objective
 from stages.export import formats, source, verify
+from stages.export import vae as vae_export
 from stages.export.formats import LORA_FORMATS, MODEL_FORMATS
 from stages.export.verify import VerificationError
 
@@ -211,6 +212,9 @@ def build(cfg: Any, staging: Path, inputs: dict) -> BuildResult:
     """The stage's build. Only one full model is held at a time: references are taken and full-model files
     written from the trained model, which is then dropped before anything is loaded back."""
     ckpt = source.locate(cfg.input, cfg.weights, cfg.model)
+    if ckpt.method == "vae":   # a VAE fine-tune (train --target vae): its own formats (vae.py)
+        job = Job(cfg, ckpt, {}, None, None, staging, ranks.device(cfg.device), {}, _provenance(ckpt))
+        return vae_export.build(job, lambda fmt, path, check: _record(job, fmt, path, check))
     chosen = formats_for(cfg, ckpt.method)
     loras, wholes = [f for f in chosen if f in LORA_FORMATS], [f for f in chosen if f in MODEL_FORMATS]
     weights = source.load_weights(ckpt)

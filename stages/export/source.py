@@ -111,8 +111,8 @@ def locate(input: Path, weights: str, model: str | None) -> Checkpoint:
         why = "the training kept no EMA (ema_decay = 0)" if file.name == "ema.safetensors" else "it is missing"
         raise InputError(f"{file}: not found ({why}); choose other --weights")
     record = checkpoints.require_intact(folder)
-    if record.method not in ("lora", "full"):
-        raise InputError(f"{folder}: checkpoint method {record.method!r} is neither lora nor full")
+    if record.method not in ("lora", "full", "vae"):
+        raise InputError(f"{folder}: checkpoint method {record.method!r} is none of lora, full and vae")
     base = model or record.model or (train.config.get("model") if train else None)
     if not base:
         raise ConfigError("no base model recorded; give it with --model")

@@ -38,24 +38,36 @@ def _inputs(cfg: Config) -> dict:
     ours = models.model_identity(cfg.model, samples.ENCODER_PARTS)
     theirs = encoded.get("components", {})
     differ = [p for p in samples.ENCODER_PARTS if theirs.get(p) != ours.get(p)]
-    if differ and not cfg.allow_encoder_mismatch:
+    if differ and not cfg.allow_encoder_mismatch and cfg.target == "unet":  # the VAE target reads pixels only
         raise InputError(f"{cfg.input}: the shards were encoded with {encoded.get('name')} (vae "
                          f"{theirs.get('vae')}, text encoders {theirs.get('text_encoder')}), but the model being "
                          f"trained is {cfg.model} (vae {ours['vae']}, text encoders {ours['text_encoder']}); "
                          f"differs in: {', '.join(differ)}. Re-encode with --model {cfg.model}, or pass "
                          f"--allow-encoder-mismatch")
-    unet = models.model_identity(cfg.model, ("unet",))
+    trained = "vae" if cfg.target == "vae" else "unet"
+    unet = models.model_identity(cfg.model, (trained,))
     world = ranks.current().world
-    start = {}
+    start = _perceptual_input(cfg)
     if cfg.init_lora is not None:
         if not Path(cfg.init_lora).is_file():
             raise InputError(f"--init-lora {cfg.init_lora}: no such file")
-        start = {"init_lora": {"path": str(cfg.init_lora), "fingerprint": artifacts.sha256_file(Path(cfg.init_lora)),
-                               "what": f"the LoRA file {cfg.init_lora} changed"}}
+        start["init_lora"] = {"path": str(cfg.init_lora), "fingerprint": artifacts.sha256_file(Path(cfg.init_lora)),
+                               "what": f"the LoRA file {cfg.init_lora} changed"}
     return {**start, "encode": {"path": str(cfg.input), "fingerprint": manifest.fingerprint, "what": "encode output changed"},
             "model": {"name": cfg.model, "components": unet, "fingerprint": artifacts.hash_json(unet),
-                      "what": f"UNet weights of {cfg.model}"},
+                      "what": f"{trained.upper()} weights of {cfg.model}"},
             "world": {"fingerprint": f"{world} processes", "what": f"now {world} processes"}}
+
+
+def _perceptual_input(cfg: Config) -> dict:
+    """Target vae with a perceptual loss: the perceptual network's weights file, by content."""
+    path = cfg.perceptual_weights
+    if cfg.target != "vae" or path is None or not cfg.perceptual_weight:
+        return {}
+    if not Path(path).is_file():
+        raise InputError(f"--perceptual-weights {path}: no such file (a torchvision VGG16 or LPIPS weights file)")
+    return {"perceptual": {"path": str(path), "fingerprint": artifacts.sha256_file(Path(path)),
+                           "what": f"the perceptual weights {path} changed"}}
 
 
 def _kept(staging: Path) -> str:

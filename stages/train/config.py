@@ -7,7 +7,8 @@ checkpoint is resumed only by a config whose fingerprinted fields equal the chec
 
 The groups are typed views of the flat fields of the same names, made once per config: `objective`
 (objective.py), `unet` and `adapter` (model.py), `optim` (optim.py), `offload` (offload.py), `data` (feed.py),
-`checkpointing` (checkpoint.py), `logging` (logs.py), `previews` (previews.py), `holdout_set` (holdout.py). Functions
+`checkpointing` (checkpoint.py), `logging` (logs.py), `previews` (previews.py), `holdout_set` (holdout.py),
+`vae_target` (vae.py). Functions
 take their group, not the whole config.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from stages.train.offload import OffloadConfig
 from stages.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 from stages.train.holdout import HoldoutConfig
 from stages.train.previews import PreviewConfig
+from stages.train.vae import PARTS as VAE_PARTS, TARGETS, VaeConfig, unet_only_problem
 
 DTYPES = ("float32", "bfloat16")
 
@@ -55,6 +57,25 @@ class Config:
                       choices=("auto", "wds", "zarr"), fingerprint=False)
     allow_encoder_mismatch: bool = opt(False, "Train even though the shards were encoded with another VAE or "
                                               "text encoders than the model's.", fingerprint=False)
+    target: str = opt("unet", "What is trained: the UNet (on encode's latents), or the VAE (on the crops' pixels, "
+                              "encode --pixels png|webp; the vae_* and perceptual_* keys).", choices=TARGETS)
+    vae_train: str = opt("decoder", "Target vae: fine-tune the decoder (latents encoded before stay valid) or the "
+                                    "encoder and the decoder (re-encode afterwards).", choices=VAE_PARTS)
+    vae_loss: str = opt("l1", "Target vae: the reconstruction term, mean absolute (l1) or squared (l2) error.",
+                        choices=("l1", "l2"))
+    perceptual_weight: float = opt(1.0, "Target vae: weight of the LPIPS-style perceptual distance (VGG16 "
+                                        "features); needs perceptual_weights; 0 = off.", ge=0, le=1000)
+    perceptual_weights: Path | None = opt(None, "Target vae: the perceptual network's weights, a local file: "
+                                                "torchvision VGG16 or LPIPS (vgg) weights, .safetensors or a "
+                                                "weights-only torch file (nothing is downloaded); its content is "
+                                                "an input of the run.", fingerprint=False)
+    perceptual_layers: str = opt("1,1,1,1,1", "Target vae: weight of each VGG16 layer of the perceptual distance, "
+                                               "comma-separated (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3); "
+                                               "layers after the last non-zero one are not run.", nonempty=True)
+    kl_weight: float = opt(0.0, "Target vae, encoder+decoder: weight of the KL divergence of the encoder's "
+                                "posterior from N(0, 1) (1e-6 as SD's VAE); 0 = off.", ge=0, le=1)
+    vae_lr: float | None = opt(None, "Target vae: peak learning rate of the VAE's weights [default: "
+                                     "learning_rate].", gt=0)
     method: str = opt("lora", "Train a LoRA on the UNet, or fine-tune the whole UNet.", choices=("lora", "full"))
     lora_preset: str = opt("attn", "LoRA targets: attn (attention projections), self-attn (self-attention "
                                    "only), kohya (every Linear of the transformer blocks, as kohya's "
@@ -250,6 +271,9 @@ class Config:
             raise ConfigError("fused_backward steps each weight on the device inside the backward pass, but a swapped "
                               "block's weights are stepped on the CPU: turn one of fused_backward and blocks_to_swap "
                               "off")
+        problem = self.vae_target.problem() or (unet_only_problem(self) if self.target == "vae" else None)
+        if problem:
+            raise ConfigError(problem)
         problem = (self.optim.problem() or self.unet.problem() or
                    sharding.problem(self.parallel, self.method, self.optimizer, self.weights_dtype,
                                     self.mixed_precision, self.ema_decay > 0 and self.ema_device == "cpu"))
@@ -305,6 +329,10 @@ class Config:
     @cached_property
     def previews(self) -> PreviewConfig:
         return _view(self, PreviewConfig)
+
+    @cached_property
+    def vae_target(self) -> VaeConfig:
+        return _view(self, VaeConfig)
 
 
 def _view(cfg: Config, group: type) -> Any:

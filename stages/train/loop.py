@@ -24,7 +24,7 @@ from shared.core.stage import BuildResult
 from stages.train import checkpoint as ckpt
 from stages.train import data as D
 from stages.train import feed, fused, holdout as H, lorafiles, logs, model as M, objective, offload as OF
-from stages.train import extend, initlora, optim as O, previews, sharding, step as S
+from stages.train import extend, initlora, optim as O, previews, sharding, step as S, vae as V
 from shared.models.sampling import Objective
 from stages.train.config import Config
 
@@ -78,6 +78,7 @@ class Run:
     offload: OF.Offload | None = None  # activation offload and block swap (offload.py)
     sharded: bool = False              # the UNet is sharded over the processes (FSDP2, sharding.py)
     previews: previews.Previews | None = None   # sample images (main rank, when asked for)
+    vae: V.VaeTraining | None = None   # target vae: the VAE's losses and measures; `unet` is then its Reconstruction
 
     def parts(self) -> dict[str, ckpt.Stateful]:
         """What a checkpoint holds, restored in this order (the schedule after the optimizer: it sets the
@@ -102,21 +103,7 @@ def setup(run: Run) -> None:
         run.holdout = H.prepare(run.data, cfg.holdout_set, run.staging, run.rank.main, run.barrier,
                                 samples_everywhere=cfg.parallel == "fsdp" and run.rank.world > 1)
     run.schedule = feed.plan(run.data, cfg.data, run.rank.world)
-    run.unet = M.build_unet(cfg.unet, run.device)
-    if cfg.init_lora is not None:
-        initlora.load(cfg.init_lora, run.unet, cfg.adapter)
-    if run.rank.main and cfg.sample_prompts is not None:
-        run.previews = previews.Previews(cfg.previews, cfg.model, sampling_objective(cfg), run.staging / "samples",
-                                         run.device)
-    torch.manual_seed(cfg.seed + run.rank.rank)  # the global generator drives LoRA dropout only
-    feed.check_shapes(run.unet, run.data.index, run.data.folder)
-    run.offload = OF.install(cfg.offload, run.unet, run.device, run.rank.world)  # before the state: it moves weights
-    if cfg.parallel == "fsdp" and run.rank.world > 1:   # before the state: the optimizer steps the shards
-        blocks = [m for _, m in M.blocks(run.unet)]
-        sharding.shard(run.unet, blocks)
-        run.sharded = True
-        if run.rank.main:
-            say(f"train: FSDP: the UNet sharded over {run.rank.world} processes ({len(blocks)} blocks and the rest)")
+    (setup_vae if cfg.target == "vae" else setup_unet)(run)
     make_state(run)
     start = ckpt.resolve_resume(cfg.checkpointing.resume, run.staging, run.rank.main)
     if start is not None:
@@ -135,6 +122,37 @@ def setup(run: Run) -> None:
         run.previews.forget_after(run.progress.step)
 
 
+def setup_unet(run: Run) -> None:
+    """The UNet to train, with what goes around it: its LoRA's start, previews, memory savers, FSDP."""
+    cfg = run.cfg
+    run.unet = M.build_unet(cfg.unet, run.device)
+    if cfg.init_lora is not None:
+        initlora.load(cfg.init_lora, run.unet, cfg.adapter)
+    if run.rank.main and cfg.sample_prompts is not None:
+        run.previews = previews.Previews(cfg.previews, cfg.model, sampling_objective(cfg), run.staging / "samples",
+                                         run.device)
+    torch.manual_seed(cfg.seed + run.rank.rank)  # the global generator drives LoRA dropout only
+    feed.check_shapes(run.unet, run.data.index, run.data.folder)
+    run.offload = OF.install(cfg.offload, run.unet, run.device, run.rank.world)  # before the state: it moves weights
+    if cfg.parallel == "fsdp" and run.rank.world > 1:   # before the state: the optimizer steps the shards
+        blocks = [m for _, m in M.blocks(run.unet)]
+        sharding.shard(run.unet, blocks)
+        run.sharded = True
+        if run.rank.main:
+            say(f"train: FSDP: the UNet sharded over {run.rank.world} processes ({len(blocks)} blocks and the rest)")
+
+
+def setup_vae(run: Run) -> None:
+    """Target vae: the model's VAE to fine-tune on the shards' pixels (vae.py), in the UNet's place in the loop."""
+    cfg = run.cfg
+    V.VaeTraining.check_data(run.data.index.layout, run.data.folder)
+    run.vae = V.VaeTraining(cfg.vae_target, run.device,
+                            S.Precision.make(cfg.weights_dtype, cfg.mixed_precision, run.device.type))
+    run.unet = run.vae.model
+    torch.manual_seed(cfg.seed + run.rank.rank)  # nothing draws from it; as the UNet target, for the RNG part
+    run.offload = OF.install(cfg.offload, run.unet, run.device, run.rank.world)
+
+
 def sampling_objective(cfg: Config) -> Objective:
     return Objective(cfg.prediction, cfg.schedule, cfg.flow_shift, cfg.resolution_base if cfg.resolution_noise else 0)
 
@@ -142,9 +160,10 @@ def sampling_objective(cfg: Config) -> Objective:
 def make_state(run: Run) -> None:
     """The stateful parts around the UNet, and the precision and sigmas of the step."""
     cfg, opt_cfg = run.cfg, run.cfg.optim
-    groups = O.param_groups(opt_cfg, M.trainable_groups(run.unet, cfg.method))
+    named = run.vae.groups() if run.vae is not None else M.trainable_groups(run.unet, cfg.method)
+    groups = O.param_groups(opt_cfg, named)
     run.params = [p for g in groups for p in g["params"]]
-    run.weights = M.TrainedWeights(run.unet, cfg.method)
+    run.weights = run.vae.weights() if run.vae is not None else M.TrainedWeights(run.unet, cfg.method)
     run.opt = make_optimizer(opt_cfg, groups, cfg.seed, run.rank.world)
     run.lr = O.LRSchedule(run.opt, opt_cfg, run.schedule.total)
     ema_device = "cpu" if opt_cfg.ema_device == "cpu" else None
@@ -192,10 +211,12 @@ def train_steps(run: Run) -> None:
     for step in range(run.progress.step, total):
         lr = run.lr.lr
         for micro in range(data.accumulate):
-            batch = S.assemble(*next(batches), run.data.empty, cfg.objective).to(run.device)
+            batch = (run.vae.assemble(*next(batches)) if run.vae is not None else
+                     S.assemble(*next(batches), run.data.empty, cfg.objective)).to(run.device)
             with sync(run, last=micro == data.accumulate - 1):
                 with run.offload.forward():
-                    loss, per_sample, u = S.loss(run.model, batch, cfg.objective, run.sigmas, run.precision)
+                    loss, per_sample, u = (run.vae.loss(run.model, batch) if run.vae is not None else
+                                           S.loss(run.model, batch, cfg.objective, run.sigmas, run.precision))
                 with run.offload.backward():
                     backward(run, loss, data.accumulate)
             window.add(loss.detach(), per_sample, u)
@@ -342,6 +363,8 @@ def evaluate(run: Run) -> None:
 def _evaluate(run: Run) -> None:
     """The fixed-noise loss on training samples (eval_loss) and on the held-out set (val_loss), side by side
     (main rank; with a sharded model every process runs the forward passes, the main rank logs)."""
+    if run.vae is not None:
+        return V.evaluate(run)
     if not (run.rank.main or run.sharded):
         return
     step = run.progress.step
@@ -364,12 +387,14 @@ def save(run: Run) -> None:
 def _save(run: Run) -> None:
     evaluate(run)
     cfg, step = run.cfg, run.progress.step
+    method = "vae" if run.vae is not None else cfg.method   # what export reads: lora | full | vae
     record = ckpt.CheckpointManifest(
-        step=step, epoch=run.schedule.locate(step)[0], method=cfg.method, lora=cfg.adapter, model=cfg.model,
+        step=step, epoch=run.schedule.locate(step)[0], method=method, lora=cfg.adapter if method == "lora" else None,
+        model=cfg.model,
         weights_dtype=cfg.weights_dtype, config=run.record["config"], inputs=run.record["inputs"],
         fingerprint=artifacts.hash_json(run.record), created=artifacts.now())
-    metadata = {"format": "sdxl-stages", "method": cfg.method,
-                "lora": cfg.adapter.to_json() if cfg.adapter is not None else ""}
+    metadata = {"format": "sdxl-stages", "method": method,
+                "lora": cfg.adapter.to_json() if method == "lora" else ""}
     parts = sharding.snapshots(run.parts()) if run.sharded else run.parts()   # sharded: gathered by every process
     ckpt.save(run.staging / "checkpoints", record, parts, run.rank_parts(), cfg.checkpointing.keep_checkpoints,
               metadata, run.rank.main, run.barrier)
@@ -417,6 +442,8 @@ def result(run: Run, started: float) -> BuildResult:
     occurrences = sum(sum(i.repeats) for i in run.data.infos)
     extra["epoch_samples"] = occurrences  # per epoch, counting repeats
     extra["epoch_unused"] = occurrences - sched.steps[0] * per_step  # first epoch's remainder, not trained
+    if run.vae is not None:
+        extra["vae"] = V.summary(run)
     return BuildResult({"in": index.samples, "out": sched.total, "dropped": {},
                         "samples_trained": sched.total * per_step}, extra)
 
@@ -443,6 +470,8 @@ def build(cfg: Config, staging: Path, inputs: dict) -> BuildResult | None:
         if run.progress.step == 0:
             sample_images(run, 0)
         train_steps(run)
+        if run.vae is not None and rank.main:
+            V.write_grid(run)
         if run.log is not None:
             run.log.close()
         run.barrier()

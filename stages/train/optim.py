@@ -41,6 +41,7 @@ class OptimizerConfig:
     learning_rate: float           # peak learning rate of every group without its own (reached after warmup)
     unet_lr: float | None          # the UNet's own weights (method full); None = learning_rate
     adapter_lr: float | None       # the LoRA weights on the UNet (method lora); None = learning_rate
+    vae_lr: float | None           # the VAE's weights (target vae); None = learning_rate
     lr_schedule: str               # one of SCHEDULES, after `warmup_steps` of linear warmup from 0
     warmup_steps: int              # linear warmup steps (every schedule, constant included)
     lr_cycles: int                 # cosine_with_restarts: number of cosine cycles (hard restarts)
@@ -95,7 +96,7 @@ class OptimizerConfig:
     def group_lr(self, name: str) -> float:
         """The peak learning rate of the parameter group `name` (see model.trainable_groups)."""
         # text encoders, when trained, get their own entries here (text_encoder_lr, ...)
-        own = {"unet": self.unet_lr, "adapter": self.adapter_lr}.get(name)
+        own = {"unet": self.unet_lr, "adapter": self.adapter_lr, "vae": self.vae_lr}.get(name)
         return own if own is not None else self.learning_rate
 
 

@@ -59,19 +59,28 @@ class Perceptual(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The activations at the five tapped ReLUs."""
+    def taps(self, x: torch.Tensor, count: int = len(TAPS)) -> list[torch.Tensor]:
+        """The activations at the first `count` tapped ReLUs (the trunk runs no further than the last of them)."""
         out = []
         x = (x - self.shift.to(x.dtype)) / self.scale.to(x.dtype)
         for i, layer in enumerate(self.features):
             x = layer(x)
             if i in TAPS:
                 out.append(x)
+                if len(out) == count:
+                    break
         return out
+
+    @property
+    def used(self) -> int:
+        """Taps up to the last one of non-zero weight (the deeper layers, the costly ones, are not run)."""
+        nonzero = [k for k, w in enumerate(self.layer_weights.tolist()) if w != 0.0]
+        return nonzero[-1] + 1 if nonzero else 0
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         total = a.new_zeros(a.shape[0])
-        for weight, lin, fa, fb in zip(self.layer_weights, self.lins, self.taps(a), self.taps(b)):
+        used = self.used
+        for weight, lin, fa, fb in zip(self.layer_weights, self.lins, self.taps(a, used), self.taps(b, used)):
             if float(weight) == 0.0:
                 continue
             diff = (unit(fa) - unit(fb)) ** 2
@@ -167,13 +176,13 @@ def vae_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, perceptual: Pe
              ) -> tuple[torch.Tensor, dict[str, float]]:
     """The VAE target's per-sample loss and its parts (batch means, for the log)."""
     rec = reconstruction(pred, target, kind)
-    loss, parts = rec, {"reconstruction": float(rec.mean())}
+    loss, parts = rec, {"reconstruction": float(rec.detach().mean())}
     if w_perceptual:
         if perceptual is None:
             raise ValueError("a perceptual weight needs the perceptual network")
         p = perceptual(pred.float().clamp(-1, 1), target.float())
-        loss, parts["perceptual"] = loss + w_perceptual * p, float(p.mean())
+        loss, parts["perceptual"] = loss + w_perceptual * p, float(p.detach().mean())
     if w_kl and mean is not None and logvar is not None:
         k = kl(mean, logvar)
-        loss, parts["kl"] = loss + w_kl * k, float(k.mean())
+        loss, parts["kl"] = loss + w_kl * k, float(k.detach().mean())
     return loss, parts
