@@ -122,6 +122,8 @@ def test_vae_training_lowers_the_loss_and_validates_before_vs_after(encoded, tra
     assert summary["val"]["psnr"]["before"] == m.extra["val_loss"]["history"][0][2]
     rows = [json.loads(line) for line in (folder / "a" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_psnr" in r] == [0, 3, 6]
+    trained = [r for r in rows if "loss" in r]
+    assert trained and not any(k.startswith("loss_t") for r in trained for k in r)  # no timesteps to bin by
     final = folder / "a" / "checkpoints" / "step-000006"
     man = json.loads((final / "manifest.json").read_text())
     assert man["method"] == "vae" and man["lora"] is None and man["config"]["target"] == "vae"

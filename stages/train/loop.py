@@ -324,9 +324,12 @@ class Window:
         self.sums = torch.zeros(2 + 2 * logs.BINS, dtype=torch.float64, device=device)
         self.norm = 0.0
 
-    def add(self, loss: torch.Tensor, per_sample: torch.Tensor, u: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, per_sample: torch.Tensor, u: torch.Tensor | None) -> None:
+        """`u`: each sample's timestep position, binned; None where there is none (the VAE target)."""
         self.sums[0] += loss.double()
         self.sums[1] += 1
+        if u is None:
+            return
         bins = (u.to(self.sums.device) * logs.BINS).long().clamp(0, logs.BINS - 1)
         self.sums[2:2 + logs.BINS].index_add_(0, bins, per_sample.double())
         self.sums[2 + logs.BINS:].index_add_(0, bins, torch.ones_like(per_sample, dtype=torch.float64))

@@ -203,10 +203,10 @@ class VaeTraining:
                                  mean, logvar, cfg.kl_weight)
         return loss, parts, recon
 
-    def loss(self, model: Any, batch: VaeBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(the batch's mean loss, the per-sample losses, zeros where the UNet's loss has timestep positions)."""
+    def loss(self, model: Any, batch: VaeBatch) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """(the batch's mean loss, the per-sample losses, None: no timestep positions to bin the loss by)."""
         each, _, _ = self.per_sample(model, batch.pixels, batch.noise)
-        return each.mean(), each.detach(), torch.zeros(each.shape[0], dtype=torch.float64)
+        return each.mean(), each.detach(), None
 
     @torch.no_grad()
     def measure(self, samples: list[Sample], vae: Any | None = None) -> dict[str, float]:
