@@ -190,9 +190,9 @@ def train_steps(run: Run) -> None:
                                             run.progress.step), data.prefetch)
     window = Window(run.device)
     for step in range(run.progress.step, total):
-        lr = run.lr.lr
+        lr, epoch = run.lr.lr, run.schedule.locate(step)[0]
         for micro in range(data.accumulate):
-            batch = S.assemble(*next(batches), run.data.empty, cfg.objective).to(run.device)
+            batch = S.assemble(*next(batches), run.data.empty, cfg.objective, epoch).to(run.device)
             with sync(run, last=micro == data.accumulate - 1):
                 with run.offload.forward():
                     loss, per_sample, u = S.loss(run.model, batch, cfg.objective, run.sigmas, run.precision)
