@@ -227,6 +227,7 @@ def sample_images(run: Run, step: int) -> None:
         grid = run.previews.render(run.unet, step, run.ema, run.precision.autocast, tb)
         if run.log is not None:
             run.log.note_text(step, "samples", str(grid.relative_to(run.staging)))
+            run.log.images(step, run.previews.labelled(step))
 
 
 def sync(run: Run, last: bool) -> ContextManager:
