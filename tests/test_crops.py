@@ -129,6 +129,10 @@ def test_assemble_takes_one_crop_per_sample_per_epoch_and_every_crop_once_per_cy
     assert float(plain.latents.abs().max()) == 0.0  # one crop: always it
 
 
+class _Interrupted(Exception):
+    pass
+
+
 class _Identity(torch.nn.Module):
     """A stand-in UNet whose prediction is its input (the loss then depends on the latent it was given)."""
 
@@ -188,10 +192,12 @@ def test_training_takes_the_epochs_crop_and_holdout_reads_no_shard_to_choose(enc
             during.append(loads[before:])
     monkeypatch.setattr(H, "prepare", counted)
 
-    m = train.run(resolve(train.Config, "train", {}, {
-        "input": folder, "workdir": tmp_path, "output": tmp_path / "t", "model": "builtin:tiny", "batch_size": 2,
-        "shuffle_buffer": 4, "epochs": K, "checkpoint_every": 100, "eval_samples": 1, "lora_rank": 4,
-        "lora_alpha": 4.0, "flip_rate": 0.0, "holdout_count": 2, "seed": 11}))
+    def run(out: str):
+        return train.run(resolve(train.Config, "train", {}, {
+            "input": folder, "workdir": tmp_path, "output": tmp_path / out, "model": "builtin:tiny", "batch_size": 2,
+            "shuffle_buffer": 4, "epochs": K, "checkpoint_every": 4, "eval_samples": 1, "lora_rank": 4,
+            "lora_alpha": 4.0, "flip_rate": 0.0, "holdout_count": 2, "seed": 11}))
+    m = run("t")
     assert json.loads((tmp_path / "t" / "holdout.json").read_text())["ids"] == chosen.ids
     holding = sorted({n for n, _ in chosen.refs})
     assert [sorted(d) for d in during] == [holding] and len(holding) < len(data.infos)  # not a scan
@@ -204,6 +210,19 @@ def test_training_takes_the_epochs_crop_and_holdout_reads_no_shard_to_choose(enc
         assert samples[key].crop(k, False)[0].tobytes() == lat
         used.setdefault(key, set()).add(k)
     assert used and all(v == set(range(K)) for v in used.values()) and not set(used) & set(chosen.ids)
+
+    whole, hits = list(seen), []   # interrupted after step 6, resumed from step 4: the same crops from there
+
+    def fault(point):
+        if point == "train.step" and len(hits.append(1) or hits) == 6:
+            raise _Interrupted
+    monkeypatch.setattr(loop, "fault_point", fault)
+    with pytest.raises(_Interrupted):
+        run("r")
+    monkeypatch.setattr(loop, "fault_point", lambda point: None)
+    seen.clear()
+    run("r")
+    assert seen and seen == [x for x in whole if x[3] >= 4]
 
 
 # ---------------------------------------------------------------- WandB
