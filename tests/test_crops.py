@@ -274,7 +274,8 @@ def test_wandb_gets_scalars_evaluations_and_sample_images(tmp_path, monkeypatch)
                                      labelled=lambda step: {"samples/00": (grid.parent / "00.png", "a cat"),
                                                             "samples/grid": (grid, "rows: steps")})
     run = types.SimpleNamespace(previews=previews, log=log, staging=tmp_path, unet=None, ema=None,
-                                precision=types.SimpleNamespace(autocast=None), schedule=types.SimpleNamespace(total=10))
+                                precision=types.SimpleNamespace(autocast=None),
+                                schedule=types.SimpleNamespace(total=10))
     loop.sample_images(run, 3)
     log.close()
     (scalars, s1), (evals, s2), (images, s3) = fake.logged

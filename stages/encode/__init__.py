@@ -165,14 +165,19 @@ def _decoded(cfg: Config, batches: list[tuple[PlanRow, ...]], enc: Encoders) -> 
     """Decoded pixels of each batch, in order (DALI or PIL workers running ahead): per batch, its planned crops
     then (crops_per_item > 1) its rows at each extra crop, as plan rows of that crop (decoded the same way)."""
     k = cfg.crops_per_item
-    flat = [b if j == 0 else tuple(dataclasses.replace(r, crop=items.extra_crops(r, k, cfg.seed)[j - 1]) for r in b)
-            for b in batches for j in range(k)]
+    flat = [c for b in batches for c in _at_crops(b, k, cfg.seed)]
     on_gpu = enc.device.type == "cuda"
     if resolve_decoder(cfg.decoder) == "dali":
         stream = dali_batches(flat, cfg.batch_size, cfg.workers, enc.device.index if on_gpu else None)
     else:
         stream = pil_batches(flat, cfg.workers, pin=on_gpu)
     return iter(lambda: list(itertools.islice(stream, k)), [])
+
+
+def _at_crops(rows: tuple[PlanRow, ...], crops: int, seed: int) -> list[tuple[PlanRow, ...]]:
+    """The batch as planned, then its rows at each extra crop (items.extra_crops)."""
+    moved = [[dataclasses.replace(r, crop=c) for c in items.extra_crops(r, crops, seed)] for r in rows]
+    return [rows] + [tuple(m[j] for m in moved) for j in range(crops - 1)]
 
 
 def _encode_batch(cfg: Config, enc: Encoders, rows: tuple[PlanRow, ...], crops: list[Any]

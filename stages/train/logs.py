@@ -1,6 +1,6 @@
 """Training logs on the main rank: a progress bar, `logs/metrics.jsonl`, TensorBoard scalars, and WandB when
-asked for (scalars, and the sample images with their grid as wandb.Image). Loss is also binned by timestep position (10 bins), since a mean over random timesteps hides which
-noise levels improve."""
+asked for (scalars, and the sample images with their grid as wandb.Image). Loss is also binned by timestep
+position (10 bins), since a mean over random timesteps hides which noise levels improve."""
 from __future__ import annotations
 
 import json
