@@ -73,9 +73,14 @@ def test_encode_stores_k_crops_crop_0_the_planned_one_deterministically(encoded)
     for key, s in three.items():
         assert np.array_equal(zarr[key].latent_flip_crops, s.latent_flip_crops)
         assert zarr[key].time_ids_crops == s.time_ids_crops and zarr[key].time_ids_flip_crops == s.time_ids_flip_crops
+    shas = [s["sha256"] for b in index["buckets"] for s in b["shards"]]
     again = json.loads((encoded["again"] / "index.json").read_text())
-    assert [s["sha256"] for b in again["buckets"] for s in b["shards"]] == \
-        [s["sha256"] for b in index["buckets"] for s in b["shards"]]
+    assert [s["sha256"] for b in again["buckets"] for s in b["shards"]] == shas  # deterministic
+    work = encoded["again"].parent  # a rerun takes every sample, crops and all, from there: the same bytes
+    m = encode.run(resolve(encode.Config, "encode", {}, {"workdir": work, "output": work / "again", **ENCODE,
+                                                         "crops_per_item": K}), force=True)
+    again = json.loads((encoded["again"] / "index.json").read_text())
+    assert m.extra["reused"] == len(three) and [s["sha256"] for b in again["buckets"] for s in b["shards"]] == shas
 
 
 def test_crops_per_item_is_a_shaping_option_of_incremental_encode(tmp_path):
