@@ -156,8 +156,9 @@ def test_samples_round_trip_through_zarr_rows(tmp_path):
 
 def index() -> Index:
     entries = (ShardEntry(name="shards/24x16/000000.tar", shard=0, first=0, samples=2, repeats=(1, 3), bytes=10,
-                          sha256="a" * 64, content_sha256="b" * 64, zarr_sha256="c" * 64),
-               ShardEntry(name=None, shard=1, first=2, samples=1, repeats=(2,), content_sha256="d" * 64))
+                          sha256="a" * 64, content_sha256="b" * 64, zarr_sha256="c" * 64, keys=("k0", "k1")),
+               ShardEntry(name=None, shard=1, first=2, samples=1, repeats=(2,), content_sha256="d" * 64,
+                          keys=("k2",)))
     return Index("both", LAYOUT, (BucketEntry((24, 16), entries),), {"b": 1, "a": 3})
 
 

@@ -75,8 +75,8 @@ def test_a_reused_sample_is_described_by_its_current_row():
 
 
 def test_shard_record_keeps_sample_keys_and_reads_older_records():
-    entry = ShardEntry(shard=0, first=0, samples=2, repeats=(1, 1), content_sha256="c")
-    record = ShardRecord(entry, (64, 64), ("a", "b"), {"t": 2}, 1, None, ("ka", "kb"), (1, 0), 1)
+    entry = ShardEntry(shard=0, first=0, samples=2, repeats=(1, 1), content_sha256="c", keys=("a", "b"))
+    record = ShardRecord(entry, (64, 64), {"t": 2}, 1, None, ("ka", "kb"), (1, 0), 1)
     assert ShardRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
     older = {k: v for k, v in record.to_json().items() if k not in ("sample_keys", "cuts", "reused")}
     assert ShardRecord.from_json(older).sample_keys == ()

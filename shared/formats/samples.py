@@ -2,9 +2,10 @@
 caption's record; with the constants both stages share (text window, encoder parts, format version).
 
 A `Sample` is one planned item after encoding. In a tar shard it is a run of members `<key>.latent.npy`,
-`.latent_flip.npy`, `.te.npy`, `.pooled.npy`, `.ids.npy`, `.clip_image.npy`, `.clip_text.npy`, `.pixels.png` /
-`.pixels.webp` (the planned crop itself, lossless, for the VAE target) and `.json`
-(the scalars and what the item was: path, captions, sizes; with the format `version`); in the zarr store it is
+`.latent_flip.npy`, `.te.npy`, `.pooled.npy`, `.ids.npy`, `.clip_image.npy`, `.clip_text.npy`,
+`.latent_crops.npy`, `.latent_flip_crops.npy` (encode's crops_per_item > 1), `.pixels.png` / `.pixels.webp`
+(the planned crop itself, lossless, for the VAE target) and `.json` (the scalars and what the item was:
+path, captions, sizes, the extra crops' time ids; with the format `version`); in the zarr store it is
 row k of each array of its bucket's group (`zarr_specs`; a shard's rows are one chunk), `te` padded to
 `max_windows` windows with the valid count in `te_windows`, the keys and the `version` in the group's
 attributes. `Layout` says what every sample of one encode output holds. The empty caption's states sit in `empty/` (`EmptyCaption`).
@@ -29,7 +30,9 @@ ENCODER_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenize
 #: the encode output's format (2: per-shard repeats, tag frequency; 3: file hashes, zarr digests; 4: typed
 #: records: the version in index.json, in each sample's json and in each zarr group, `clip_dim`; 5: the zarr
 #: store chunked by shard, one chunk per shard and array, instead of one per sample; 6: optional `pixels`, the
-#: planned crop as a lossless PNG / WebP member or a uint8 zarr array, and `Layout.pixels`)
+#: planned crop as a lossless PNG / WebP member or a uint8 zarr array (`Layout.pixels`); with crops_per_item
+#: > 1 the extra crops' latents and time ids (`latent_crops` …, `Layout.crops`); each shard's sample keys in
+#: index.json)
 ENCODE_VERSION = 6
 #: how the planned crop's pixels are stored besides the latents (none: not stored)
 PIXEL_FORMATS = ("none", "png", "webp")
@@ -71,6 +74,7 @@ class Layout:
     token_ids: bool         # ids present
     clip_dim: int = 0       # width of clip_image / clip_text; 0: none stored
     pixels: str = "none"    # the planned crop stored too (uint8 RGB): png | webp members, a zarr array; or none
+    crops: int = 1          # crops per sample: `latent` (the planned one), then `latent_crops` (crops - 1)
 
     @property
     def te_length(self) -> int:
@@ -114,9 +118,29 @@ class Sample:
     original_size: tuple[int, int] = (0, 0)  # [h, w], as in time_ids
     crop_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] = (0, 0)
+    # encode's crops_per_item > 1: the extra random crops (crop k + 1 at index k; crop 0 is `latent`)
+    latent_crops: np.ndarray | None = None        # [crops - 1, C, H/8, W/8]
+    latent_flip_crops: np.ndarray | None = None   # their mirror images' latents (with latent_flip)
+    time_ids_crops: tuple[tuple[float, ...], ...] = ()       # per extra crop, 6 numbers
+    time_ids_flip_crops: tuple[tuple[float, ...], ...] = ()
+
+    @property
+    def crops(self) -> int:
+        """How many crops the sample holds (1: the planned crop only)."""
+        return 1 + (0 if self.latent_crops is None else len(self.latent_crops))
+
+    def crop(self, k: int, flip: bool) -> tuple[np.ndarray, tuple[float, ...]]:
+        """(latent, time ids) of crop `k` (0: the planned crop), mirrored with `flip`."""
+        if k == 0:
+            return (self.latent_flip, self.time_ids_flip) if flip else (self.latent, self.time_ids)
+        if flip:
+            return self.latent_flip_crops[k - 1], self.time_ids_flip_crops[k - 1]
+        return self.latent_crops[k - 1], self.time_ids_crops[k - 1]
 
 
-ARRAYS = ("latent", "latent_flip", "te", "pooled", "ids", "clip_image", "clip_text")  # .npy members
+CROP_ARRAYS = ("latent_crops", "latent_flip_crops")  # .npy members when the sample has extra crops
+ARRAYS = ("latent", "latent_flip", "te", "pooled", "ids", "clip_image", "clip_text") + CROP_ARRAYS  # .npy members
+CROP_META = ("time_ids_crops", "time_ids_flip_crops")  # in the json when the sample has extra crops
 META = ("path", "source", "bucket", "caption", "tags", "variants", "windows", "tag_weight", "repeats", "prior",
         "original_size", "crop_top_left", "target_size", "time_ids", "time_ids_flip")
 
@@ -135,6 +159,8 @@ def to_tar(sample: Sample, pixels: str = "png") -> dict[str, Any]:
     meta.update({k: _plain(getattr(sample, k)) for k in META})
     if sample.clip_similarity is not None:
         meta["clip_similarity"] = sample.clip_similarity
+    if sample.latent_crops is not None:
+        meta.update({k: [list(t) for t in getattr(sample, k)] for k in CROP_META})
     out["json"] = meta
     return out
 
@@ -150,6 +176,7 @@ def from_tar(raw: dict[str, Any], where: str, fix: str) -> Sample:
             arrays["pixels"] = image_array(raw[f"pixels.{kind}"], f"{where}: sample {raw['__key__']}", fix)
     tuples = {k: tuple(meta[k]) for k in ("bucket", "tags", "variants", "windows", "original_size",
                                           "crop_top_left", "target_size", "time_ids", "time_ids_flip")}
+    tuples.update({k: tuple(tuple(t) for t in meta[k]) for k in CROP_META if k in meta})
     return Sample(key=raw["__key__"], **arrays, **tuples, tag_weight=meta["tag_weight"], repeats=meta["repeats"],
                   prior=bool(meta["prior"]), clip_similarity=meta.get("clip_similarity"), path=meta["path"], source=meta["source"],
                   caption=meta["caption"])
@@ -210,6 +237,12 @@ def zarr_specs(layout: Layout, bucket: tuple[int, int], count: int) -> dict[str,
     if layout.clip_dim:
         specs.update(clip_image=((count, layout.clip_dim), "float32"),
                      clip_text=((count, layout.clip_dim), "float32"), clip_similarity=((count,), "float32"))
+    if layout.crops > 1:
+        extra = (count, layout.crops - 1)
+        specs.update(latent_crops=(extra + lat, store), time_ids_crops=(extra + (6,), "float32"),
+                     time_ids_flip_crops=(extra + (6,), "float32"))
+        if layout.flip:
+            specs["latent_flip_crops"] = (extra + lat, store)
     return specs
 
 
@@ -241,6 +274,7 @@ def write_rows(group: Any, first: int, samples: list[Sample]) -> None:
                "tag_weight": [s.tag_weight for s in samples], "repeats": [s.repeats for s in samples],
                "prior": [s.prior for s in samples], "clip_image": [s.clip_image for s in samples], "clip_text": [s.clip_text for s in samples],
                "clip_similarity": [s.clip_similarity for s in samples], "pixels": [s.pixels for s in samples]}
+    columns.update({name: [getattr(s, name) for s in samples] for name in CROP_ARRAYS + CROP_META})
     present = set(group.array_keys())
     for name, values in columns.items():
         if name in present:
@@ -293,8 +327,9 @@ def from_rows(rows: dict[str, np.ndarray], keys: list[str]) -> Iterator[Sample]:
     for j, key in enumerate(keys):
         windows = tuple(int(w) for w in rows["te_windows"][j])
         n = max(windows) * WINDOW_TOKENS
-        optional = {name: rows[name][j] for name in ("latent_flip", "clip_image", "clip_text", "pixels")
+        optional = {name: rows[name][j] for name in ("latent_flip", "clip_image", "clip_text", "pixels") + CROP_ARRAYS
                     if name in rows}
+        optional.update({k: tuple(tuple(float(x) for x in t) for t in rows[k][j]) for k in CROP_META if k in rows})
         if "ids" in rows:
             optional["ids"] = rows["ids"][j][:, :, :n]
         if "clip_similarity" in rows:

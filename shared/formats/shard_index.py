@@ -1,9 +1,9 @@
 """encode's `index.json` (encode → train): what the encode output holds, per bucket and per shard.
 
-The index names every shard with its sample count, per-sample repeats and checksums (the tar's size and
-sha256, a digest of its zarr rows, a hash of its samples' content), so train can plan epochs from the index
-alone and check each shard whole before using it. Written once by encode's rank 0 when every shard is done;
-read by train after checking it against encode's manifest.
+The index names every shard with its sample count, per-sample repeats and item ids, and checksums (the tar's
+size and sha256, a digest of its zarr rows, a hash of its samples' content), so train can plan epochs and choose
+its held-out items from the index alone and check each shard whole before using it. Written once by encode's
+rank 0 when every shard is done; read by train after checking it against encode's manifest.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ class ShardEntry:
     sha256: str | None = None       # of the tar
     content_sha256: str             # of its samples' tar members (whatever the format)
     zarr_sha256: str | None = None  # of its zarr rows (samples.rows_digest)
+    keys: tuple[str, ...] = ()      # per sample, its item id (what train's held-out choice reads)
 
     def to_json(self) -> dict:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
@@ -40,10 +41,12 @@ class ShardEntry:
     def from_json(cls, data: dict) -> "ShardEntry":
         values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
         values["repeats"] = tuple(int(r) for r in values["repeats"])
+        values["keys"] = tuple(str(k) for k in values.get("keys", ()))
         entry = cls(**values)
-        if len(entry.repeats) != entry.samples:
-            raise ValueError(f"shard {entry.name or entry.shard}: {len(entry.repeats)} repeats for "
-                             f"{entry.samples} samples")
+        for name in ("repeats", "keys"):
+            if len(getattr(entry, name)) != entry.samples:
+                raise ValueError(f"shard {entry.name or entry.shard}: {len(getattr(entry, name))} {name} for "
+                                 f"{entry.samples} samples")
         return entry
 
 

@@ -119,7 +119,8 @@ def _write_shard(staging: Path, group: object, name: str, k: int, first: int, ba
     return ShardEntry(name=rel, shard=k, first=first, samples=len(batch),
                       repeats=tuple(1 for _ in batch), bytes=written["bytes"], sha256=written["sha256"],
                       content_sha256=content.hexdigest(),
-                      zarr_sha256=fmt.rows_digest(*fmt.read_rows(group, first, first + len(batch))))
+                      zarr_sha256=fmt.rows_digest(*fmt.read_rows(group, first, first + len(batch))),
+                      keys=tuple(s.key for s in batch))
 
 
 def write_per_file_cache(out: Path, count: int, shapes: Shapes, seed: int = 0) -> list[str]:

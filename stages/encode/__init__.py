@@ -10,6 +10,8 @@ changed. See README "encode" for the arrays stored per sample.
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -93,7 +95,7 @@ def _layout(cfg: Config, enc: Encoders) -> Layout:
     return Layout(storage_dtype=cfg.storage_dtype, latent_channels=enc.latent_channels, scaling_factor=enc.scale,
                   te_dim=enc.te_dim, pooled_dim=enc.pooled_dim, variants=1 + cfg.caption_variants,
                   max_windows=cfg.max_windows, flip=cfg.flip, token_ids=cfg.token_ids, clip_dim=enc.clip_dim,
-                  pixels=cfg.pixels)
+                  pixels=cfg.pixels, crops=cfg.crops_per_item)
 
 
 def _prepare(cfg: Config, staging: Path, plan: list[Shard], enc: Encoders) -> None:
@@ -137,7 +139,7 @@ def _batches(rows: list[PlanRow], size: int) -> list[tuple[PlanRow, ...]]:
     return [tuple(rows[i:i + size]) for i in range(0, len(rows), size)]
 
 
-def _made(cfg: Config, enc: Encoders, rows: tuple[PlanRow, ...], pixels: Any, keys: dict[str, str]) -> dict:
+def _made(cfg: Config, enc: Encoders, rows: tuple[PlanRow, ...], pixels: list[Any], keys: dict[str, str]) -> dict:
     return {r.id: Made(sample, keys[r.id], cut, False)
             for r, (sample, cut) in zip(rows, _encode_batch(cfg, enc, rows, pixels))}
 
@@ -145,7 +147,8 @@ def _made(cfg: Config, enc: Encoders, rows: tuple[PlanRow, ...], pixels: Any, ke
 def _reused(cfg: Config, row: PlanRow, stored: Sample, cut: int, key: str) -> Made:
     """A sample of the previous output, described as its item is now (items.described)."""
     variants = items.caption_variants(row, cfg.caption_variants, cfg.keep_tags, cfg.tag_join, cfg.seed)
-    return Made(items.described(row, variants, stored), key, cut, True)
+    crops = items.extra_crops(row, cfg.crops_per_item, cfg.seed)
+    return Made(items.described(row, variants, stored, crops), key, cut, True)
 
 
 def _encoded_now(cfg: Config, enc: Encoders, rows: list[PlanRow], keys: dict[str, str]) -> dict[str, Made]:
@@ -158,23 +161,38 @@ def _encoded_now(cfg: Config, enc: Encoders, rows: list[PlanRow], keys: dict[str
     return out
 
 
-def _decoded(cfg: Config, batches: list[tuple[PlanRow, ...]], enc: Encoders) -> Iterator[Any]:
-    """Decoded pixels of each batch, in order (DALI or PIL workers running ahead)."""
+def _decoded(cfg: Config, batches: list[tuple[PlanRow, ...]], enc: Encoders) -> Iterator[list[Any]]:
+    """Decoded pixels of each batch, in order (DALI or PIL workers running ahead): per batch, its planned crops
+    then (crops_per_item > 1) its rows at each extra crop, as plan rows of that crop (decoded the same way)."""
+    k = cfg.crops_per_item
+    flat = [c for b in batches for c in _at_crops(b, k, cfg.seed)]
     on_gpu = enc.device.type == "cuda"
     if resolve_decoder(cfg.decoder) == "dali":
-        return dali_batches(batches, cfg.batch_size, cfg.workers, enc.device.index if on_gpu else None)
-    return pil_batches(batches, cfg.workers, pin=on_gpu)
+        stream = dali_batches(flat, cfg.batch_size, cfg.workers, enc.device.index if on_gpu else None)
+    else:
+        stream = pil_batches(flat, cfg.workers, pin=on_gpu)
+    return iter(lambda: list(itertools.islice(stream, k)), [])
 
 
-def _encode_batch(cfg: Config, enc: Encoders, rows: tuple[PlanRow, ...], pixels: Any) -> list[tuple[Sample, int]]:
-    """Each row's sample and how many of its captions were cut at max_windows."""
+def _at_crops(rows: tuple[PlanRow, ...], crops: int, seed: int) -> list[tuple[PlanRow, ...]]:
+    """The batch as planned, then its rows at each extra crop (items.extra_crops)."""
+    moved = [[dataclasses.replace(r, crop=c) for c in items.extra_crops(r, crops, seed)] for r in rows]
+    return [rows] + [tuple(m[j] for m in moved) for j in range(crops - 1)]
+
+
+def _encode_batch(cfg: Config, enc: Encoders, rows: tuple[PlanRow, ...], crops: list[Any]
+                  ) -> list[tuple[Sample, int]]:
+    """Each row's sample and how many of its captions were cut at max_windows (`crops`: the batch's pixels at
+    each of its crops, the planned one first)."""
     ids = [r.id for r in rows]
+    pixels = crops[0]
     lat = enc.latents(pixels, ids)
     lat_flip = enc.latents(pixels, ids, flipped=True) if cfg.flip else None
+    more = _crop_latents(cfg, enc, ids, crops[1:])
     variants = [items.caption_variants(r, cfg.caption_variants, cfg.keep_tags, cfg.tag_join, cfg.seed) for r in rows]
     flat = enc.texts([c for vs in variants for c in vs])
     clip = enc.clip_embeddings(pixels, [vs[0] for vs in variants]) if cfg.clip else None
-    crops = pixels.cpu().numpy() if cfg.pixels != "none" else None
+    stored = pixels.cpu().numpy() if cfg.pixels != "none" else None   # the planned crops' pixels (--pixels)
     out, pos = [], 0
     for j, row in enumerate(rows):
         texts = flat[pos:pos + len(variants[j])]
@@ -182,9 +200,24 @@ def _encode_batch(cfg: Config, enc: Encoders, rows: tuple[PlanRow, ...], pixels:
         sample = items.pack_sample(row, lat[j], texts, cfg.storage_dtype,
                                    latent_flip=None if lat_flip is None else lat_flip[j], token_ids=cfg.token_ids,
                                    clip=None if clip is None else (clip[0][j], clip[1][j]),
-                                   pixels=None if crops is None else crops[j])
+                                   pixels=None if stored is None else stored[j],
+                                   crops=items.extra_crops(row, cfg.crops_per_item, cfg.seed),
+                                   latent_crops=None if more is None else more[0][:, j],
+                                   latent_flip_crops=None if more is None or more[1] is None else more[1][:, j])
         out.append((sample, sum(t.truncated for t in texts)))
     return out
+
+
+def _crop_latents(cfg: Config, enc: Encoders, ids: list[str], crops: list[Any]
+                  ) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The extra crops' latents [crops, B, C, h, w] (and their mirror images' with flip); None without extra
+    crops. A sampled latent's noise is seeded by item and crop."""
+    if not crops:
+        return None
+    keyed = [[f"{i}:crop{k}" for i in ids] for k in range(1, len(crops) + 1)]
+    lat = np.stack([enc.latents(p, names) for p, names in zip(crops, keyed)])
+    flip = np.stack([enc.latents(p, names, flipped=True) for p, names in zip(crops, keyed)]) if cfg.flip else None
+    return lat, flip
 
 
 # ---------------------------------------------------------------- finish (rank 0)

@@ -38,6 +38,9 @@ class Config:
     latent: str = opt("mean", "Latent of the VAE's distribution: its mean, or a sample (seeded per item).",
                       choices=("mean", "sample"))
     flip: bool = opt(False, "Also encode the horizontally flipped crop as its own latent (latent_flip).")
+    crops_per_item: int = opt(1, "Crops encoded per item: the planned one, then random crops of the same bucket "
+                                 "size from the resized image (seeded per item by `seed`); train picks one per "
+                                 "epoch. Each costs a VAE pass (and one more with flip).", ge=1, le=64)
     max_windows: int = opt(3, "Longest caption in 75-token windows (3 = 225 tokens, as kohya's "
                               f"max_token_length); 1 = truncate at {WINDOW_TOKENS} tokens. Longer captions are cut and "
                               "counted.",

@@ -56,12 +56,33 @@ def conditioning(row: PlanRow) -> dict:
             "time_ids_flip": tuple(time_ids((h, w), (top, flipped_left), (bh, bw)))}
 
 
+def extra_crops(row: PlanRow, crops: int, seed: int) -> list[tuple[int, int]]:
+    """(left, top) of the item's crops 1..crops-1: bucket-sized windows at uniformly random offsets in the resized
+    image, drawn from a generator of (seed, item) so every rank and rerun draws the same ones. (Crop 0 is the
+    plan's.)"""
+    rng = random.Random(item_seed(seed, row.id, "crops"))
+    spare_w, spare_h = row.resize[0] - row.bucket[0], row.resize[1] - row.bucket[1]
+    return [(rng.randint(0, spare_w), rng.randint(0, spare_h)) for _ in range(crops - 1)]
+
+
+def crop_conditioning(row: PlanRow, crops: Sequence[tuple[int, int]]) -> dict:
+    """The extra crops' micro-conditioning (none without extra crops)."""
+    if not crops:
+        return {}
+    each = [conditioning(dataclasses.replace(row, crop=tuple(c))) for c in crops]
+    return {"time_ids_crops": tuple(c["time_ids"] for c in each),
+            "time_ids_flip_crops": tuple(c["time_ids_flip"] for c in each)}
+
+
 def pack_sample(row: PlanRow, latent: np.ndarray, texts: list[Text], storage_dtype: str,
                 latent_flip: np.ndarray | None = None, token_ids: bool = False,
-                clip: tuple[np.ndarray, np.ndarray] | None = None, pixels: np.ndarray | None = None) -> Sample:
+                clip: tuple[np.ndarray, np.ndarray] | None = None, pixels: np.ndarray | None = None,
+                crops: Sequence[tuple[int, int]] = (), latent_crops: np.ndarray | None = None,
+                latent_flip_crops: np.ndarray | None = None) -> Sample:
     """The sample record of one item: arrays in `storage_dtype`, every variant's states padded to the longest
     variant's windows (zeros after; `windows` says how many are valid), CLIP similarity rounded to 6 places;
-    `pixels` (uint8 [H, W, 3], the planned crop) kept as given."""
+    `pixels` (uint8 [H, W, 3], the planned crop) kept as given; with extra crops (`crops`: their (left, top))
+    their latents [crops, C, h, w] and time ids."""
     store = np.dtype(storage_dtype)
     n = max(t.windows for t in texts) * WINDOW_TOKENS
     te = np.zeros((len(texts), n, texts[0].hidden.shape[-1]), store)
@@ -74,20 +95,26 @@ def pack_sample(row: PlanRow, latent: np.ndarray, texts: list[Text], storage_dty
     if clip is not None:
         image, text = (np.asarray(x, np.float32) for x in clip)
         extra = {"clip_image": image, "clip_text": text, "clip_similarity": round(float((image * text).sum()), 6)}
+    if crops:
+        extra["latent_crops"] = latent_crops.astype(store)
+        if latent_flip_crops is not None:
+            extra["latent_flip_crops"] = latent_flip_crops.astype(store)
     arrays = Sample(key=row.id, latent=latent.astype(store), te=te, windows=tuple(t.windows for t in texts),
                     pooled=np.stack([t.pooled for t in texts]).astype(store), time_ids=(), time_ids_flip=(),
                     latent_flip=None if latent_flip is None else latent_flip.astype(store), ids=ids,
                     pixels=None if pixels is None else np.ascontiguousarray(pixels, np.uint8), **extra)
-    return described(row, [t.caption for t in texts], arrays)
+    return described(row, [t.caption for t in texts], arrays, crops)
 
 
-def described(row: PlanRow, variants: Sequence[str], sample: Sample) -> Sample:
+def described(row: PlanRow, variants: Sequence[str], sample: Sample, crops: Sequence[tuple[int, int]] = ()
+              ) -> Sample:
     """`sample`'s arrays (latents, text states and windows, ids, CLIP) with everything else from `row`: what
-    the plan says of the item and its micro-conditioning. Fresh and reused samples both go through here, so a
-    reused one describes its item as it is now (tag weight, repeats, path), and equals a fresh one."""
+    the plan says of the item and its micro-conditioning (and its extra `crops`'). Fresh and reused samples both
+    go through here, so a reused one describes its item as it is now (tag weight, repeats, path), and equals a
+    fresh one."""
     sim = sample.clip_similarity  # a zarr row holds it as float32; rounding gives back the stored value
     return dataclasses.replace(sample, key=row.id, tag_weight=row.tag_weight, repeats=row.repeats,
                                prior=row.role == "class", path=row.path,
                                source=row.source, bucket=row.bucket, caption=row.caption or "", tags=row.tags,
                                variants=tuple(variants), clip_similarity=None if sim is None else round(float(sim), 6),
-                               **conditioning(row))
+                               **conditioning(row), **crop_conditioning(row, crops))

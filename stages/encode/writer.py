@@ -74,7 +74,6 @@ class ShardRecord:
     its sample key and cut captions (what lets a later run reuse it)."""
     entry: ShardEntry
     bucket: tuple[int, int]
-    keys: tuple[str, ...]
     tags: dict[str, int]                        # tag -> samples carrying it
     truncated_captions: int                     # captions (variants counted) cut at max_windows
     clip_similarity: tuple[float, ...] | None = None
@@ -82,8 +81,13 @@ class ShardRecord:
     cuts: tuple[int, ...] = ()                  # per sample: its captions cut at max_windows
     reused: int = 0                             # samples taken from the previous output
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Its samples' item ids, in order."""
+        return self.entry.keys
+
     def to_json(self) -> dict:
-        out = {**self.entry.to_json(), "bucket": list(self.bucket), "keys": list(self.keys), "tags": self.tags,
+        out = {**self.entry.to_json(), "bucket": list(self.bucket), "tags": self.tags,
                "truncated_captions": self.truncated_captions}
         if self.clip_similarity is not None:
             out["clip_similarity"] = list(self.clip_similarity)
@@ -93,7 +97,7 @@ class ShardRecord:
     @classmethod
     def from_json(cls, data: dict) -> "ShardRecord":
         sims = data.get("clip_similarity")
-        return cls(ShardEntry.from_json(data), tuple(data["bucket"]), tuple(data["keys"]), dict(data["tags"]),
+        return cls(ShardEntry.from_json(data), tuple(data["bucket"]), dict(data["tags"]),
                    int(data["truncated_captions"]), None if sims is None else tuple(sims),
                    tuple(data.get("sample_keys", ())), tuple(int(c) for c in data.get("cuts", ())),
                    int(data.get("reused", 0)))
@@ -123,7 +127,7 @@ def write_shard(staging: Path, shard: Shard, made: list[Made], wds: bool, zarr: 
     members = tar_members(samples, pixels)
     entry: dict[str, Any] = {"shard": shard.index, "first": shard.first, "samples": len(samples),
                              "repeats": tuple(int(s.repeats) for s in samples),
-                             "content_sha256": content_hash(members)}
+                             "content_sha256": content_hash(members), "keys": tuple(s.key for s in samples)}
     final = staging / shard.tar
     tmp = final.with_name(final.name + ".partial")
     if wds:
@@ -139,9 +143,9 @@ def write_shard(staging: Path, shard: Shard, made: list[Made], wds: bool, zarr: 
     checkpoint("encode.shard")
     sims = tuple(s.clip_similarity for s in samples) if samples and samples[0].clip_similarity is not None \
         else None
-    return ShardRecord(ShardEntry(**entry), shard.bucket, tuple(s.key for s in samples),
-                       tag_counts(s.tags for s in samples), sum(m.cut for m in made), sims,
-                       tuple(m.key for m in made), tuple(m.cut for m in made), sum(m.reused for m in made))
+    return ShardRecord(ShardEntry(**entry), shard.bucket, tag_counts(s.tags for s in samples),
+                       sum(m.cut for m in made), sims, tuple(m.key for m in made), tuple(m.cut for m in made),
+                       sum(m.reused for m in made))
 
 
 def tar_members(samples: list[Sample], pixels: str) -> list[dict]:

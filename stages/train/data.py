@@ -42,6 +42,7 @@ class ShardInfo:
     bytes: int | None = None    # of the tar, as encode wrote it
     sha256: str | None = None   # of the tar
     zarr_sha256: str | None = None  # of its rows in the zarr store (samples.rows_digest)
+    keys: tuple[str, ...] = ()      # per sample, its item id
 
     @property
     def samples(self) -> int:
@@ -50,7 +51,7 @@ class ShardInfo:
     @classmethod
     def of(cls, number: int, group: str, entry: ShardEntry) -> "ShardInfo":
         return cls(number, group, entry.name, entry.first, entry.repeats, entry.bytes, entry.sha256,
-                   entry.zarr_sha256)
+                   entry.zarr_sha256, entry.keys)
 
 
 def read_index(folder: Path | str, manifest: artifacts.Manifest) -> tuple[Index, list[ShardInfo]]:

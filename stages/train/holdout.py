@@ -4,8 +4,10 @@ timesteps and noise at every evaluation.
 An item is held out by its own hash alone, h(id) = sha256("holdout:" + id) read as a number in [0, 1): with a
 fraction f, every item with h(id) < f (adding items never moves an existing item in or out; each new one joins
 with probability f); with a count K, the K items of smallest h(id) (an added item displaces an old one only if
-it hashes lower than the K-th). The choice is written to `<out>/holdout.json` (ids and their shard positions),
-and train plans its epochs with those positions' repeats set to 0, so they never reach a training batch.
+it hashes lower than the K-th). The choice is made from the item ids index.json lists per shard (no shard is
+read for it), written to `<out>/holdout.json` (ids and their shard positions), and train plans its epochs with
+those positions' repeats set to 0, so they never reach a training batch. Only the shards holding a held-out
+item are then read, for its samples.
 """
 from __future__ import annotations
 
@@ -54,19 +56,16 @@ class Holdout:
     samples: list[Any]               # the held-out samples (main rank; empty elsewhere)
 
 
-def scan(data: Any, cfg: HoldoutConfig) -> Holdout:
-    """One pass over every shard: the held-out samples (kept) and their positions."""
-    found: list[tuple[str, int, int, Any]] = []
-    for info in data.infos:
-        for j, sample in data.read(info.number):
-            if cfg.holdout_count or score(sample.key) < cfg.holdout:
-                found.append((sample.key, info.number, j, sample))
+def from_index(infos: list[Any], cfg: HoldoutConfig) -> Holdout:
+    """The held-out ids and their positions, from the shards' item ids as index.json lists them (no shard
+    read; no samples yet)."""
+    found = [(key, info.number, j) for info in infos for j, key in enumerate(info.keys)]
     held = choose([k for k, *_ in found], cfg.holdout, cfg.holdout_count)
     found = sorted((f for f in found if f[0] in held), key=lambda f: (score(f[0]), f[0]))
     if not found:
         raise InputError(f"holdout {cfg.holdout:g} / holdout_count {cfg.holdout_count}: no item was held out of "
-                         f"{sum(i.samples for i in data.infos)}; raise it")
-    return Holdout(sorted(held), [(n, j) for _, n, j, _ in found], [s for *_, s in found])
+                         f"{sum(i.samples for i in infos)}; raise it")
+    return Holdout(sorted(held), [(n, j) for _, n, j in found], [])
 
 
 def write(folder: Path, held: Holdout, cfg: HoldoutConfig) -> None:
@@ -99,13 +98,14 @@ def without(infos: list[Any], refs: list[tuple[int, int]]) -> list[Any]:
 
 def prepare(data: Any, cfg: HoldoutConfig, staging: Path, main: bool, barrier: Any,
             samples_everywhere: bool = False) -> Holdout:
-    """Choose the held-out set (main rank, one pass over the data), record it in the output, and take it out of
-    every rank's epoch plan (`data.infos`). The other ranks get its samples too with `samples_everywhere` (a
-    sharded model: every process takes part in the validation's forward passes)."""
+    """Choose the held-out set (main rank, from the index; its samples read from the shards holding them), record
+    it in the output, and take it out of every rank's epoch plan (`data.infos`). The other ranks get its samples
+    too with `samples_everywhere` (a sharded model: every process takes part in the validation's forward
+    passes)."""
     from shared.core.log import say
 
     if main:
-        held = scan(data, cfg)
+        held = with_samples(data, from_index(data.infos, cfg))
         write(staging, held, cfg)
         say(f"train: {len(held.ids)} items held out for validation ({FILE})")
     barrier()

@@ -1,6 +1,6 @@
 """Training logs on the main rank: a progress bar, `logs/metrics.jsonl`, TensorBoard scalars, and WandB when
-asked for. Loss is also binned by timestep position (10 bins), since a mean over random timesteps hides which
-noise levels improve."""
+asked for (scalars, and the sample images with their grid as wandb.Image). Loss is also binned by timestep
+position (10 bins), since a mean over random timesteps hides which noise levels improve."""
 from __future__ import annotations
 
 import json
@@ -93,6 +93,15 @@ class TrainLog:
                 for s, loss in zip(samples, each.mean(dim=1)):
                     fh.write(json.dumps({"step": step, "set": name, "id": s.key, "caption": s.caption,
                                          "loss": float(loss)}, ensure_ascii=False) + "\n")
+
+    def images(self, step: int, images: dict[str, tuple[Path, str]]) -> None:
+        """Image files ({name: (path, caption)}, e.g. the sample grid) to WandB; TensorBoard gets the sample
+        images where they are rendered (previews.py)."""
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Image(str(path), caption=caption) for name, (path, caption) in images.items()},
+                           step=step)
 
     def note_text(self, step: int, name: str, value: str) -> None:
         """A non-numeric line of metrics.jsonl (e.g. where the sample grid was written)."""

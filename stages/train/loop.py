@@ -209,10 +209,10 @@ def train_steps(run: Run) -> None:
                                             run.progress.step), data.prefetch)
     window = Window(run.device)
     for step in range(run.progress.step, total):
-        lr = run.lr.lr
+        lr, epoch = run.lr.lr, run.schedule.locate(step)[0]
         for micro in range(data.accumulate):
             batch = (run.vae.assemble(*next(batches)) if run.vae is not None else
-                     S.assemble(*next(batches), run.data.empty, cfg.objective)).to(run.device)
+                     S.assemble(*next(batches), run.data.empty, cfg.objective, epoch)).to(run.device)
             with sync(run, last=micro == data.accumulate - 1):
                 with run.offload.forward():
                     loss, per_sample, u = (run.vae.loss(run.model, batch) if run.vae is not None else
@@ -248,6 +248,7 @@ def sample_images(run: Run, step: int) -> None:
         grid = run.previews.render(run.unet, step, run.ema, run.precision.autocast, tb)
         if run.log is not None:
             run.log.note_text(step, "samples", str(grid.relative_to(run.staging)))
+            run.log.images(step, run.previews.labelled(step))
 
 
 def sync(run: Run, last: bool) -> ContextManager:

@@ -2,7 +2,7 @@
 active; the EMA weights when EMA is on), every N steps and at the end, through the sampler of the trained
 objective (shared/models/sampling.py). Saved under `<out>/samples/` (not part of the fingerprinted result) as
 `step-NNNNNN/NN.png` and one labelled grid, `grid.png` (rows: steps, columns: prompts), and as TensorBoard
-images.
+images (and WandB images, with --wandb: logs.py).
 
 Rendering never touches the training's random state: the starting noise comes from each prompt's own seed, the
 UNet runs in eval mode (no LoRA dropout), and the VAE and text encoders are loaded with the global generator's
@@ -115,6 +115,14 @@ class Previews:
         if tensorboard is not None:
             tensorboard.flush()
         return self.write_grid()
+
+    def labelled(self, step: int) -> dict[str, tuple[Path, str]]:
+        """The images of `step` and the grid, by name, each with a caption (for WandB)."""
+        where = self.folder / f"step-{step:06d}"
+        out = {f"samples/{i:02d}": (where / f"{i:02d}.png", f"{p.prompt} (seed {p.seed}, step {step})")
+               for i, p in enumerate(self.prompts)}
+        out["samples/grid"] = (self.folder / "grid.png", f"rows: steps up to {step}; columns: prompts")
+        return out
 
     def write_grid(self) -> Path:
         from PIL import Image

@@ -3,7 +3,8 @@
 Every random choice of a sample (caption variant, caption dropout, flip, timestep, noise) comes from a
 generator seeded by (seed, step, micro-batch, sample id, occurrence): the same sample at the same step gets
 the same draws whichever rank holds it and however the batch is split, and a resumed run needs no generator
-state to reproduce them.
+state to reproduce them. Which of a sample's encoded crops it trains on (encode's crops_per_item) is drawn
+per epoch instead (`crop_index`): the same for every use of the sample in one epoch.
 """
 from __future__ import annotations
 
@@ -57,6 +58,18 @@ def sample_generator(seed: int, step: int, micro: int, key: str, occurrence: int
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+def crop_index(seed: int, epoch: int, key: str, crops: int) -> int:
+    """The crop sample `key` trains on in `epoch`, of its `crops`: epochs go in cycles of `crops`, each a
+    permutation of the crops drawn from (seed, cycle, key), so every crop is used once per cycle, whichever rank
+    holds the sample, and a resumed run draws the same."""
+    if crops <= 1:
+        return 0
+    cycle, position = divmod(epoch, crops)
+    digest = hashlib.sha256(f"{seed}:crops:{cycle}:{key}".encode()).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return int(torch.randperm(crops, generator=g)[position])
+
+
 def _padded(te: np.ndarray, length: int, empty_te: np.ndarray) -> np.ndarray:
     """Caption states padded to `length` rows with the empty caption's 77-row window (what a shorter caption's
     missing windows would encode to), as kohya / A1111 pad long prompts."""
@@ -64,8 +77,9 @@ def _padded(te: np.ndarray, length: int, empty_te: np.ndarray) -> np.ndarray:
     return np.concatenate([te] + [empty_te] * missing) if missing else te
 
 
-def assemble(samples: list[Sample], step: int, micro: int, empty: EmptyCaption, cfg: ObjectiveConfig) -> Batch:
-    """A batch of one bucket's samples with this step's draws."""
+def assemble(samples: list[Sample], step: int, micro: int, empty: EmptyCaption, cfg: ObjectiveConfig,
+             epoch: int = 0) -> Batch:
+    """A batch of one bucket's samples with this step's draws (and `epoch`'s crop of each sample)."""
     chosen, latents, noise, u, time_ids = [], [], [], [], []
     seen: dict[str, int] = {}
     for s in samples:
@@ -76,10 +90,10 @@ def assemble(samples: list[Sample], step: int, micro: int, empty: EmptyCaption, 
         drop = float(torch.rand(1, generator=g)) < cfg.caption_dropout
         flip = float(torch.rand(1, generator=g)) < cfg.flip_rate and s.latent_flip is not None
         u.append(obj.sample_u(1, cfg.timesteps, g, cfg.logit_mean, cfg.logit_std))
-        lat = s.latent_flip if flip else s.latent
+        lat, ids = s.crop(crop_index(cfg.seed, epoch, s.key, s.crops), flip)
         noise.append(obj.offset_noise((1,) + tuple(lat.shape), cfg.noise_offset, g))
         latents.append(torch.from_numpy(np.asarray(lat, np.float32)))
-        time_ids.append(s.time_ids_flip if flip else s.time_ids)
+        time_ids.append(ids)
         if drop:
             chosen.append((empty.te, empty.pooled))
         else:
@@ -155,8 +169,8 @@ def prior_weights(prior: torch.Tensor, weight: float) -> torch.Tensor:
 def evaluate_each(unet: Any, samples: list[Sample], cfg: ObjectiveConfig, sigmas: torch.Tensor, precision: Precision,
                   device: torch.device) -> torch.Tensor:
     """Unweighted loss per sample (rows) and fixed timestep position 10 % … 90 % (columns, EVAL_FRACTIONS), with
-    noise keyed by the sample's id: numbers comparable across the run and across a resume (caption as written, no
-    flip, no dropout; nothing drawn from a shared generator)."""
+    noise keyed by the sample's id: numbers comparable across the run and across a resume (caption as written, the
+    planned crop, no flip, no dropout; nothing drawn from a shared generator)."""
     was_training = unet.training
     unet.eval()
     rows = []
