@@ -24,7 +24,7 @@ from shared.core.stage import BuildResult
 from stages.train import checkpoint as ckpt
 from stages.train import data as D
 from stages.train import feed, fused, holdout as H, lorafiles, logs, model as M, objective, offload as OF
-from stages.train import extend, initlora, optim as O, previews, sharding, step as S
+from stages.train import extend, initlora, optim as O, previews, sharding, step as S, textenc
 from shared.models.sampling import Objective
 from stages.train.config import Config
 
@@ -78,6 +78,7 @@ class Run:
     offload: OF.Offload | None = None  # activation offload and block swap (offload.py)
     sharded: bool = False              # the UNet is sharded over the processes (FSDP2, sharding.py)
     previews: previews.Previews | None = None   # sample images (main rank, when asked for)
+    text: textenc.TextEncoders | None = None   # the text encoders when they run in the step (textenc.py)
 
     def parts(self) -> dict[str, ckpt.Stateful]:
         """What a checkpoint holds, restored in this order (the schedule after the optimizer: it sets the
@@ -103,6 +104,8 @@ def setup(run: Run) -> None:
                                 samples_everywhere=cfg.parallel == "fsdp" and run.rank.world > 1)
     run.schedule = feed.plan(run.data, cfg.data, run.rank.world)
     run.unet = M.build_unet(cfg.unet, run.device)
+    if cfg.text.in_step:
+        run.text = text_encoders(run)
     if cfg.init_lora is not None:
         initlora.load(cfg.init_lora, run.unet, cfg.adapter)
     if run.rank.main and cfg.sample_prompts is not None:
@@ -135,6 +138,18 @@ def setup(run: Run) -> None:
         run.previews.forget_after(run.progress.step)
 
 
+def text_encoders(run: Run) -> textenc.TextEncoders:
+    """The text encoders for the step; the shards must hold token ids, and their gradients are one process's."""
+    cfg = run.cfg
+    if not run.data.index.layout.token_ids:
+        raise ConfigError(f"{cfg.input}: the shards hold no token ids, which train_text_encoder / shuffle_tags / "
+                          f"tag_dropout need: encode again with sdxl encode --token-ids")
+    if cfg.text.trained and run.rank.world > 1:
+        raise ConfigError(f"train_text_encoder {cfg.train_text_encoder} trains on one process (its gradients are "
+                          f"not averaged over the {run.rank.world} processes): launch one process, or turn it off")
+    return textenc.TextEncoders(cfg.text, run.device)
+
+
 def sampling_objective(cfg: Config) -> Objective:
     return Objective(cfg.prediction, cfg.schedule, cfg.flow_shift, cfg.resolution_base if cfg.resolution_noise else 0)
 
@@ -142,9 +157,10 @@ def sampling_objective(cfg: Config) -> Objective:
 def make_state(run: Run) -> None:
     """The stateful parts around the UNet, and the precision and sigmas of the step."""
     cfg, opt_cfg = run.cfg, run.cfg.optim
-    groups = O.param_groups(opt_cfg, M.trainable_groups(run.unet, cfg.method))
+    named = {**M.trainable_groups(run.unet, cfg.method), **(run.text.groups() if run.text is not None else {})}
+    groups = O.param_groups(opt_cfg, named)
     run.params = [p for g in groups for p in g["params"]]
-    run.weights = M.TrainedWeights(run.unet, cfg.method)
+    run.weights = M.TrainedWeights(run.unet, cfg.method, run.text.trained if run.text is not None else None)
     run.opt = make_optimizer(opt_cfg, groups, cfg.seed, run.rank.world)
     run.lr = O.LRSchedule(run.opt, opt_cfg, run.schedule.total)
     ema_device = "cpu" if opt_cfg.ema_device == "cpu" else None
@@ -192,9 +208,11 @@ def train_steps(run: Run) -> None:
     for step in range(run.progress.step, total):
         lr = run.lr.lr
         for micro in range(data.accumulate):
-            batch = S.assemble(*next(batches), run.data.empty, cfg.objective).to(run.device)
+            batch = S.assemble(*next(batches), run.data.empty, cfg.objective, run.text).to(run.device)
             with sync(run, last=micro == data.accumulate - 1):
                 with run.offload.forward():
+                    with run.precision.autocast:
+                        batch = S.condition(batch, run.text)
                     loss, per_sample, u = S.loss(run.model, batch, cfg.objective, run.sigmas, run.precision)
                 with run.offload.backward():
                     backward(run, loss, data.accumulate)
@@ -349,7 +367,8 @@ def _evaluate(run: Run) -> None:
     for name, samples, history in (("eval_loss", run.eval_set, run.progress.eval),
                                    ("val_loss", held, run.progress.val)):
         if samples:
-            each = S.evaluate_each(run.unet, samples, run.cfg.objective, run.sigmas, run.precision, run.device)
+            each = S.evaluate_each(run.unet, samples, run.cfg.objective, run.sigmas, run.precision, run.device,
+                                   run.text)
             history.append([step, float(each.mean())])
             if run.log is not None:
                 run.log.evaluation(step, name, each, samples)

@@ -67,6 +67,7 @@ class OptimizerConfig:
     ema_every: int                 # update the EMA every N optimizer steps
     accumulate: int                # micro-batches per optimizer step
     mixed_precision: str           # no | bf16 | fp16
+    text_encoder_lr: float | None = None   # the text encoders' groups (LoRA or own weights); None = learning_rate
 
     def problem(self) -> str | None:
         """Why this combination cannot be trained (None: it can)."""
@@ -94,7 +95,8 @@ class OptimizerConfig:
 
     def group_lr(self, name: str) -> float:
         """The peak learning rate of the parameter group `name` (see model.trainable_groups)."""
-        # text encoders, when trained, get their own entries here (text_encoder_lr, ...)
+        if name.startswith(("te1", "te2")):   # the text encoders' groups (textenc.py): te1, te2_adapter, ...
+            return self.text_encoder_lr if self.text_encoder_lr is not None else self.learning_rate
         own = {"unet": self.unet_lr, "adapter": self.adapter_lr}.get(name)
         return own if own is not None else self.learning_rate
 

@@ -1,0 +1,188 @@
+"""Training the text encoders (issue 14): states computed in the step from stored token ids equal encode's,
+per-step tag shuffling / keep-first-N / tag dropout on the tokens, a LoRA on both encoders trained, resumed
+bitwise after kill -9 and exported (kohya lora_te1_ / lora_te2_, peft) through diffusers' verification, and a
+full fine-tune of an encoder landing in the diffusers and single-file exports."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from shared.core.config import resolve
+from shared.core.errors import ConfigError
+from shared.models import loading as models
+from shared.models.text import tokenize
+from stages import export, train
+from stages.train import step as S, textenc
+from tests.conftest import caption, noise_image, save
+from tests.test_train import cli_args, same_tensors, sdxl
+
+BASE = {"model": "builtin:tiny", "batch_size": 2, "shuffle_buffer": 4, "max_steps": 4, "checkpoint_every": 2,
+        "learning_rate": 3e-3, "eval_samples": 1, "lora_rank": 4, "lora_alpha": 4.0, "tensorboard": False}
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory):
+    """8 captioned 128x128 images -> one bucket, 2 tar shards of 4, with token ids (the first caption long
+    enough for two 77-token windows)."""
+    from stages import bucket, encode, ingest
+
+    root = tmp_path_factory.mktemp("te")
+    for i in range(8):
+        p = save(noise_image(128, 128, seed=200 + i), root / "src" / f"img_{i:02d}.png")
+        extra = ", ".join(f"word{j}" for j in range(22)) if i == 0 else "plain"
+        caption(p, f"colour {i % 4}, shape {i % 3}, common, {extra}")
+    work = root / "w"
+    ingest.run(resolve(ingest.Config, "ingest", {}, {"sources": (str(root / "src"),), "workdir": work, "workers": 1,
+                                                    "min_side": 64}))
+    bucket.run(resolve(bucket.Config, "bucket", {}, {"workdir": work, "max_area": 128 * 128, "min_side": 64,
+                                                    "max_side": 128}))
+    encode.run(resolve(encode.Config, "encode", {}, {"workdir": work, "model": "builtin:tiny", "shard_samples": 4,
+                                                    "format": "wds", "token_ids": True, "storage_dtype": "float32",
+                                                    "workers": 0, "decoder": "pil"}))
+    return work
+
+
+def samples(data) -> list:
+    from stages.train import feed
+
+    return feed.first_samples(data, 8, set())
+
+
+def text_config(**kw) -> textenc.TextConfig:
+    return textenc.TextConfig(**{"model": "builtin:tiny", "method": "lora", "adapter": None,
+                                 "train_text_encoder": "none", "weights_dtype": "float32",
+                                 "gradient_checkpointing": False, "seed": 0, "shuffle_tags": False, "keep_tags": 1,
+                                 "tag_dropout": 0.0, **kw})
+
+
+def test_states_from_ids_in_the_step_equal_encodes(encoded):
+    """Frozen encoders running in the step from the stored ids give encode's stored states and pooled
+    embeddings (two windows included, padded with the empty caption's window), and windowing the ids again
+    without augmentation gives them back exactly."""
+    text = textenc.TextEncoders(text_config(), torch.device("cpu"))
+    from stages.train import feed
+    data = feed.open_data(train.Config(model="builtin:tiny", workdir=encoded).data)
+    got = samples(data)
+    assert max(s.windows[0] for s in got) == 2 and min(s.windows[0] for s in got) == 1
+    g = torch.Generator().manual_seed(0)
+    for s in got:
+        n = s.windows[0] * 77
+        assert np.array_equal(textenc.step_ids(s.ids[0], s.windows[0], text.tokens, text.cfg, g), s.ids[0][:, :n])
+    objective = train.Config(model="builtin:tiny", workdir=encoded, flip_rate=0.0).objective
+    batch = S.assemble(got[:4], 0, 0, data.empty, objective, text)
+    assert batch.ids.shape == (4, 2, 2 * 77)
+    done = S.condition(batch, text)
+    reference = S.assemble(got[:4], 0, 0, data.empty, objective)
+    assert done.te.shape == reference.te.shape
+    torch.testing.assert_close(done.te, reference.te, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(done.pooled, reference.pooled, atol=1e-4, rtol=1e-4)
+
+
+def test_tags_shuffled_and_dropped_on_tokens_keep_the_first():
+    tok = models.load_model("builtin:tiny", ("tokenizer",)).tokenizer
+    tokens = textenc.Tokens.of(tok)
+    ids = np.array(tokenize(tok, "alpha, beta gamma, delta, epsilon")[0])
+    own = textenc.caption_tokens(ids, 1, tokens)
+    assert own == tok("alpha, beta gamma, delta, epsilon", add_special_tokens=False).input_ids
+    groups = textenc.split_tags(own, tokens.comma)
+    assert len(groups) == 4
+    out = textenc.augment(own, tokens.comma, 1, torch.tensor([2, 0, 1]), None)
+    assert out == tok("alpha, epsilon, beta gamma, delta", add_special_tokens=False).input_ids
+    out = textenc.augment(own, tokens.comma, 1, None, torch.tensor([False, True, False]))
+    assert out == tok("alpha, delta", add_special_tokens=False).input_ids
+    cfg = text_config(shuffle_tags=True, keep_tags=1)
+    both = np.stack([ids, ids])
+    seen = {tuple(textenc.step_ids(both, 1, (tokens, tokens), cfg, torch.Generator().manual_seed(k))[0])
+            for k in range(12)}
+    assert len(seen) > 2 and all(s[:2] == tuple(ids[:2]) for s in seen)   # BOS and the kept first tag
+
+
+@pytest.fixture(scope="module")
+def lora_run(encoded, tmp_path_factory):
+    """A short run with a LoRA on the UNet and both text encoders (own LR), tags shuffled, kill -9 at step 3
+    and resumed; and the same run uninterrupted."""
+    tmp = tmp_path_factory.mktemp("lora")
+    opts = dict(train_text_encoder="both", text_encoder_lr=1e-2, shuffle_tags=True, tag_dropout=0.2,
+                caption_dropout=0.2, lora_dropout=0.1)
+    args = lambda out: cli_args(encoded, out, **{**BASE, **opts})   # noqa: E731
+    full = sdxl(args(tmp / "a"))
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = sdxl(args(tmp / "b"), env={"SDXL_FAULT": "train.step:3"})
+    assert killed.returncode == -9
+    again = sdxl(args(tmp / "b"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "step 2 of 4" in again.stdout
+    return tmp
+
+
+def test_kill_9_then_resume_with_trained_text_encoders_is_bitwise(lora_run):
+    a, b = lora_run / "a" / "checkpoints" / "step-000004", lora_run / "b" / "checkpoints" / "step-000004"
+    for name in ("weights", "optimizer", "rng-rank0"):
+        assert same_tensors(a / f"{name}.safetensors", b / f"{name}.safetensors"), name
+    for name in ("optimizer", "scheduler", "progress"):
+        assert json.loads((a / f"{name}.json").read_text()) == json.loads((b / f"{name}.json").read_text()), name
+    with safe_open(str(a / "weights.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        for prefix in ("unet.", "text_encoder.", "text_encoder_2."):
+            mine = [k for k in keys if k.startswith(prefix)]
+            assert mine and any("lora_B" in k and f.get_tensor(k).abs().sum() > 0 for k in mine), prefix
+        assert any(".mlp.fc1.lora_A" in k for k in keys if k.startswith("text_encoder_2."))
+    groups = json.loads((a / "optimizer.json").read_text())
+    assert "1e-2" in json.dumps(groups).replace("0.01", "1e-2")
+
+
+def test_text_encoder_lora_exports_kohya_and_peft_verified(lora_run, tmp_path):
+    out = tmp_path / "export"
+    export.run(export.Config(input=lora_run / "a", output=out, device="cpu", format=("kohya", "peft")))
+    (kohya_file,) = out.glob("**/*.safetensors") if False else [p for p in out.rglob("*.safetensors")
+                                                               if "lora_te1_" in _keys(p)]
+    keys = _keys(kohya_file)
+    assert any(k.startswith("lora_te2_") for k in keys) and any(k.startswith("lora_unet_") for k in keys)
+    with safe_open(str(kohya_file), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_text_encoder_lr"] == "0.01" and meta["ss_network_train_unet_only"] == "False"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "text_encoder" in json.dumps(manifest)
+
+
+def _keys(path: Path) -> list[str]:
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
+def test_full_text_encoder_fine_tune_lands_in_diffusers_and_single_file(encoded, tmp_path):
+    out = tmp_path / "t"
+    train.run(resolve(train.Config, "train", {}, {"workdir": encoded, "output": out,
+                                                  **{**BASE, "max_steps": 2, "method": "full",
+                                                     "train_text_encoder": "te1", "learning_rate": 1e-3,
+                                                     "text_encoder_lr": 1e-2}}))
+    with safe_open(str(out / "checkpoints" / "step-000002" / "weights.safetensors"), "pt") as f:
+        trained = {k[len("text_encoder."):]: f.get_tensor(k) for k in f.keys() if k.startswith("text_encoder.")}
+        assert not any(k.startswith("text_encoder_2.") for k in f.keys())
+    base = models.load_model("builtin:tiny", ("text_encoder",)).text_encoder.state_dict()
+    name = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(trained[name], base[name])
+    export.run(export.Config(input=out, output=tmp_path / "x", device="cpu", format=("diffusers", "single-file")))
+    folder = next(p.parent for p in (tmp_path / "x").rglob("model_index.json"))
+    exported = models.load_model(str(folder), ("text_encoder",), dtype=torch.float32).text_encoder.state_dict()
+    torch.testing.assert_close(exported[name], trained[name].float(), atol=1e-3, rtol=1e-3)
+
+
+def test_text_encoder_training_refuses_shards_without_ids_and_clashes():
+    from types import SimpleNamespace as NS
+
+    from stages.train import loop
+
+    cfg = train.Config(model="builtin:tiny", train_text_encoder="both")
+    run = NS(cfg=cfg, data=NS(index=NS(layout=NS(token_ids=False))), rank=NS(world=1))
+    with pytest.raises(ConfigError, match="sdxl encode --token-ids"):
+        loop.text_encoders(run)
+    with pytest.raises(ConfigError, match="fused_backward"):
+        train.Config(model="builtin:tiny", train_text_encoder="both", fused_backward=True, max_grad_norm=0.0)
+    with pytest.raises(ConfigError, match="fsdp"):
+        train.Config(model="builtin:tiny", train_text_encoder="te2", parallel="fsdp", method="full")
