@@ -94,7 +94,7 @@ def text_encoder_targets(text_encoder: Any) -> list[str]:
     import torch
 
     return sorted(name for name, module in text_encoder.named_modules()
-                  if isinstance(module, torch.nn.Linear) and ".encoder.layers." in name
+                  if isinstance(module, torch.nn.Linear) and ".encoder.layers." in "." + name
                   and name.rsplit(".", 1)[-1] in TEXT_ENCODER)
 
 
