@@ -167,7 +167,7 @@ def test_full_text_encoder_fine_tune_lands_in_diffusers_and_single_file(encoded,
         trained = {k[len("text_encoder."):]: f.get_tensor(k) for k in f.keys() if k.startswith("text_encoder.")}
         assert not any(k.startswith("text_encoder_2.") for k in f.keys())
     base = models.load_model("builtin:tiny", ("text_encoder",)).text_encoder.state_dict()
-    name = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+    name = "encoder.layers.0.self_attn.q_proj.weight"   # transformers 5: no text_model. in CLIPTextModel
     assert not torch.equal(trained[name], base[name])
     export.run(export.Config(input=out, output=tmp_path / "x", device="cpu", format=("diffusers", "single-file")))
     folder = next(p.parent for p in (tmp_path / "x").rglob("model_index.json"))
