@@ -242,7 +242,8 @@ def sample_images(run: Run, step: int) -> None:
     """The sample prompts rendered at `step` when due (main rank; see previews.py)."""
     if run.previews is not None and run.previews.due(step, run.schedule.total):
         tb = run.log.tb if run.log is not None else None
-        grid = run.previews.render(run.unet, step, run.ema, run.precision.autocast, tb)
+        text = run.text if run.text is not None and run.text.cfg.trained else None
+        grid = run.previews.render(run.unet, step, run.ema, run.precision.autocast, tb, text)
         if run.log is not None:
             run.log.note_text(step, "samples", str(grid.relative_to(run.staging)))
 
