@@ -27,12 +27,12 @@ BASE = {"model": "builtin:tiny", "batch_size": 2, "shuffle_buffer": 4, "max_step
 
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory):
-    """8 captioned 128x128 images -> one bucket, 2 tar shards of 4, with token ids (the first caption long
+    """4 captioned 128x128 images -> one bucket, 2 tar shards of 2, with token ids (the first caption long
     enough for two 77-token windows)."""
     from stages import bucket, encode, ingest
 
     root = tmp_path_factory.mktemp("te")
-    for i in range(8):
+    for i in range(4):
         p = save(noise_image(128, 128, seed=200 + i), root / "src" / f"img_{i:02d}.png")
         extra = ", ".join(f"word{j}" for j in range(22)) if i == 0 else "plain"
         caption(p, f"colour {i % 4}, shape {i % 3}, common, {extra}")
@@ -41,7 +41,7 @@ def encoded(tmp_path_factory):
                                                     "min_side": 64}))
     bucket.run(resolve(bucket.Config, "bucket", {}, {"workdir": work, "max_area": 128 * 128, "min_side": 64,
                                                     "max_side": 128}))
-    encode.run(resolve(encode.Config, "encode", {}, {"workdir": work, "model": "builtin:tiny", "shard_samples": 4,
+    encode.run(resolve(encode.Config, "encode", {}, {"workdir": work, "model": "builtin:tiny", "shard_samples": 2,
                                                     "format": "wds", "token_ids": True, "storage_dtype": "float32",
                                                     "workers": 0, "decoder": "pil"}))
     return work
@@ -159,13 +159,17 @@ def _keys(path: Path) -> list[str]:
 
 def test_full_text_encoder_fine_tune_lands_in_diffusers_and_single_file(encoded, tmp_path):
     out = tmp_path / "t"
-    train.run(resolve(train.Config, "train", {}, {"workdir": encoded, "output": out,
-                                                  **{**BASE, "max_steps": 2, "method": "full",
+    prompts = tmp_path / "prompts.toml"   # sample images re-encode their prompt with the training encoder
+    prompts.write_text('[[prompt]]\nprompt = "colour 1, shape 2"\nseed = 3\nwidth = 32\nheight = 32\nsteps = 1\n'
+                       'cfg = 1.0\n')
+    train.run(resolve(train.Config, "train", {}, {"workdir": encoded, "output": out, "sample_prompts": prompts,
+                                                  **{**BASE, "max_steps": 1, "method": "full", "eval_samples": 0,
                                                      "train_text_encoder": "te1", "learning_rate": 1e-3,
                                                      "text_encoder_lr": 1e-2}}))
-    with safe_open(str(out / "checkpoints" / "step-000002" / "weights.safetensors"), "pt") as f:
+    with safe_open(str(out / "checkpoints" / "step-000001" / "weights.safetensors"), "pt") as f:
         trained = {k[len("text_encoder."):]: f.get_tensor(k) for k in f.keys() if k.startswith("text_encoder.")}
         assert not any(k.startswith("text_encoder_2.") for k in f.keys())
+    assert (out / "samples" / "step-000001" / "00.png").is_file()
     base = models.load_model("builtin:tiny", ("text_encoder",)).text_encoder.state_dict()
     name = "encoder.layers.0.self_attn.q_proj.weight"   # transformers 5: no text_model. in CLIPTextModel
     assert not torch.equal(trained[name], base[name])
