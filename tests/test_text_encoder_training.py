@@ -132,8 +132,8 @@ def test_kill_9_then_resume_with_trained_text_encoders_is_bitwise(lora_run):
             mine = [k for k in keys if k.startswith(prefix)]
             assert mine and any("lora_B" in k and f.get_tensor(k).abs().sum() > 0 for k in mine), prefix
         assert any(".mlp.fc1.lora_A" in k for k in keys if k.startswith("text_encoder_2."))
-    groups = json.loads((a / "optimizer.json").read_text())
-    assert "1e-2" in json.dumps(groups).replace("0.01", "1e-2")
+    groups = json.loads((a / "optimizer.json").read_text())["param_groups"]
+    assert [(g["name"], g["lr"]) for g in groups] == [("adapter", 3e-3), ("te1_adapter", 1e-2), ("te2_adapter", 1e-2)]
 
 
 def test_text_encoder_lora_exports_kohya_and_peft_verified(lora_run, tmp_path):
@@ -188,6 +188,11 @@ def test_text_encoder_training_refuses_shards_without_ids_and_clashes():
     run = NS(cfg=cfg, data=NS(index=NS(layout=NS(token_ids=False))), rank=NS(world=1))
     with pytest.raises(ConfigError, match="sdxl encode --token-ids"):
         loop.text_encoders(run)
+    lrs = train.Config(model="builtin:tiny", train_text_encoder="both", text_encoder_lr=1e-5,
+                       text_encoder_2_lr=2e-6).optim
+    assert [lrs.group_lr(n) for n in ("adapter", "te1_adapter", "te2_adapter", "te1", "te2")] == \
+        [1e-4, 1e-5, 2e-6, 1e-5, 2e-6]
+    assert train.Config(model="builtin:tiny").optim.group_lr("te2") == 1e-4
     with pytest.raises(ConfigError, match="fused_backward"):
         train.Config(model="builtin:tiny", train_text_encoder="both", fused_backward=True, max_grad_norm=0.0)
     with pytest.raises(ConfigError, match="fsdp"):

@@ -121,6 +121,8 @@ class Config:
     text_encoder_lr: float | None = opt(None, "Peak learning rate of the trained text encoders (their LoRA or "
                                               "their own weights; 5e-6 is usual for a full fine-tune) "
                                               "[default: learning_rate].", gt=0)
+    text_encoder_2_lr: float | None = opt(None, "Peak learning rate of text encoder 2 (OpenCLIP ViT-bigG) alone "
+                                                "[default: text_encoder_lr].", gt=0)
     lr_schedule: str = opt("constant", "Learning-rate schedule after warmup (diffusers' schedules): constant, linear "
                                        "or cosine to 0, cosine_with_restarts (lr_cycles cycles), polynomial (power "
                                        "lr_power down to lr_end); constant_with_warmup is constant.", choices=SCHEDULES)
