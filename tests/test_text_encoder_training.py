@@ -81,6 +81,12 @@ def test_states_from_ids_in_the_step_equal_encodes(encoded):
     assert done.te.shape == reference.te.shape
     torch.testing.assert_close(done.te, reference.te, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(done.pooled, reference.pooled, atol=1e-4, rtol=1e-4)
+    # tags shuffled per step from the sample's own generator: the same step draws the same, another step not
+    from types import SimpleNamespace
+    shuffling = SimpleNamespace(tokens=text.tokens, cfg=text_config(shuffle_tags=True, keep_tags=1))
+    at = lambda step: S.assemble(got[:4], step, 0, data.empty, objective, shuffling).ids   # noqa: E731
+    assert torch.equal(at(5), at(5)) and not torch.equal(at(5), at(6))
+    assert torch.equal(at(5)[:, :, :3], batch.ids[:, :, :3])   # BOS and the kept first tag ("colour N")
 
 
 def test_tags_shuffled_and_dropped_on_tokens_keep_the_first():
