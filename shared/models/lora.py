@@ -11,6 +11,9 @@ Presets (which tool's default each matches is in the README):
 - `kohya+conv`: `kohya` plus those convolutions (kohya's `networks.lora` with conv_dim). The weights are peft's own state dict (`…lora_A.weight`, `…lora_B.weight`, and
 `…lora_magnitude_vector` with DoRA), keyed by diffusers UNet module names, so train (checkpoints) and export
 (kohya / diffusers names) agree on one format.
+
+The text encoders, when trained (train's textenc.py), get a LoRA of the same spec on `TEXT_ENCODER`: every CLIP
+encoder layer's q/k/v/out_proj and fc1/fc2 (kohya's text-encoder targets).
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ from shared.core.errors import ConfigError
 
 PRESETS = ("attn", "self-attn", "kohya", "attn+conv", "kohya+conv")
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
-CONV = ("conv1", "conv2", "conv_shortcut")
-TEXT_ENCODER = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # in each CLIP encoder layer  # in ResnetBlock2D; plus downsamplers/upsamplers `.conv`
+CONV = ("conv1", "conv2", "conv_shortcut")  # in ResnetBlock2D; plus downsamplers/upsamplers `.conv`
+TEXT_ENCODER = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # in each CLIP encoder layer
 
 
 @dataclass(frozen=True)

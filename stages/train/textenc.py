@@ -172,11 +172,11 @@ class TextEncoders:
         """Token ids [B, 2, n*77] -> (states [B, n*77, d1+d2], pooled [B, P] of each caption's first window);
         under autograd (a frozen encoder records nothing)."""
         b, _, length = ids.shape
-        windows = ids.reshape(b, 2, length // WINDOW_TOKENS, WINDOW_TOKENS).transpose(0, 1).reshape(2, -1, WINDOW_TOKENS)
+        n = length // WINDOW_TOKENS
+        windows = ids.reshape(b, 2, n, WINDOW_TOKENS).transpose(0, 1).reshape(2, b * n, WINDOW_TOKENS)
         with contextlib.nullcontext() if self.cfg.trained else torch.no_grad():
             hidden, pooled = encode_windows(self.encoders["text_encoder"], self.encoders["text_encoder_2"],
                                             windows[0], windows[1])
-        n = length // WINDOW_TOKENS
         return hidden.reshape(b, length, -1), pooled.reshape(b, n, -1)[:, 0]
 
     @contextlib.contextmanager
