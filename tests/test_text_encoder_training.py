@@ -4,6 +4,8 @@ bitwise after kill -9 and exported (kohya lora_te1_ / lora_te2_, peft) through d
 full fine-tune of an encoder landing in the diffusers and single-file exports."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -110,20 +112,30 @@ def test_tags_shuffled_and_dropped_on_tokens_keep_the_first():
 
 @pytest.fixture(scope="module")
 def lora_run(encoded, tmp_path_factory):
-    """A short run with a LoRA on the UNet and both text encoders (own LR), tags shuffled, kill -9 at step 3
-    and resumed; and the same run uninterrupted."""
+    """A short run with a LoRA on the UNet and both text encoders (own LR), tags shuffled and dropped, caption
+    and LoRA dropout: uninterrupted, and killed (-9) after step 3 then resumed from its step-2 checkpoint. Only
+    the killed run is a subprocess; all run on one thread, so their float sums agree."""
     tmp = tmp_path_factory.mktemp("lora")
-    opts = dict(train_text_encoder="both", text_encoder_lr=1e-2, shuffle_tags=True, tag_dropout=0.2,
-                caption_dropout=0.2, lora_dropout=0.1)
-    args = lambda out: cli_args(encoded, out, **{**BASE, **opts})   # noqa: E731
-    full = sdxl(args(tmp / "a"))
-    assert full.returncode == 0, full.stderr[-2000:]
-    killed = sdxl(args(tmp / "b"), env={"SDXL_FAULT": "train.step:3"})
-    assert killed.returncode == -9
-    again = sdxl(args(tmp / "b"))
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "step 2 of 4" in again.stdout
+    opts = {**BASE, "train_text_encoder": "both", "text_encoder_lr": 1e-2, "shuffle_tags": True, "tag_dropout": 0.2,
+            "caption_dropout": 0.2, "lora_dropout": 0.1}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        in_process(encoded, tmp / "a", opts)
+        killed = sdxl(cli_args(encoded, tmp / "b", **opts), env={"SDXL_FAULT": "train.step:3"})
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        assert [p.name for p in (tmp / "b.staging" / "checkpoints").iterdir()] == ["step-000002"]
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said):
+            in_process(encoded, tmp / "b", opts)
+        assert "resuming from" in said.getvalue() and "step 2 of 4" in said.getvalue()
+    finally:
+        torch.set_num_threads(threads)
     return tmp
+
+
+def in_process(work: Path, out: Path, opts: dict) -> None:
+    train.run(resolve(train.Config, "train", {}, {"workdir": work, "output": out, **opts}))
 
 
 def test_kill_9_then_resume_with_trained_text_encoders_is_bitwise(lora_run):
