@@ -8,8 +8,7 @@ checkpoint is resumed only by a config whose fingerprinted fields equal the chec
 The groups are typed views of the flat fields of the same names, made once per config: `objective`
 (objective.py), `unet` and `adapter` (model.py), `optim` (optim.py), `offload` (offload.py), `data` (feed.py),
 `checkpointing` (checkpoint.py), `logging` (logs.py), `previews` (previews.py), `holdout_set` (holdout.py), `text`
-(textenc.py). Functions
-take their group, not the whole config.
+(textenc.py). Functions take their group, not the whole config.
 """
 from __future__ import annotations
 
