@@ -137,3 +137,18 @@ def test_damage_is_found_and_named(tmp_path):
         C.require_intact(folder)
     (folder / "weights.safetensors").unlink()
     assert C.damage(folder) == ["weights.safetensors is missing"]
+
+
+def test_a_key_an_older_checkpoint_lacks_differs_only_when_set_off_its_default():
+    """A checkpoint written before a config key existed resumes with that key at its default (the value that
+    trains as before) and is refused, naming the key, with any other value."""
+    from stages.train import checkpoint as ckpt, loop
+
+    defaults = loop.config_defaults()
+    assert defaults["train_text_encoder"] == "none" and defaults["target"] == "unet" and "output" not in defaults
+    saved = record(3)   # its config records learning_rate only
+    now = {**defaults, "learning_rate": 0.003}
+    assert ckpt.differences(saved, now, {"encode": "abc"}, defaults=defaults) == []
+    changed = {**now, "train_text_encoder": "te1"}
+    assert ckpt.differences(saved, changed, {"encode": "abc"}, defaults=defaults) == ['train_text_encoder null -> "te1"']
+    assert ckpt.differences(saved, now, {"encode": "abc"})   # without the defaults: every new key differs

@@ -167,8 +167,8 @@ def test_training_takes_the_epochs_crop_and_holdout_reads_no_shard_to_choose(enc
     seen: list[tuple[int, str, bytes, int]] = []
     real = S.assemble
 
-    def spy(samples, step, micro, empty, cfg, epoch=0):
-        batch = real(samples, step, micro, empty, cfg, epoch)
+    def spy(samples, step, micro, empty, cfg, epoch=0, **kw):
+        batch = real(samples, step, micro, empty, cfg, epoch, **kw)
         for s, lat in zip(samples, batch.latents):
             seen.append((epoch, s.key, lat.numpy().astype(np.float16).tobytes(), step))
         return batch
@@ -278,7 +278,7 @@ def test_wandb_gets_scalars_evaluations_and_sample_images(tmp_path, monkeypatch)
     previews = types.SimpleNamespace(due=lambda step, total: True, render=lambda *a: grid,
                                      labelled=lambda step: {"samples/00": (grid.parent / "00.png", "a cat"),
                                                             "samples/grid": (grid, "rows: steps")})
-    run = types.SimpleNamespace(previews=previews, log=log, staging=tmp_path, unet=None, ema=None,
+    run = types.SimpleNamespace(previews=previews, log=log, staging=tmp_path, unet=None, ema=None, text=None,
                                 precision=types.SimpleNamespace(autocast=None),
                                 schedule=types.SimpleNamespace(total=10))
     loop.sample_images(run, 3)

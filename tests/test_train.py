@@ -71,7 +71,7 @@ def test_config_groups_are_typed_views_of_the_flat_keys():
     cfg = resolve(train.Config, "train", {}, {**BASE, "lr_schedule": "polynomial", "lr_power": 2.0, "dora": True})
     flat = {f.name for f in fields(cfg)}
     groups = ("objective", "unet", "optim", "offload", "data", "checkpointing", "logging", "previews", "holdout_set",
-              "vae_target")
+              "vae_target", "text")
     seen = set()
     for name in groups:
         group = getattr(cfg, name)

@@ -164,6 +164,8 @@ def test_vae_target_options_are_checked(encoded, tmp_path):
         cfg(perceptual_weight=0.0, vae_train="decoder")
     with pytest.raises(ConfigError, match="quantize_base applies to the UNet target"):
         cfg(perceptual_weight=0.0, quantize_base="fp8")
+    with pytest.raises(ConfigError, match="train_text_encoder applies to the UNet target"):
+        cfg(perceptual_weight=0.0, train_text_encoder="te1")
     from shared.formats.samples import Layout
 
     with pytest.raises(InputError, match="encode with --pixels png"):

@@ -112,7 +112,11 @@ def metadata(info: dict) -> dict[str, str]:
         "ss_sd_model_name": info.get("base_model"), "ss_v2": False, "ss_v_parameterization": v_pred,
         "ss_zero_terminal_snr": info.get("schedule") in ("ztsnr", "novelai"), "ss_resolution": f"({w}, {h})",
         "ss_steps": info.get("steps"), "ss_epoch": info.get("epoch"), "ss_max_train_steps": info.get("max_steps"),
-        "ss_learning_rate": info.get("learning_rate"), "ss_unet_lr": info.get("learning_rate"),
+        "ss_learning_rate": info.get("learning_rate"),
+        "ss_unet_lr": info.get("adapter_lr") or info.get("learning_rate"),
+        "ss_text_encoder_lr": (info.get("text_encoder_lr") or info.get("learning_rate"))
+        if info.get("train_text_encoder") not in (None, "none") else None,
+        "ss_network_train_unet_only": info.get("train_text_encoder") in (None, "none"),
         "ss_batch_size_per_device": info.get("batch_size"), "ss_seed": info.get("seed"),
         "ss_min_snr_gamma": info.get("min_snr_gamma"), "ss_noise_offset": info.get("noise_offset"),
         "ss_training_comment": info.get("comment") or None,
@@ -147,7 +151,8 @@ def training_info(config: dict, extra: dict, *, step: int, epoch: int | None, sp
             "tag_frequency": extra.get("tag_frequency"), "buckets": extra.get("buckets"), "comment": comment,
             "finished": finished,
             **{k: config.get(k) for k in ("max_steps", "learning_rate", "batch_size", "seed", "prediction",
-                                          "schedule", "min_snr_gamma", "noise_offset")}}
+                                          "schedule", "min_snr_gamma", "noise_offset", "adapter_lr",
+                                          "text_encoder_lr", "train_text_encoder")}}
 
 
 def provenance(*, version: str, base: str, train_fingerprint: str | None, inputs: dict, weights: str, step: int,

@@ -11,6 +11,9 @@ Presets (which tool's default each matches is in the README):
 - `kohya+conv`: `kohya` plus those convolutions (kohya's `networks.lora` with conv_dim). The weights are peft's own state dict (`…lora_A.weight`, `…lora_B.weight`, and
 `…lora_magnitude_vector` with DoRA), keyed by diffusers UNet module names, so train (checkpoints) and export
 (kohya / diffusers names) agree on one format.
+
+The text encoders, when trained (train's textenc.py), get a LoRA of the same spec on `TEXT_ENCODER`: every CLIP
+encoder layer's q/k/v/out_proj and fc1/fc2 (kohya's text-encoder targets).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from shared.core.errors import ConfigError
 PRESETS = ("attn", "self-attn", "kohya", "attn+conv", "kohya+conv")
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 CONV = ("conv1", "conv2", "conv_shortcut")  # in ResnetBlock2D; plus downsamplers/upsamplers `.conv`
+TEXT_ENCODER = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # in each CLIP encoder layer
 
 
 @dataclass(frozen=True)
@@ -87,15 +91,27 @@ def _linear_target(name: str, preset: str) -> bool:
     return ".attn1." in name if preset == "self-attn" else ".attn" in name
 
 
-def apply_lora(unet: Any, spec: LoraSpec) -> None:
-    """Freeze the UNet and inject a LoRA adapter (peft) as `spec` says; only the LoRA weights train."""
+def text_encoder_targets(text_encoder: Any) -> list[str]:
+    """Full module names of a CLIP text encoder that get a LoRA: the attention projections and the MLP of every
+    encoder layer (kohya's text-encoder targets: q/k/v/out_proj, fc1, fc2)."""
+    import torch
+
+    return sorted(name for name, module in text_encoder.named_modules()
+                  if isinstance(module, torch.nn.Linear) and ".encoder.layers." in "." + name
+                  and name.rsplit(".", 1)[-1] in TEXT_ENCODER)
+
+
+def apply_lora(unet: Any, spec: LoraSpec, targets: list[str] | None = None) -> None:
+    """Freeze the UNet (or the text encoder, with its `targets`) and inject a LoRA adapter (peft) as `spec`
+    says; only the LoRA weights train."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if spec.rank < 1 or spec.alpha <= 0 or not 0 <= spec.dropout < 1:
         raise ConfigError("lora_rank must be >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1")
     unet.requires_grad_(False)
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, use_dora=spec.dora,
-                        init_lora_weights=True, target_modules=target_modules(unet, spec.preset))
+                        init_lora_weights=True,
+                        target_modules=targets if targets is not None else target_modules(unet, spec.preset))
     inject_adapter_in_model(config, unet, adapter_name="default")
     for name, p in unet.named_parameters():
         p.requires_grad_(".lora_" in name)

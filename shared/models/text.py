@@ -53,12 +53,8 @@ def encode_captions(model: Any, captions: list[str], max_windows: int | None = N
     flat1 = [w for w1, _, _ in pairs for w in w1]
     flat2 = [w for _, w2, _ in pairs for w in w2]
     with torch.no_grad():
-        ids1 = torch.tensor(flat1, dtype=torch.long, device=model.text_encoder.device)
-        ids2 = torch.tensor(flat2, dtype=torch.long, device=model.text_encoder_2.device)
-        h1 = model.text_encoder(ids1, output_hidden_states=True).hidden_states[-2]
-        out2 = model.text_encoder_2(ids2, output_hidden_states=True)
-        h2, pooled = out2.hidden_states[-2], out2.text_embeds
-    hidden = torch.cat([h1, h2.to(h1.device, h1.dtype)], dim=-1)
+        hidden, pooled = encode_windows(model.text_encoder, model.text_encoder_2, torch.tensor(flat1),
+                                        torch.tensor(flat2))
     results, start = [], 0
     for w1, w2, cut in pairs:
         n = len(w1)
@@ -67,6 +63,18 @@ def encode_captions(model: Any, captions: list[str], max_windows: int | None = N
                         "windows": n, "truncated": cut})
         start += n
     return results
+
+
+def encode_windows(text_encoder: Any, text_encoder_2: Any, ids1: Any, ids2: Any) -> tuple[Any, Any]:
+    """77-token windows [N, 77] of each tokenizer through its encoder: (hidden [N, 77, d1+d2], the penultimate
+    layers' states concatenated; pooled [N, d_proj], encoder 2's projection). What encode stores and what train
+    computes when it trains the text encoders (under autograd there)."""
+    import torch
+
+    h1 = text_encoder(ids1.to(text_encoder.device, torch.long), output_hidden_states=True).hidden_states[-2]
+    out2 = text_encoder_2(ids2.to(text_encoder_2.device, torch.long), output_hidden_states=True)
+    h2, pooled = out2.hidden_states[-2], out2.text_embeds
+    return torch.cat([h1, h2.to(h1.device, h1.dtype)], dim=-1), pooled
 
 
 def encode_caption(model: Any, caption: str, max_windows: int | None = None) -> tuple[Any, Any]:

@@ -157,11 +157,14 @@ def trained_model(ckpt: Checkpoint, weights: dict[str, dict], parts: tuple[str, 
 
     model = models.load_model(ckpt.base, parts, dtype=torch.float32)
     if ckpt.method == "full":
-        result = model.unet.load_state_dict(weights["unet"], strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            bad = (result.missing_keys or result.unexpected_keys)[0]
-            raise InputError(f"{ckpt.file}: the UNet weights do not fit {ckpt.base} ({bad}); give the base "
-                             f"model it was trained from with --model")
+        for name in ("unet", "text_encoder", "text_encoder_2"):   # text encoders: when they were trained
+            if name not in weights or getattr(model, name, None) is None:
+                continue
+            result = getattr(model, name).load_state_dict(weights[name], strict=False)
+            if result.missing_keys or result.unexpected_keys:
+                bad = (result.missing_keys or result.unexpected_keys)[0]
+                raise InputError(f"{ckpt.file}: the {name} weights do not fit {ckpt.base} ({bad}); give the "
+                                 f"base model it was trained from with --model")
         return model
     spec = ckpt.spec
     if spec is None:
@@ -174,4 +177,10 @@ def trained_model(ckpt: Checkpoint, weights: dict[str, dict], parts: tuple[str, 
     for name in ("text_encoder", "text_encoder_2"):
         if name in weights:
             _inject(getattr(model, name), weights[name], spec.alpha)
+    for name in source_parts(model):   # the injected LoRA dropout layers start in train mode
+        getattr(model, name).eval()
     return model
+
+
+def source_parts(model: Any) -> list[str]:
+    return [n for n in COMPONENTS if getattr(model, n, None) is not None]

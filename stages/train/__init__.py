@@ -103,7 +103,8 @@ def _adopt_unfinished(cfg: Config, fingerprint: str, record: dict) -> None:
         staging.rename(aside)
         say(f"train: set the unfinished run aside (--resume {cfg.resume}): {aside}")
         return
-    diff = ckpt.differences(ckpt.read_manifest(found[-1]), record["config"], record["inputs"], extend.LENGTH)
+    diff = ckpt.differences(ckpt.read_manifest(found[-1]), record["config"], record["inputs"], extend.LENGTH,
+                            loop.config_defaults())
     if diff and not cfg.force_resume:
         raise ConfigError(f"{staging} holds an unfinished run (newest checkpoint {found[-1].name}) whose config "
                           f"differs: {'; '.join(diff)}. Pass --force-resume to continue it with the new settings, "

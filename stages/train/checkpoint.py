@@ -80,12 +80,18 @@ def newest_intact(root: Path, set_aside: bool = True) -> Path | None:
     return None
 
 
-def differences(saved: CheckpointManifest, config: dict, inputs: dict, allowed: tuple[str, ...] = ()) -> list[str]:
+def differences(saved: CheckpointManifest, config: dict, inputs: dict, allowed: tuple[str, ...] = (),
+                defaults: dict | None = None) -> list[str]:
     """What differs between a checkpoint's recorded math (config, world size, inputs) and this run's, but for the
-    `allowed` keys (the run's length: continuing to another length is an extension, not another training)."""
+    `allowed` keys (the run's length: continuing to another length is an extension, not another training). A key
+    that the checkpoint does not record (written by a version before that key existed) differs only when this
+    run's value is not the key's default (`defaults`), the value that reproduces the training before it existed."""
     out = []
+    defaults = defaults or {}
     for key in sorted((set(saved.config) | set(config)) - set(allowed)):
         a, b = saved.config.get(key), config.get(key)
+        if key not in saved.config and key in defaults and b == defaults[key]:
+            continue
         if a != b:
             out.append(f"{key} {json.dumps(a)} -> {json.dumps(b)}")
     for name in sorted(set(saved.inputs) | set(inputs)):
@@ -96,11 +102,11 @@ def differences(saved: CheckpointManifest, config: dict, inputs: dict, allowed: 
 
 
 def check_resumable(folder: Path, config: dict, inputs: dict, force: bool,
-                    allowed: tuple[str, ...] = ()) -> CheckpointManifest:
+                    allowed: tuple[str, ...] = (), defaults: dict | None = None) -> CheckpointManifest:
     """The checkpoint's record, or a ConfigError naming what differs from this run (unless `force`; `allowed`
-    keys may differ)."""
+    keys may differ; `defaults` as in `differences`)."""
     saved = read_manifest(folder)
-    diff = differences(saved, config, inputs, allowed)
+    diff = differences(saved, config, inputs, allowed, defaults)
     if diff and not force:
         raise ConfigError(f"resuming {folder} with a config that changes the training: {'; '.join(diff)}. "
                           f"Pass --force-resume to resume anyway, or --resume never to start over")

@@ -8,8 +8,7 @@ checkpoint is resumed only by a config whose fingerprinted fields equal the chec
 The groups are typed views of the flat fields of the same names, made once per config: `objective`
 (objective.py), `unet` and `adapter` (model.py), `optim` (optim.py), `offload` (offload.py), `data` (feed.py),
 `checkpointing` (checkpoint.py), `logging` (logs.py), `previews` (previews.py), `holdout_set` (holdout.py),
-`vae_target` (vae.py). Functions
-take their group, not the whole config.
+`vae_target` (vae.py), `text` (textenc.py). Functions take their group, not the whole config.
 """
 from __future__ import annotations
 
@@ -33,6 +32,8 @@ from stages.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 from stages.train.holdout import HoldoutConfig
 from stages.train.previews import PreviewConfig
 from stages.train.vae import PARTS as VAE_PARTS, TARGETS, VaeConfig, unet_only_problem
+from stages.train import textenc
+from stages.train.textenc import TextConfig
 
 DTYPES = ("float32", "bfloat16")
 
@@ -109,6 +110,18 @@ class Config:
                                    ge=0, le=1000)
     caption_dropout: float = opt(0.0, "Probability of training a sample with the empty caption's embedding.",
                                  ge=0, le=1)
+    train_text_encoder: str = opt("none", "Also train the text encoders: te1 (CLIP ViT-L), te2 (OpenCLIP ViT-bigG), "
+                                          "or both, as `method` says (a LoRA on their q/k/v/out_proj and fc1/fc2 "
+                                          "with the UNet's rank and alpha, or all their weights). They then run "
+                                          "in the step from the token ids encode stored (sdxl encode "
+                                          "--token-ids). One process; not with fused_backward, blocks_to_swap "
+                                          "or parallel fsdp.", choices=textenc.TRAIN)
+    shuffle_tags: bool = opt(False, "Shuffle the caption's comma-separated tags every step (on its token ids; the "
+                                    "text encoders run in the step, trained or not; needs sdxl encode "
+                                    "--token-ids).")
+    keep_tags: int = opt(1, "Leading tags kept in place by shuffle_tags and tag_dropout.", ge=0)
+    tag_dropout: float = opt(0.0, "Probability of dropping each tag after the first keep_tags, every step (on the "
+                                  "token ids, as shuffle_tags).", ge=0, le=1)
     flip_rate: float = opt(0.5, "Probability of using the flipped latent (when encode stored latent_flip).", ge=0, le=1)
     batch_size: int = opt(4, "Samples per micro-batch per process (one bucket per batch).", ge=1)
     accumulate: int = opt(1, "Micro-batches accumulated per optimizer step.", ge=1)
@@ -124,6 +137,11 @@ class Config:
                                       "[default: learning_rate].", gt=0)
     adapter_lr: float | None = opt(None, "Peak learning rate of the LoRA weights on the UNet (method lora) "
                                          "[default: learning_rate].", gt=0)
+    text_encoder_lr: float | None = opt(None, "Peak learning rate of the trained text encoders (their LoRA or "
+                                              "their own weights; 5e-6 is usual for a full fine-tune) "
+                                              "[default: learning_rate].", gt=0)
+    text_encoder_2_lr: float | None = opt(None, "Peak learning rate of text encoder 2 (OpenCLIP ViT-bigG) alone "
+                                                "[default: text_encoder_lr].", gt=0)
     lr_schedule: str = opt("constant", "Learning-rate schedule after warmup (diffusers' schedules): constant, linear "
                                        "or cosine to 0, cosine_with_restarts (lr_cycles cycles), polynomial (power "
                                        "lr_power down to lr_end); constant_with_warmup is constant.", choices=SCHEDULES)
@@ -283,6 +301,12 @@ class Config:
             what = f"compile {self.compile}" if self.compile != "off" else f"quantize_base {self.quantize_base}"
             raise ConfigError(f"blocks_to_swap moves a block's tensors between host and device by hand, which "
                               f"{what} does not allow (its own kernels / quantized parameters): use one of them")
+        if self.text.trained:
+            clash = ("fused_backward" if self.fused_backward else "blocks_to_swap" if self.blocks_to_swap else
+                     "parallel fsdp" if self.parallel == "fsdp" else "")
+            if clash:
+                raise ConfigError(f"train_text_encoder {self.train_text_encoder} is not supported with {clash}: "
+                                  f"turn one of them off")
         where = self.input or self.workdir / "encode"
         object.__setattr__(self, "input", where if location.is_url(where) else Path(where))
         object.__setattr__(self, "output", self.output or self.workdir / "train")
@@ -301,6 +325,10 @@ class Config:
     @cached_property
     def unet(self) -> UnetConfig:
         return _view(self, UnetConfig)
+
+    @cached_property
+    def text(self) -> TextConfig:
+        return _view(self, TextConfig)
 
     @cached_property
     def offload(self) -> OffloadConfig:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
 
 from shared.core import artifacts, ranks
-from shared.core.config import fingerprinted, to_plain
+from shared.core.config import default_of, fingerprinted, to_plain
 from shared.core.errors import ConfigError, DataError
 from shared.core.faults import checkpoint as fault_point
 from shared.core.log import say, warn
@@ -24,7 +24,7 @@ from shared.core.stage import BuildResult
 from stages.train import checkpoint as ckpt
 from stages.train import data as D
 from stages.train import feed, fused, holdout as H, lorafiles, logs, model as M, objective, offload as OF
-from stages.train import extend, initlora, optim as O, previews, sharding, step as S, vae as V
+from stages.train import extend, initlora, optim as O, previews, sharding, step as S, textenc, vae as V
 from shared.models.sampling import Objective
 from stages.train.config import Config
 
@@ -79,6 +79,7 @@ class Run:
     sharded: bool = False              # the UNet is sharded over the processes (FSDP2, sharding.py)
     previews: previews.Previews | None = None   # sample images (main rank, when asked for)
     vae: V.VaeTraining | None = None   # target vae: the VAE's losses and measures; `unet` is then its Reconstruction
+    text: textenc.TextEncoders | None = None   # the text encoders when they run in the step (textenc.py)
 
     def parts(self) -> dict[str, ckpt.Stateful]:
         """What a checkpoint holds, restored in this order (the schedule after the optimizer: it sets the
@@ -126,6 +127,8 @@ def setup_unet(run: Run) -> None:
     """The UNet to train, with what goes around it: its LoRA's start, previews, memory savers, FSDP."""
     cfg = run.cfg
     run.unet = M.build_unet(cfg.unet, run.device)
+    if cfg.text.in_step:
+        run.text = text_encoders(run)
     if cfg.init_lora is not None:
         initlora.load(cfg.init_lora, run.unet, cfg.adapter)
     if run.rank.main and cfg.sample_prompts is not None:
@@ -153,6 +156,18 @@ def setup_vae(run: Run) -> None:
     run.offload = OF.install(cfg.offload, run.unet, run.device, run.rank.world)
 
 
+def text_encoders(run: Run) -> textenc.TextEncoders:
+    """The text encoders for the step; the shards must hold token ids, and their gradients are one process's."""
+    cfg = run.cfg
+    if not run.data.index.layout.token_ids:
+        raise ConfigError(f"{cfg.input}: the shards hold no token ids, which train_text_encoder / shuffle_tags / "
+                          f"tag_dropout need: encode again with sdxl encode --token-ids")
+    if cfg.text.trained and run.rank.world > 1:
+        raise ConfigError(f"train_text_encoder {cfg.train_text_encoder} trains on one process (its gradients are "
+                          f"not averaged over the {run.rank.world} processes): launch one process, or turn it off")
+    return textenc.TextEncoders(cfg.text, run.device)
+
+
 def sampling_objective(cfg: Config) -> Objective:
     return Objective(cfg.prediction, cfg.schedule, cfg.flow_shift, cfg.resolution_base if cfg.resolution_noise else 0)
 
@@ -160,10 +175,14 @@ def sampling_objective(cfg: Config) -> Objective:
 def make_state(run: Run) -> None:
     """The stateful parts around the UNet, and the precision and sigmas of the step."""
     cfg, opt_cfg = run.cfg, run.cfg.optim
-    named = run.vae.groups() if run.vae is not None else M.trainable_groups(run.unet, cfg.method)
+    if run.vae is not None:
+        named = run.vae.groups()
+        run.weights = run.vae.weights()
+    else:
+        named = {**M.trainable_groups(run.unet, cfg.method), **(run.text.groups() if run.text is not None else {})}
+        run.weights = M.TrainedWeights(run.unet, cfg.method, run.text.trained if run.text is not None else None)
     groups = O.param_groups(opt_cfg, named)
     run.params = [p for g in groups for p in g["params"]]
-    run.weights = run.vae.weights() if run.vae is not None else M.TrainedWeights(run.unet, cfg.method)
     run.opt = make_optimizer(opt_cfg, groups, cfg.seed, run.rank.world)
     run.lr = O.LRSchedule(run.opt, opt_cfg, run.schedule.total)
     ema_device = "cpu" if opt_cfg.ema_device == "cpu" else None
@@ -187,7 +206,7 @@ def make_optimizer(cfg: O.OptimizerConfig, groups: list[dict], seed: int, world:
 
 def restore(run: Run, folder: Path) -> None:
     saved = ckpt.check_resumable(folder, run.record["config"], run.record["inputs"],
-                                 run.cfg.checkpointing.force_resume, extend.LENGTH)
+                                 run.cfg.checkpointing.force_resume, extend.LENGTH, config_defaults())
     if run.rank.main:
         extend.check_length(folder, saved, run.cfg, run.schedule, run.data.infos, run.rank.world)
     missing = ckpt.restore(folder, {**run.parts(), **run.rank_parts()})
@@ -212,11 +231,15 @@ def train_steps(run: Run) -> None:
         lr, epoch = run.lr.lr, run.schedule.locate(step)[0]
         for micro in range(data.accumulate):
             batch = (run.vae.assemble(*next(batches)) if run.vae is not None else
-                     S.assemble(*next(batches), run.data.empty, cfg.objective, epoch)).to(run.device)
+                     S.assemble(*next(batches), run.data.empty, cfg.objective, epoch, text=run.text)).to(run.device)
             with sync(run, last=micro == data.accumulate - 1):
                 with run.offload.forward():
-                    loss, per_sample, u = (run.vae.loss(run.model, batch) if run.vae is not None else
-                                           S.loss(run.model, batch, cfg.objective, run.sigmas, run.precision))
+                    if run.vae is not None:
+                        loss, per_sample, u = run.vae.loss(run.model, batch)
+                    else:
+                        with run.precision.autocast:
+                            batch = S.condition(batch, run.text)
+                        loss, per_sample, u = S.loss(run.model, batch, cfg.objective, run.sigmas, run.precision)
                 with run.offload.backward():
                     backward(run, loss, data.accumulate)
             window.add(loss.detach(), per_sample, u)
@@ -245,7 +268,8 @@ def sample_images(run: Run, step: int) -> None:
     """The sample prompts rendered at `step` when due (main rank; see previews.py)."""
     if run.previews is not None and run.previews.due(step, run.schedule.total):
         tb = run.log.tb if run.log is not None else None
-        grid = run.previews.render(run.unet, step, run.ema, run.precision.autocast, tb)
+        text = run.text if run.text is not None and run.text.cfg.trained else None
+        grid = run.previews.render(run.unet, step, run.ema, run.precision.autocast, tb, text)
         if run.log is not None:
             run.log.note_text(step, "samples", str(grid.relative_to(run.staging)))
             run.log.images(step, run.previews.labelled(step))
@@ -376,7 +400,8 @@ def _evaluate(run: Run) -> None:
     for name, samples, history in (("eval_loss", run.eval_set, run.progress.eval),
                                    ("val_loss", held, run.progress.val)):
         if samples:
-            each = S.evaluate_each(run.unet, samples, run.cfg.objective, run.sigmas, run.precision, run.device)
+            each = S.evaluate_each(run.unet, samples, run.cfg.objective, run.sigmas, run.precision, run.device,
+                                   run.text)
             history.append([step, float(each.mean())])
             if run.log is not None:
                 run.log.evaluation(step, name, each, samples)
@@ -425,6 +450,12 @@ def dataset_extras(run: Run) -> dict:
     buckets = sorted(([*b.bucket, b.samples] for b in index.buckets), key=lambda b: -b[2])
     return {"tag_frequency": index.tag_frequency, "resolution": buckets[0][:2] if buckets else None,
             "buckets": buckets}
+
+
+def config_defaults() -> dict:
+    """Every fingerprinted key's default, as the record holds values (what a key absent from an older checkpoint
+    stands for)."""
+    return {f.name: to_plain(default_of(f)) for f in fields(Config) if f.metadata.get("fingerprint", True)}
 
 
 def record(cfg: Config, inputs: dict) -> dict:

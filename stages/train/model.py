@@ -117,25 +117,40 @@ def trainable(unet: Any) -> list[torch.nn.Parameter]:
 
 def trainable_groups(unet: Any, method: str) -> dict[str, list[torch.nn.Parameter]]:
     """The trained parameters by group, each with its own learning rate (optim.OptimizerConfig.group_lr):
-    `adapter` (the LoRA on the UNet) or `unet` (its own weights). The text encoders' groups join here when they
-    are trained."""
+    `adapter` (the LoRA on the UNet) or `unet` (its own weights). The text encoders' groups (textenc.py
+    `TextEncoders.groups`) join these when they are trained."""
     return {"adapter" if method == "lora" else "unet": trainable(unet)}
 
 
 class TrainedWeights:
     """The trained weights as checkpoints and export store them: `unet.` + peft's LoRA keys, or + the UNet's own
-    parameter names for a full fine-tune. A checkpoint part; loading copies into the live parameters (the
-    optimizer's and the EMA's references stay valid)."""
+    parameter names for a full fine-tune; the trained text encoders' likewise under `text_encoder.` /
+    `text_encoder_2.`. A checkpoint part; loading copies into the live parameters (the optimizer's and the EMA's
+    references stay valid)."""
 
-    def __init__(self, unet: Any, method: str):
-        self.unet, self.method = unet, method
+    def __init__(self, unet: Any, method: str, text: dict[str, Any] | None = None):
+        self.unet, self.method, self.text = unet, method, dict(text or {})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = lora.lora_state(self.unet) if self.method == "lora" else self.unet.state_dict()
-        return {"unet." + k: v.detach().contiguous() for k, v in state.items()}
+        out = {"unet." + k: v.detach().contiguous() for k, v in state.items()}
+        for name, encoder in self.text.items():
+            own = lora.lora_state(encoder) if self.method == "lora" else encoder.state_dict()
+            out.update({f"{name}.{k}": v.detach().contiguous() for k, v in own.items()})
+        return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         own = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+        for name, encoder in self.text.items():
+            part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+            if not part:
+                raise ConfigError(f"checkpoint holds no {name} weights, but this run trains it")
+            if self.method == "lora":
+                lora.load_lora_state(encoder, part)
+            else:
+                missing, unexpected = encoder.load_state_dict(part, strict=False)
+                if missing or unexpected:
+                    raise ConfigError(f"checkpoint weights do not fit {name} ({(missing or unexpected)[0]})")
         if self.method == "lora":
             lora.load_lora_state(self.unet, own)
             return

@@ -68,6 +68,8 @@ class OptimizerConfig:
     ema_every: int                 # update the EMA every N optimizer steps
     accumulate: int                # micro-batches per optimizer step
     mixed_precision: str           # no | bf16 | fp16
+    text_encoder_lr: float | None = None   # the text encoders' groups (LoRA or own weights); None = learning_rate
+    text_encoder_2_lr: float | None = None  # text encoder 2's group; None = text_encoder_lr
 
     def problem(self) -> str | None:
         """Why this combination cannot be trained (None: it can)."""
@@ -95,7 +97,10 @@ class OptimizerConfig:
 
     def group_lr(self, name: str) -> float:
         """The peak learning rate of the parameter group `name` (see model.trainable_groups)."""
-        # text encoders, when trained, get their own entries here (text_encoder_lr, ...)
+        if name.startswith(("te1", "te2")):   # the text encoders' groups (textenc.py): te1, te2_adapter, ...
+            own = self.text_encoder_2_lr if name.startswith("te2") else None
+            own = own if own is not None else self.text_encoder_lr
+            return own if own is not None else self.learning_rate
         own = {"unet": self.unet_lr, "adapter": self.adapter_lr, "vae": self.vae_lr}.get(name)
         return own if own is not None else self.learning_rate
 

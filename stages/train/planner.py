@@ -370,6 +370,8 @@ def print_plan(cfg: Any) -> Plan:
     result = plan(cfg, size, cfg.batch_size)
     say(result.table())
     say(f"  (size: {where}; activations measured on fake tensors, no GPU used)")
+    if cfg.text.in_step:
+        say(f"  (not counted: the text encoders running in the step, train_text_encoder {cfg.train_text_encoder})")
     return result
 
 

@@ -19,6 +19,7 @@ import shutil
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -88,6 +89,7 @@ class Previews:
         with torch.random.fork_rng(devices=[]):  # a model builder may draw from the global generator
             parts = models.load_model(model_spec, TEXT_PARTS, dtype=torch.float32)
         self.conds = R.encode(parts, self.prompts)
+        self.tokenizers = (parts.tokenizer, parts.tokenizer_2)   # to encode again with trained text encoders
         self.vae = parts.vae.to(device).eval()
 
     def due(self, step: int, total: int) -> bool:
@@ -100,13 +102,20 @@ class Previews:
             if old.is_dir() and int(old.name[5:]) > step:
                 shutil.rmtree(old)
 
-    def render(self, unet: Any, step: int, ema: Any, autocast: Any, tensorboard: Any) -> Path:
-        """Every prompt at `step` into step-NNNNNN/, the grid rewritten; returns the grid's path."""
+    def render(self, unet: Any, step: int, ema: Any, autocast: Any, tensorboard: Any, text: Any = None) -> Path:
+        """Every prompt at `step` into step-NNNNNN/, the grid rewritten; returns the grid's path. With `text`
+        (textenc.TextEncoders being trained) the prompts are encoded again by the encoders as they are now."""
         where = self.folder / f"step-{step:06d}"
         where.mkdir(parents=True, exist_ok=True)
-        with (ema.swapped() if ema is not None else contextlib.nullcontext()), autocast:
-            images = [R.render(unet, self.vae, c, p, self.objective, self.sampler)
-                      for c, p in zip(self.conds, self.prompts)]
+        with (ema.swapped() if ema is not None else contextlib.nullcontext()):
+            conds = self.conds
+            if text is not None:
+                with text.evaluating():
+                    conds = R.encode(SimpleNamespace(**text.encoders, tokenizer=self.tokenizers[0],
+                                                     tokenizer_2=self.tokenizers[1]), self.prompts)
+            with autocast:
+                images = [R.render(unet, self.vae, c, p, self.objective, self.sampler)
+                          for c, p in zip(conds, self.prompts)]
         (where / "weights.txt").write_text("ema\n" if ema is not None else "live\n")
         for i, image in enumerate(images):
             image.save(where / f"{i:02d}.png")

@@ -9,6 +9,7 @@ per epoch instead (`crop_index`): the same for every use of the sample in one ep
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, ContextManager
@@ -18,7 +19,7 @@ import torch
 
 from shared.formats.samples import WINDOW_TOKENS, EmptyCaption, Sample
 from shared.models.sampling import sigma_to_timestep
-from stages.train import objective as obj
+from stages.train import objective as obj, textenc
 from stages.train.objective import ObjectiveConfig
 
 EVAL_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -35,6 +36,7 @@ class Batch:
     time_ids: torch.Tensor     # [B, 6]
     tag_weight: torch.Tensor   # [B]
     prior: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))  # [B]: class images
+    ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [B, 2, L]: text in step
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(**{k: v.to(device, non_blocking=True) for k, v in vars(self).items()})
@@ -78,9 +80,11 @@ def _padded(te: np.ndarray, length: int, empty_te: np.ndarray) -> np.ndarray:
 
 
 def assemble(samples: list[Sample], step: int, micro: int, empty: EmptyCaption, cfg: ObjectiveConfig,
-             epoch: int = 0) -> Batch:
-    """A batch of one bucket's samples with this step's draws (and `epoch`'s crop of each sample)."""
-    chosen, latents, noise, u, time_ids = [], [], [], [], []
+             epoch: int = 0, *, text: Any = None) -> Batch:
+    """A batch of one bucket's samples with this step's draws (and `epoch`'s crop of each sample). With `text`
+    (textenc.TextEncoders: the text encoders run in the step) the batch carries token ids, tags augmented by
+    this step's draws, instead of states (`condition` encodes them)."""
+    chosen, latents, noise, u, time_ids, ids = [], [], [], [], [], []
     seen: dict[str, int] = {}
     for s in samples:
         occurrence = seen.get(s.key, 0)
@@ -90,21 +94,40 @@ def assemble(samples: list[Sample], step: int, micro: int, empty: EmptyCaption, 
         drop = float(torch.rand(1, generator=g)) < cfg.caption_dropout
         flip = float(torch.rand(1, generator=g)) < cfg.flip_rate and s.latent_flip is not None
         u.append(obj.sample_u(1, cfg.timesteps, g, cfg.logit_mean, cfg.logit_std))
-        lat, ids = s.crop(crop_index(cfg.seed, epoch, s.key, s.crops), flip)
+        lat, crop_time_ids = s.crop(crop_index(cfg.seed, epoch, s.key, s.crops), flip)
         noise.append(obj.offset_noise((1,) + tuple(lat.shape), cfg.noise_offset, g))
         latents.append(torch.from_numpy(np.asarray(lat, np.float32)))
-        time_ids.append(ids)
+        time_ids.append(crop_time_ids)
+        if text is not None:   # after every other draw: runs without text in the step draw as before
+            ids.append(empty.ids.astype(np.int64) if drop else
+                       textenc.step_ids(s.ids[v], int(s.windows[v]), text.tokens, text.cfg, g))
+            continue
         if drop:
             chosen.append((empty.te, empty.pooled))
         else:
             chosen.append((s.te[v][:int(s.windows[v]) * WINDOW_TOKENS], s.pooled[v]))
-    length = max(te.shape[0] for te, _ in chosen)
-    te = np.stack([_padded(t, length, empty.te) for t, _ in chosen]).astype(np.float32)
+    if text is not None:
+        length = max(i.shape[1] for i in ids)
+        te, pooled = np.zeros((0,), np.float32), np.zeros((0,), np.float32)
+        ids = np.stack([_padded(i.T, length, empty.ids.T.astype(np.int64)).T for i in ids])
+    else:
+        length = max(te.shape[0] for te, _ in chosen)
+        te = np.stack([_padded(t, length, empty.te) for t, _ in chosen]).astype(np.float32)
+        pooled, ids = np.stack([p for _, p in chosen]).astype(np.float32), np.zeros((0,), np.int64)
     return Batch(latents=torch.stack(latents), noise=torch.cat(noise), u=torch.cat(u), te=torch.from_numpy(te),
-                 pooled=torch.from_numpy(np.stack([p for _, p in chosen]).astype(np.float32)),
+                 pooled=torch.from_numpy(pooled), ids=torch.from_numpy(ids),
                  time_ids=torch.from_numpy(np.stack(time_ids).astype(np.float32)),
                  tag_weight=torch.tensor([float(s.tag_weight) for s in samples], dtype=torch.float32),
                  prior=torch.tensor([bool(s.prior) for s in samples], dtype=torch.bool))
+
+
+def condition(batch: Batch, text: Any) -> Batch:
+    """The batch with its text states encoded from its token ids by the (trained) text encoders in `text`
+    (under autograd); unchanged without `text`."""
+    if text is None:
+        return batch
+    te, pooled = text.encode(batch.ids)
+    return dataclasses.replace(batch, te=te, pooled=pooled)
 
 
 def resolution_factor(latents: torch.Tensor, cfg: ObjectiveConfig) -> float:
@@ -167,7 +190,7 @@ def prior_weights(prior: torch.Tensor, weight: float) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_each(unet: Any, samples: list[Sample], cfg: ObjectiveConfig, sigmas: torch.Tensor, precision: Precision,
-                  device: torch.device) -> torch.Tensor:
+                  device: torch.device, text: Any = None) -> torch.Tensor:
     """Unweighted loss per sample (rows) and fixed timestep position 10 % … 90 % (columns, EVAL_FRACTIONS), with
     noise keyed by the sample's id: numbers comparable across the run and across a resume (caption as written, the
     planned crop, no flip, no dropout; nothing drawn from a shared generator)."""
@@ -178,10 +201,16 @@ def evaluate_each(unet: Any, samples: list[Sample], cfg: ObjectiveConfig, sigmas
     for s in samples:
         lat = torch.from_numpy(np.asarray(s.latent, np.float32))
         te = torch.from_numpy(np.asarray(s.te[0][:int(s.windows[0]) * WINDOW_TOKENS], np.float32))
+        pooled = torch.from_numpy(np.asarray(s.pooled[0], np.float32))
+        if text is not None:   # the caption as written through the encoders as they are now
+            with text.evaluating():
+                te, pooled = text.encode(torch.from_numpy(
+                    np.asarray(s.ids[0][:, :int(s.windows[0]) * WINDOW_TOKENS], np.int64))[None].to(device))
+            te, pooled = te[0].float(), pooled[0].float()
         g = sample_generator(cfg.seed, -1, 0, s.key, 0)
         batch = Batch(latents=lat.expand(k, *lat.shape).clone(), noise=torch.randn((k,) + tuple(lat.shape), generator=g),
                       u=torch.tensor(EVAL_FRACTIONS, dtype=torch.float64), te=te.expand(k, -1, -1).clone(),
-                      pooled=torch.from_numpy(np.asarray(s.pooled[0], np.float32)).expand(k, -1).clone(),
+                      pooled=pooled.expand(k, -1).clone(),
                       time_ids=torch.from_numpy(np.asarray(s.time_ids, np.float32)).expand(k, -1).clone(),
                       tag_weight=torch.ones(k)).to(device)
         x, timestep, tgt, _ = noised(batch, cfg, sigmas)
@@ -192,7 +221,7 @@ def evaluate_each(unet: Any, samples: list[Sample], cfg: ObjectiveConfig, sigmas
 
 
 def evaluate(unet: Any, samples: list[Sample], cfg: ObjectiveConfig, sigmas: torch.Tensor, precision: Precision,
-             device: torch.device) -> float:
+             device: torch.device, text: Any = None) -> float:
     """Mean of `evaluate_each` (NaN for no samples)."""
-    each = evaluate_each(unet, samples, cfg, sigmas, precision, device)
+    each = evaluate_each(unet, samples, cfg, sigmas, precision, device, text)
     return float(each.mean()) if each.numel() else float("nan")

@@ -80,7 +80,7 @@ class VaeConfig:
 #: options of the UNet target that a VAE run cannot honour (name, value that is fine)
 UNET_ONLY = (("init_lora", None), ("lora_files", False), ("quantize_base", "no"), ("blocks_to_swap", 0),
              ("compile", "off"), ("sample_prompts", None), ("parallel", "ddp"), ("fused_backward", False),
-             ("plan", False))
+             ("plan", False), ("train_text_encoder", "none"), ("shuffle_tags", False), ("tag_dropout", 0.0))
 
 
 def unet_only_problem(cfg: Any) -> str | None:
