@@ -68,18 +68,24 @@ def make_dataset(root: Path, count: int = 12, seed: int = 0) -> Path:
 def encode_sixteen(root: Path) -> Path:
     """16 captioned 256x256 images -> one 128x128 bucket, 4 shards of 4, tar + zarr, flipped latents; the work
     folder (what the train and launcher tests train from)."""
-    from shared.core.config import resolve
-    from stages import bucket, encode, ingest
-
     for i in range(16):
         p = save(noise_image(256, 256, seed=100 + i), root / "src" / f"img_{i:02d}.png")
         caption(p, f"colour {i % 4}, shape {i % 3}, common")
+    return encode_folder(root, max_area=128 * 128, max_side=256, shard_samples=4, format="both", flip=True,
+                         caption_variants=1)
+
+
+def encode_folder(root: Path, max_area: int, max_side: int, **encode: object) -> Path:
+    """ingest -> bucket -> encode (builtin:tiny, PIL, in process) of the captioned images in `root`/src into the
+    work folder `root`/w, which is returned; `encode` holds the encode options."""
+    from shared.core.config import resolve
+    from stages import bucket, encode as encode_stage, ingest
+
     work = root / "w"
     ingest.run(resolve(ingest.Config, "ingest", {}, {"sources": (str(root / "src"),), "workdir": work, "workers": 1,
                                                     "min_side": 64}))
-    bucket.run(resolve(bucket.Config, "bucket", {}, {"workdir": work, "max_area": 128 * 128, "min_side": 64,
-                                                    "max_side": 256}))
-    encode.run(resolve(encode.Config, "encode", {}, {"workdir": work, "model": "builtin:tiny", "shard_samples": 4,
-                                                    "format": "both", "flip": True, "caption_variants": 1,
-                                                    "workers": 0, "decoder": "pil"}))
+    bucket.run(resolve(bucket.Config, "bucket", {}, {"workdir": work, "max_area": max_area, "min_side": 64,
+                                                    "max_side": max_side}))
+    encode_stage.run(resolve(encode_stage.Config, "encode", {}, {"workdir": work, "model": "builtin:tiny", "workers": 0,
+                                                                "decoder": "pil", **encode}))
     return work

@@ -20,7 +20,7 @@ from shared.models import loading as models
 from shared.models.text import tokenize
 from stages import export, train
 from stages.train import step as S, textenc
-from tests.conftest import caption, noise_image, save
+from tests.conftest import caption, encode_folder, noise_image, save
 from tests.test_train import cli_args, same_tensors, sdxl
 
 BASE = {"model": "builtin:tiny", "batch_size": 2, "shuffle_buffer": 4, "max_steps": 4, "checkpoint_every": 2,
@@ -31,22 +31,13 @@ BASE = {"model": "builtin:tiny", "batch_size": 2, "shuffle_buffer": 4, "max_step
 def encoded(tmp_path_factory):
     """4 captioned 128x128 images -> one bucket, 2 tar shards of 2, with token ids (the first caption long
     enough for two 77-token windows)."""
-    from stages import bucket, encode, ingest
-
     root = tmp_path_factory.mktemp("te")
     for i in range(4):
         p = save(noise_image(128, 128, seed=200 + i), root / "src" / f"img_{i:02d}.png")
         extra = ", ".join(f"word{j}" for j in range(22)) if i == 0 else "plain"
         caption(p, f"colour {i % 4}, shape {i % 3}, common, {extra}")
-    work = root / "w"
-    ingest.run(resolve(ingest.Config, "ingest", {}, {"sources": (str(root / "src"),), "workdir": work, "workers": 1,
-                                                    "min_side": 64}))
-    bucket.run(resolve(bucket.Config, "bucket", {}, {"workdir": work, "max_area": 128 * 128, "min_side": 64,
-                                                    "max_side": 128}))
-    encode.run(resolve(encode.Config, "encode", {}, {"workdir": work, "model": "builtin:tiny", "shard_samples": 2,
-                                                    "format": "wds", "token_ids": True, "storage_dtype": "float32",
-                                                    "workers": 0, "decoder": "pil"}))
-    return work
+    return encode_folder(root, max_area=128 * 128, max_side=128, shard_samples=2, format="wds", token_ids=True,
+                         storage_dtype="float32")
 
 
 def samples(data) -> list:

@@ -13,7 +13,7 @@ from PIL import Image
 from shared.core.config import resolve
 from shared.formats import samples as fmt
 from shared.formats import shards
-from tests.conftest import caption, save
+from tests.conftest import caption, encode_folder, save
 
 
 def smooth_image(size: int, seed: int) -> Image.Image:
@@ -25,20 +25,10 @@ def smooth_image(size: int, seed: int) -> Image.Image:
 
 def encode_pixels(root: Path, pixels: str = "png", fmt_: str = "both") -> Path:
     """8 captioned 96x96 images -> one 64x64 bucket, 2 shards of 4, with the crops' pixels stored."""
-    from stages import bucket, encode, ingest
-
     for i in range(8):
         p = save(smooth_image(96, 10 + i), root / "src" / f"img_{i:02d}.png")
         caption(p, f"colour {i % 4}, common")
-    work = root / "w"
-    ingest.run(resolve(ingest.Config, "ingest", {}, {"sources": (str(root / "src"),), "workdir": work, "workers": 1,
-                                                    "min_side": 64}))
-    bucket.run(resolve(bucket.Config, "bucket", {}, {"workdir": work, "max_area": 64 * 64, "min_side": 64,
-                                                    "max_side": 64}))
-    encode.run(resolve(encode.Config, "encode", {}, {"workdir": work, "model": "builtin:tiny", "shard_samples": 4,
-                                                    "format": fmt_, "pixels": pixels, "workers": 0,
-                                                    "decoder": "pil"}))
-    return work
+    return encode_folder(root, max_area=64 * 64, max_side=64, shard_samples=4, format=fmt_, pixels=pixels)
 
 
 @pytest.fixture(scope="module")
