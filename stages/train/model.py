@@ -96,19 +96,26 @@ def compile_blocks(unet: Any, mode: str) -> int:
 def prepare(unet: Any, cfg: UnetConfig) -> Any:
     """An UNet already in its place and dtype made trainable as `cfg` says (also what the memory planner does to
     a UNet of fake tensors): the LoRA injected, its weights float32, or every weight trainable; checkpointing."""
-    if cfg.method == "lora":
-        with torch.random.fork_rng(devices=[]):  # the adapter's init follows `seed` alone (not what ran before)
-            torch.manual_seed(cfg.seed)
-            lora.apply_lora(unet, cfg.adapter)
-        for p in unet.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-    else:
-        unet.requires_grad_(True)
+    make_trainable(unet, cfg.method, cfg.adapter, cfg.seed)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     return unet
+
+
+def make_trainable(module: Any, method: str, adapter: lora.LoraSpec | None, seed: int,
+                   targets: list[str] | None = None) -> None:
+    """Method lora: the LoRA injected into `module` (at `targets`, default the adapter's preset), initialised from
+    `seed` alone (not from what ran before), its weights float32; method full: every weight trainable."""
+    if method == "lora":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            lora.apply_lora(module, adapter, targets)
+        for p in module.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    else:
+        module.requires_grad_(True)
 
 
 def trainable(unet: Any) -> list[torch.nn.Parameter]:

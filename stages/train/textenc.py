@@ -19,6 +19,7 @@ import torch
 from shared.formats.samples import WINDOW_TOKENS
 from shared.models import lora, loading as models
 from shared.models.text import encode_windows, token_windows
+from stages.train import model as M
 
 TRAIN = ("none", "te1", "te2", "both")
 COMPONENTS = {"te1": "text_encoder", "te2": "text_encoder_2"}
@@ -144,15 +145,8 @@ class TextEncoders:
 
     def _prepare(self, encoder: Any) -> None:
         cfg = self.cfg
-        if cfg.method == "lora":
-            with torch.random.fork_rng(devices=[]):   # the adapter's init follows `seed` alone
-                torch.manual_seed(cfg.seed)
-                lora.apply_lora(encoder, cfg.adapter, lora.text_encoder_targets(encoder))
-            for p in encoder.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
-        else:
-            encoder.requires_grad_(True)
+        M.make_trainable(encoder, cfg.method, cfg.adapter, cfg.seed,
+                         lora.text_encoder_targets(encoder) if cfg.method == "lora" else None)
         if cfg.gradient_checkpointing:
             encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         encoder.train()
