@@ -165,13 +165,14 @@ def to_tar(sample: Sample, pixels: str = "png") -> dict[str, Any]:
     return out
 
 
-def from_tar(raw: dict[str, Any], where: str, fix: str) -> Sample:
+def from_tar(raw: dict[str, Any], where: str, fix: str, pixels: bool = True) -> Sample:
     """A sample from its tar members: raw bytes (as `shards.tar_members` yields them) or, for the arrays,
-    arrays already (as `shards.tar_samples` yields them)."""
+    arrays already (as `shards.tar_samples` yields them). `pixels` False leaves a pixel image undecoded (its
+    `pixels` None: a reader that has no use for them)."""
     meta = shards.decode_member("json", raw["json"])
     check_version(meta.get("version"), f"{where}: sample {raw['__key__']}", fix)
     arrays = {name: _array(raw[f"{name}.npy"]) for name in ARRAYS if f"{name}.npy" in raw}
-    for kind in PIXEL_FORMATS[1:]:
+    for kind in PIXEL_FORMATS[1:] if pixels else ():
         if f"pixels.{kind}" in raw:
             arrays["pixels"] = image_array(raw[f"pixels.{kind}"], f"{where}: sample {raw['__key__']}", fix)
     tuples = {k: tuple(meta[k]) for k in ("bucket", "tags", "variants", "windows", "original_size",

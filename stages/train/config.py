@@ -358,6 +358,11 @@ class Config:
     def previews(self) -> PreviewConfig:
         return _view(self, PreviewConfig)
 
+    @property
+    def decode_pixels(self) -> bool:
+        """Whether train decodes the crops' stored images: the VAE target trains on them, the UNet does not."""
+        return self.target == "vae"
+
     @cached_property
     def vae_target(self) -> VaeConfig:
         return _view(self, VaeConfig)

@@ -29,6 +29,7 @@ class DataConfig:
     max_steps: int              # optimizer steps to train; 0 = `epochs` epochs
     seed: int                   # shard order per epoch and the shuffle buffer
     prefetch: int               # micro-batches read ahead by the loader thread
+    decode_pixels: bool = True  # decode the crops' stored images (what the VAE target trains on; else unread)
 
 
 @dataclass
@@ -54,7 +55,8 @@ def open_data(cfg: DataConfig) -> Data:
         if len(urls) < len(infos):
             say(f"train: reading {len(urls)} of the {len(infos)} shards of {cfg.input} (those given by --shards)")
         infos, urls = D.select(infos, urls)
-    return Data(cfg.input, index, infos, ShardReader(cfg.input, infos, source, urls, index.layout),
+    return Data(cfg.input, index, infos, ShardReader(cfg.input, infos, source, urls, index.layout,
+                                                      cfg.decode_pixels),
                 D.load_empty(cfg.input, manifest))
 
 

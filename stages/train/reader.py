@@ -33,9 +33,11 @@ class ShardReader:
     output at `folder` is a local folder or an fsspec URL."""
 
     def __init__(self, folder: Path | str, infos: list[ShardInfo], source: str, urls: dict[int, str],
-                 layout: Layout | None = None):
+                 layout: Layout | None = None, pixels: bool = True):
         self.folder, self.infos, self.source, self.urls = folder, infos, source, urls
-        self.fix = fmt.fix_for(folder)
+        # pixels False: a tar's stored images are left undecoded (the shard's sha256 still covers them; a zarr
+        # shard's pixel rows are read, since its digest covers every array, but cost no image decoding)
+        self.fix, self.pixels = fmt.fix_for(folder), pixels
         self.names = fmt.zarr_names(layout) if layout is not None else None
         self.store = shards.open_store(location.join(folder, "zarr"), mode="r") if source == "zarr" else None
         self.groups: dict[str, tuple[Any, dict[str, Any]]] = {}  # bucket group -> (group, its arrays), opened once
@@ -56,7 +58,7 @@ class ShardReader:
     def _tar(self, info: ShardInfo) -> list[Sample]:
         url = self.urls.get(info.number) or str(location.join(self.folder, str(info.name)))
         data = verified_tar(url, info)
-        out = [fmt.from_tar(raw, url, self.fix) for raw in shards.tar_samples(data, url)]
+        out = [fmt.from_tar(raw, url, self.fix, self.pixels) for raw in shards.tar_samples(data, url)]
         if len(out) != info.samples:
             raise DataError(f"{url}: {len(out)} samples, but index.json says {info.samples}; the shard is "
                             f"incomplete or not this encode's (re-encode, or check --shards)")
