@@ -66,8 +66,8 @@ def make_dataset(root: Path, count: int = 12, seed: int = 0) -> Path:
 
 
 def encode_sixteen(root: Path) -> Path:
-    """16 captioned 256x256 images -> one 128x128 bucket, 4 shards of 4, tar + zarr, flipped latents; the work
-    folder (what the train and launcher tests train from)."""
+    """16 captioned 256x256 images -> one 128x128 bucket, 4 shards of 4, tar + zarr, flipped latents, token ids;
+    the work folder (what the train and launcher tests train from)."""
     from shared.core.config import resolve
     from stages import bucket, encode, ingest
 
@@ -81,5 +81,5 @@ def encode_sixteen(root: Path) -> Path:
                                                     "max_side": 256}))
     encode.run(resolve(encode.Config, "encode", {}, {"workdir": work, "model": "builtin:tiny", "shard_samples": 4,
                                                     "format": "both", "flip": True, "caption_variants": 1,
-                                                    "workers": 0, "decoder": "pil"}))
+                                                    "token_ids": True, "workers": 0, "decoder": "pil"}))
     return work
