@@ -7,7 +7,10 @@ and backward pass hold is measured: the UNet is built from its config on fake te
 dtypes and devices, no data) and made trainable exactly as training does (model.prepare), the training loss
 (step.loss) of the largest bucket and batch is run forward and backward, and a dispatch mode adds up the bytes of
 every storage an operation makes until it is freed. The optimizer step's own temporaries are measured the same
-way where the step runs on fake tensors (else estimated, and marked so).
+way where the step runs on fake tensors (else estimated, and marked so). When the step runs the text encoders
+(textenc.py) they are built the same way (meta device, then fake tensors, prepared by textenc.TextEncoders), their
+bytes counted as the UNet's in rows of their own, and their forward over the batch's caption window runs before
+the UNet's in the measured pass.
 
 peak = weights + optimizer state + EMA + max(forward/backward peak (gradients included as they appear, or freed
 at once with fused backward), gradients + step temporaries). The memory savers change the parts they move: a
