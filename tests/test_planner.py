@@ -198,7 +198,8 @@ def test_text_encoders_in_the_step_are_counted_against_the_real_encoders():
         return {p.name: p.bytes for p in result.parts}, result.peak
 
     def held(text):
-        return sum(t.numel() * t.element_size() for m in text.encoders.values() for t in [*m.parameters(), *m.buffers()])
+        tensors = [t for m in text.encoders.values() for t in [*m.parameters(), *m.buffers()]]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     base, base_peak = plan()
     assert "text encoders" not in base

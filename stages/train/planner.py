@@ -434,7 +434,7 @@ def _parts(cfg: Any, unet: Any, trained: list, weights: int, grads: int, state: 
         Part("activations (peak)", activations, f"measured: forward + backward at {size[0]}x{size[1]} x batch {batch}, "
                                                 f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
                                                 f"{', saved tensors offloaded to the host' if cfg.activation_offload else ''}"
-                                                f"{f'; the text encoders: {text / 2 ** 20:.1f} MiB' if cfg.text.in_step else ''}"),
+                                                f"{f'; text encoders {text / 2 ** 20:.1f} MiB' if cfg.text.in_step else ''}"),
         Part("step temporaries", temporaries[0], temporaries[1]),
     ]
 
