@@ -420,6 +420,7 @@ def _parts(cfg: Any, unet: Any, trained: list, weights: int, grads: int, state: 
     fused = cfg.optim.fused_backward
     ema_how = ("off" if not cfg.ema_decay else "float32 copy of the trained weights" if cfg.ema_device == "device"
                else f"on the CPU ({4 * sum(p.numel() for p in trained) / GIB:.2f} GiB of host memory)")
+    te_share = f"; the text encoders' forward {text / 2 ** 20:.1f} MiB of it" if cfg.text.in_step else ""
     savers = "".join([f", base {cfg.quantize_base}" if cfg.quantize_base != "no" else "",
                       f", {cfg.blocks_to_swap} blocks swapped (2 on the device at a time)" if cfg.blocks_to_swap else ""])
     return [
@@ -434,7 +435,7 @@ def _parts(cfg: Any, unet: Any, trained: list, weights: int, grads: int, state: 
         Part("activations (peak)", activations, f"measured: forward + backward at {size[0]}x{size[1]} x batch {batch}, "
                                                 f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
                                                 f"{', saved tensors offloaded to the host' if cfg.activation_offload else ''}"
-                                                f"{f'; text encoders {text / 2 ** 20:.1f} MiB' if cfg.text.in_step else ''}"),
+                                                f"{te_share}"),
         Part("step temporaries", temporaries[0], temporaries[1]),
     ]
 
