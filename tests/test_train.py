@@ -325,7 +325,7 @@ def test_two_ddp_ranks_match_one_process_with_the_doubled_batch(encoded, tmp_pat
         assert moved > 1e-3, prefix  # the weights really changed (lora_B starts at 0)
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     control = max(float((a[k] - c[k]).abs().max()) for k in a)
-    assert worst < 2e-5 and control > 100 * worst, (worst, control)  # seen: 4.5e-6 vs 7.4e-2
+    assert worst < 2e-5 and control > 100 * worst, (worst, control)  # seen: 5.0e-6 vs 7.9e-2
 
 
 def test_block_swap_and_activation_offload_train_exactly_as_without(encoded, tmp_path):
