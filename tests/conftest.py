@@ -66,13 +66,13 @@ def make_dataset(root: Path, count: int = 12, seed: int = 0) -> Path:
 
 
 def encode_sixteen(root: Path) -> Path:
-    """16 captioned 256x256 images -> one 128x128 bucket, 4 shards of 4, tar + zarr, flipped latents; the work
-    folder (what the train and launcher tests train from)."""
+    """16 captioned 256x256 images -> one 128x128 bucket, 4 shards of 4, tar + zarr, flipped latents, token ids;
+    the work folder (what the train and launcher tests train from)."""
     for i in range(16):
         p = save(noise_image(256, 256, seed=100 + i), root / "src" / f"img_{i:02d}.png")
         caption(p, f"colour {i % 4}, shape {i % 3}, common")
     return encode_folder(root, max_area=128 * 128, max_side=256, shard_samples=4, format="both", flip=True,
-                         caption_variants=1)
+                         caption_variants=1, token_ids=True)
 
 
 def encode_folder(root: Path, max_area: int, max_side: int, **encode: object) -> Path:

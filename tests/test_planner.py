@@ -184,3 +184,43 @@ def test_memory_savers_counted_against_the_real_model_and_by_hand():
     assert parts(activation_offload=True)["activations (peak)"] < 0.5 * base["activations (peak)"]
     with pytest.raises(ConfigError, match="14 swappable blocks"):
         planner.plan(config(blocks_to_swap=20), (64, 64), 1)
+
+
+def test_text_encoders_in_the_step_are_counted_against_the_real_encoders():
+    """train_text_encoder on builtin:tiny: the plan's text-encoder parts are the bytes the real encoders
+    (textenc.TextEncoders, as training builds them) hold: their weights with the LoRA, its gradients, AdamW's
+    state stepped for real, a full fine-tune's float32 EMA; their forward adds to the activations (less with
+    checkpointing), and the peak holds it all. Frozen encoders (tag shuffling) count their weights only."""
+    from stages.train import textenc
+
+    def plan(**kw):
+        result = planner.plan(config(**kw), (64, 64), 2)
+        return {p.name: p.bytes for p in result.parts}, result.peak
+
+    def held(text):
+        tensors = [t for m in text.encoders.values() for t in [*m.parameters(), *m.buffers()]]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    base, base_peak = plan()
+    assert "text encoders" not in base
+    lora, lora_peak = plan(train_text_encoder="both")
+    cfg = config(train_text_encoder="both")
+    real = textenc.TextEncoders(cfg.text, torch.device("cpu"))
+    groups = O.param_groups(cfg.optim, real.groups())
+    trained = [p for g in groups for p in g["params"]]
+    assert lora["text encoders"] == held(real)
+    assert lora["TE gradients"] == sum(4 * p.numel() for p in trained) > 0
+    assert lora["TE optimizer state"] == real_state_bytes(stepped(cfg, groups)) > 0
+    assert lora["weights"] == base["weights"] and lora["gradients"] == base["gradients"]
+    assert lora["activations (peak)"] > base["activations (peak)"]
+    te = lora["text encoders"] + lora["TE gradients"] + lora["TE optimizer state"]
+    assert lora_peak >= base_peak + te
+    checkpointed, _ = plan(train_text_encoder="both", gradient_checkpointing=True)
+    assert checkpointed["activations (peak)"] < lora["activations (peak)"]
+    full, _ = plan(train_text_encoder="te2", method="full", ema_decay=0.9)
+    encoder_2 = textenc.TextEncoders(config(train_text_encoder="te2", method="full").text, torch.device("cpu"))
+    every = sum(4 * p.numel() for p in encoder_2.encoders["text_encoder_2"].parameters())
+    assert full["TE gradients"] == full["TE EMA"] == every
+    assert full["text encoders"] == held(encoder_2) < lora["text encoders"]   # no LoRA weights
+    frozen, _ = plan(shuffle_tags=True)
+    assert frozen["text encoders"] == held(encoder_2) and "TE gradients" not in frozen

@@ -148,6 +148,10 @@ def save_folder(components: dict[str, Any], folder: Path, replace: bool = True) 
     staging.mkdir(parents=True)
     for name in MODEL_PARTS:
         components[name].save_pretrained(staging / name, safe_serialization=True)
+    if not all((staging / name / "config.json").is_file() for name in MODEL_PARTS):
+        # transformers writes on rank 0 only once a process group exists: a launch's ranks take rank 0's copy
+        shutil.rmtree(staging)
+        return _wait_for(folder)
     _write_pipeline_files(staging)
     if folder.exists():
         if not replace:
@@ -160,6 +164,19 @@ def save_folder(components: dict[str, Any], folder: Path, replace: bool = True) 
         if replace or not (folder / "model_index.json").exists():
             raise
         shutil.rmtree(staging)
+    return folder
+
+
+def _wait_for(folder: Path, timeout: float = 600.0) -> Path:
+    """`folder` once another process (rank 0 of the launch) has put it in place; an error after `timeout` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (folder / "model_index.json").exists():
+        if time.monotonic() > deadline:
+            raise PipelineError(f"{folder}: rank 0 did not write the builtin model in {timeout:.0f} s (this rank's "
+                                f"text encoders are saved by rank 0 only); run once on one process to fill the cache")
+        time.sleep(0.2)
     return folder
 
 

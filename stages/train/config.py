@@ -114,8 +114,8 @@ class Config:
                                           "or both, as `method` says (a LoRA on their q/k/v/out_proj and fc1/fc2 "
                                           "with the UNet's rank and alpha, or all their weights). They then run "
                                           "in the step from the token ids encode stored (sdxl encode "
-                                          "--token-ids). One process; not with fused_backward, blocks_to_swap "
-                                          "or parallel fsdp.", choices=textenc.TRAIN)
+                                          "--token-ids). Not with fused_backward, blocks_to_swap or parallel "
+                                          "fsdp.", choices=textenc.TRAIN)
     shuffle_tags: bool = opt(False, "Shuffle the caption's comma-separated tags every step (on its token ids; the "
                                     "text encoders run in the step, trained or not; needs sdxl encode "
                                     "--token-ids).")

@@ -157,15 +157,42 @@ def setup_vae(run: Run) -> None:
 
 
 def text_encoders(run: Run) -> textenc.TextEncoders:
-    """The text encoders for the step; the shards must hold token ids, and their gradients are one process's."""
+    """The text encoders for the step; the shards must hold token ids. With N processes the trained encoders
+    are not wrapped in DDP: their gradients are averaged by `average_text_gradients`."""
     cfg = run.cfg
     if not run.data.index.layout.token_ids:
         raise ConfigError(f"{cfg.input}: the shards hold no token ids, which train_text_encoder / shuffle_tags / "
                           f"tag_dropout need: encode again with sdxl encode --token-ids")
-    if cfg.text.trained and run.rank.world > 1:
-        raise ConfigError(f"train_text_encoder {cfg.train_text_encoder} trains on one process (its gradients are "
-                          f"not averaged over the {run.rank.world} processes): launch one process, or turn it off")
-    return textenc.TextEncoders(cfg.text, run.device)
+    text = textenc.TextEncoders(cfg.text, run.device)
+    if run.rank.world > 1:   # rank 0's trained weights everywhere, as DDP does for the UNet when it wraps it
+        for p in trained_text_params(text):
+            torch.distributed.broadcast(p.data, src=0)
+    return text
+
+
+def trained_text_params(text: textenc.TextEncoders | None) -> list[torch.Tensor]:
+    return [p for ps in (text.groups().values() if text is not None else ()) for p in ps]
+
+
+def average_text_gradients(run: Run) -> None:
+    """The trained text encoders' gradients averaged over the ranks, as DDP averages the UNet's: one all-reduce
+    of them flattened (per dtype), after the last micro-batch's backward pass. The ranks, starting from the same
+    weights, then step them alike (so rank 0's checkpoint and every rank's EMA agree). A parameter without a
+    gradient (encoder 1's last layer: its penultimate states are used) has none on every rank (same graph)."""
+    if run.rank.world == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in trained_text_params(run.text):
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= run.rank.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def sampling_objective(cfg: Config) -> Objective:
@@ -302,6 +329,7 @@ def optimizer_step(run: Run, step: int, loss: torch.Tensor) -> float:
         norm, unstepped = run.opt.end()
         bad = unstepped > 0 or not bool(torch.isfinite(loss))
     else:
+        average_text_gradients(run)   # the UNet's: DDP's, in the last micro-batch's backward pass
         norm, bad = clip(run, loss, cfg.max_grad_norm)
         if not bad:
             run.scaler.step(run.opt)

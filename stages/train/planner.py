@@ -7,7 +7,10 @@ and backward pass hold is measured: the UNet is built from its config on fake te
 dtypes and devices, no data) and made trainable exactly as training does (model.prepare), the training loss
 (step.loss) of the largest bucket and batch is run forward and backward, and a dispatch mode adds up the bytes of
 every storage an operation makes until it is freed. The optimizer step's own temporaries are measured the same
-way where the step runs on fake tensors (else estimated, and marked so).
+way where the step runs on fake tensors (else estimated, and marked so). When the step runs the text encoders
+(textenc.py) they are built the same way (meta device, then fake tensors, prepared by textenc.TextEncoders), their
+bytes counted as the UNet's in rows of their own, and their forward over the batch's caption window runs before
+the UNet's in the measured pass.
 
 peak = weights + optimizer state + EMA + max(forward/backward peak (gradients included as they appear, or freed
 at once with fused backward), gradients + step temporaries). The memory savers change the parts they move: a
@@ -21,6 +24,7 @@ workspaces; the GPU suite compares the two).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import re
@@ -37,7 +41,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from shared.core.errors import ConfigError, PipelineError
 from shared.models import loading as models
-from stages.train import model as M, objective, offload as OF, optim as O, quant, step as S
+from stages.train import model as M, objective, offload as OF, optim as O, quant, step as S, textenc
 
 GIB = 2 ** 30
 BNB_BLOCK, BNB_MIN_8BIT = 256, 4096   # bitsandbytes' blockwise 8-bit states: block size, smallest 8-bit tensor
@@ -91,8 +95,9 @@ def param_state_bytes(cfg: O.OptimizerConfig, shape: torch.Size, dtype: torch.dt
     raise ValueError(name)
 
 
-def state_bytes(cfg: O.OptimizerConfig, groups: list[dict]) -> int:
-    rounding = O.rounds_bf16(cfg, groups)
+def state_bytes(cfg: O.OptimizerConfig, groups: list[dict], within: list[dict] | None = None) -> int:
+    """The optimizer state of `groups` (stepped by one optimizer with the groups `within`, default themselves)."""
+    rounding = O.rounds_bf16(cfg, within if within is not None else groups)
     return sum(param_state_bytes(cfg, p.shape, p.dtype, rounding) for g in groups for p in g["params"])
 
 
@@ -104,6 +109,7 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self.seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.live = self.peak = self.peak_less_grads = self.grads = 0
+        self.text = 0   # what the text encoders' forward left live (forward_backward)
 
     def known(self, tensors: list[torch.Tensor]) -> None:
         """Storages made before (weights, optimizer state): not counted."""
@@ -164,8 +170,14 @@ def fake_unet(cfg: M.UnetConfig, mode: Any) -> Any:
 
     with torch.device("meta"), default_dtype(getattr(torch, cfg.weights_dtype)):
         unet = M.prepare(UNet2DConditionModel.from_config(unet_config(cfg.model)), cfg)
+    return faked(unet, mode)
+
+
+def faked(model: Any, mode: Any) -> Any:
+    """`model` (on the meta device) with each parameter and buffer replaced by a fake CPU tensor of the same
+    shape, dtype and strides."""
     with mode:
-        for module in unet.modules():
+        for module in model.modules():
             for name, p in module._parameters.items():
                 if p is not None:
                     fake = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype)
@@ -173,7 +185,40 @@ def fake_unet(cfg: M.UnetConfig, mode: Any) -> Any:
             for name, b in module._buffers.items():
                 if b is not None:
                     module._buffers[name] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype)
-    return unet
+    return model
+
+
+def text_configs(model: str) -> dict[str, Any]:
+    """Both text encoders' transformers configs of `model` (no weights are read)."""
+    from transformers import CLIPTextConfig
+
+    if model in ("builtin:tiny", "builtin:sdxl-random"):
+        configs = models.tiny_configs() if model == "builtin:tiny" else models.sdxl_configs()
+        return {name: CLIPTextConfig(**configs[name]) for name in textenc.COMPONENTS.values()}
+    path = Path(model).expanduser()
+    folder = models.single_file_config(path) if path.is_file() else path
+    for name in textenc.COMPONENTS.values():
+        if not (folder / name / "config.json").is_file():
+            raise PipelineError(f"--model {model}: no {name} config at {folder / name / 'config.json'} (a diffusers "
+                                f"SDXL folder, a single-file SDXL checkpoint, builtin:tiny or builtin:sdxl-random)")
+    return {name: CLIPTextConfig.from_pretrained(folder / name) for name in textenc.COMPONENTS.values()}
+
+
+def fake_text(cfg: textenc.TextConfig, mode: Any) -> textenc.TextEncoders:
+    """Both text encoders of `cfg.model` on fake CPU tensors, in their dtype, the trained ones prepared as
+    training prepares them (textenc.TextEncoders: a LoRA or every weight trainable; checkpointing)."""
+    M.models.quiet_libraries()
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    configs = text_configs(cfg.model)
+    meta = torch.device("meta")
+    with meta, default_dtype(getattr(torch, cfg.weights_dtype)):
+        encoders = {"text_encoder": CLIPTextModel(configs["text_encoder"]),
+                    "text_encoder_2": CLIPTextModelWithProjection(configs["text_encoder_2"])}
+        text = textenc.TextEncoders(cfg, meta, encoders)
+    for encoder in text.encoders.values():
+        faked(encoder, mode)
+    return text
 
 
 def fake_batch(unet: Any, width: int, height: int, batch: int) -> S.Batch:
@@ -217,11 +262,14 @@ class OffloadedBytes(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(pack, unpack)
 
 
-def forward_backward(cfg: Any, unet: Any, groups: list[dict], mode: Any, size: tuple[int, int], batch: int
-                     ) -> LiveBytes:
-    """The live bytes of one training forward + backward pass on fake tensors."""
+def forward_backward(cfg: Any, unet: Any, groups: list[dict], mode: Any, size: tuple[int, int], batch: int,
+                     text: textenc.TextEncoders | None = None) -> LiveBytes:
+    """The live bytes of one training forward + backward pass on fake tensors; with `text` the batch's one
+    caption window runs through the text encoders first (as the step's `condition`), and `live.text` holds
+    what their forward left live."""
     live = LiveBytes()
-    live.known(list(unet.parameters()) + list(unet.buffers()))
+    encoders = list(text.encoders.values()) if text is not None else []
+    live.known([t for m in [unet, *encoders] for t in [*m.parameters(), *m.buffers()]])
     hooks = [p.register_post_accumulate_grad_hook(_on_grad(live, cfg.optim.fused_backward))
              for g in groups for p in g["params"]]
     sigmas = objective.schedule(cfg.schedule).float()
@@ -230,7 +278,14 @@ def forward_backward(cfg: Any, unet: Any, groups: list[dict], mode: Any, size: t
     try:
         with mode, live:
             with offloaded:
-                loss = S.loss(unet, fake_batch(unet, *size, batch), cfg.objective, sigmas, precision)[0]
+                inputs = fake_batch(unet, *size, batch)
+                if text is not None:
+                    inputs = dataclasses.replace(inputs, ids=torch.zeros(batch, 2, TOKENS, dtype=torch.long))
+                    before = live.live
+                    with precision.autocast:
+                        inputs = S.condition(inputs, text)
+                    live.text = live.live - before
+                loss = S.loss(unet, inputs, cfg.objective, sigmas, precision)[0]
             loss.backward()
     finally:
         for h in hooks:
@@ -271,7 +326,10 @@ def plan(cfg: Any, size: tuple[int, int], batch: int) -> Plan:
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     unet = fake_unet(cfg.unet, mode)
-    groups = O.param_groups(cfg.optim, M.trainable_groups(unet, cfg.method))
+    text = fake_text(cfg.text, mode) if cfg.text.in_step else None
+    text_named = text.groups() if text is not None else {}
+    every = O.param_groups(cfg.optim, {**M.trainable_groups(unet, cfg.method), **text_named})
+    groups = [g for g in every if g["name"] not in text_named]   # the UNet's
     trained = [p for g in groups for p in g["params"]]
     weights = sum(nbytes(t) for t in [*unet.parameters(), *unet.buffers()]) - quantized_savings(unet, cfg.quantize_base)
     swapped = swapped_blocks(unet, cfg)
@@ -281,10 +339,14 @@ def plan(cfg: Any, size: tuple[int, int], batch: int) -> Plan:
     # a swapped block's gradients exist on the device while it and the one arriving are there
     swap_grads = 2 * max((sum(nbytes(p) for p in m.parameters() if p.requires_grad) for _, m in swapped), default=0)
     grads = sum(nbytes(p) for p in device_trained) + swap_grads
-    state = state_bytes(cfg.optim, [{**g, "params": [p for p in g["params"] if id(p) not in on_host]} for g in groups])
+    state = state_bytes(cfg.optim, [{**g, "params": [p for p in g["params"] if id(p) not in on_host]} for g in groups],
+                        every)
     ema = 4 * sum(p.numel() for p in device_trained) if cfg.ema_decay and cfg.ema_device == "device" else 0
-    live = forward_backward(cfg, unet, groups, mode, size, batch)
-    temporaries, temp_how = step_temporaries(cfg, groups, mode)
+    te = text_parts(cfg, text, [g for g in every if g["name"] in text_named], every)
+    live = forward_backward(cfg, unet, every, mode, size, batch, text)
+    temporaries, temp_how = step_temporaries(cfg, every, mode)
+    state, ema = state + te.state, ema + te.ema   # the peak's sum (the parts list them apart)
+    grads += te.grads
     fused = cfg.optim.fused_backward
     if fused:
         passes = live.peak + temporaries
@@ -292,9 +354,41 @@ def plan(cfg: Any, size: tuple[int, int], batch: int) -> Plan:
         passes = max(live.peak_less_grads + grads, grads + temporaries)
     else:
         passes = max(live.peak, grads + temporaries, grads + live.peak_less_grads if cfg.accumulate > 1 else 0)
-    parts = _parts(cfg, unet, trained, weights, grads, state, ema, live.peak_less_grads, (temporaries, temp_how),
-                   size, batch)
-    return Plan(_title(cfg, size, batch), parts, weights + state + ema + passes)
+    parts = _parts(cfg, unet, trained, weights, grads - te.grads, state - te.state, ema - te.ema,
+                   live.peak_less_grads, (temporaries, temp_how), size, batch, live.text)
+    return Plan(_title(cfg, size, batch), parts + te.parts, weights + te.weights + state + ema + passes)
+
+
+@dataclass(frozen=True)
+class TextBytes:
+    """The text encoders' share of the plan (their activations are measured in the pass with the UNet's)."""
+    weights: int = 0
+    grads: int = 0
+    state: int = 0
+    ema: int = 0
+    parts: list = dataclasses.field(default_factory=list)
+
+
+def text_parts(cfg: Any, text: textenc.TextEncoders | None, groups: list[dict], every: list[dict]) -> TextBytes:
+    """Both encoders' weights (in the step whenever it encodes the captions), and the trained ones' gradients,
+    optimizer state and EMA, counted as the UNet's are."""
+    if text is None:
+        return TextBytes()
+    trained = [p for g in groups for p in g["params"]]
+    weights = sum(nbytes(t) for m in text.encoders.values() for t in [*m.parameters(), *m.buffers()])
+    grads = sum(nbytes(p) for p in trained)
+    state = state_bytes(cfg.optim, groups, every) if groups else 0
+    ema = 4 * sum(p.numel() for p in trained) if cfg.ema_decay and cfg.ema_device == "device" else 0
+    total = sum(p.numel() for m in text.encoders.values() for p in m.parameters())
+    what = (f"{cfg.train_text_encoder} trained ({'LoRA float32' if cfg.method == 'lora' else 'all weights'})"
+            if groups else "frozen (tag shuffling / dropout)")
+    parts = [Part("text encoders", weights, f"{total:,} parameters ({cfg.weights_dtype}), {what}")]
+    if groups:
+        parts += [Part("TE gradients", grads, f"{sum(p.numel() for p in trained):,} trained parameters"),
+                  Part("TE optimizer state", state, cfg.optimizer),
+                  Part("TE EMA", ema, "float32 copy of their trained weights" if ema else
+                       "off" if not cfg.ema_decay else "on the CPU")]
+    return TextBytes(weights, grads, state, ema, parts)
 
 
 def quantized_savings(unet: Any, kind: str) -> int:
@@ -320,12 +414,13 @@ def swap_savings(swapped: list[tuple[str, Any]]) -> int:
 
 
 def _parts(cfg: Any, unet: Any, trained: list, weights: int, grads: int, state: int, ema: int, activations: int,
-           temporaries: tuple[int, str], size: tuple[int, int], batch: int) -> list[Part]:
+           temporaries: tuple[int, str], size: tuple[int, int], batch: int, text: int = 0) -> list[Part]:
     total = sum(p.numel() for p in unet.parameters())
     largest = max(nbytes(p) for p in trained)
     fused = cfg.optim.fused_backward
     ema_how = ("off" if not cfg.ema_decay else "float32 copy of the trained weights" if cfg.ema_device == "device"
                else f"on the CPU ({4 * sum(p.numel() for p in trained) / GIB:.2f} GiB of host memory)")
+    te_share = f"; the text encoders' forward {text / 2 ** 20:.1f} MiB of it" if cfg.text.in_step else ""
     savers = "".join([f", base {cfg.quantize_base}" if cfg.quantize_base != "no" else "",
                       f", {cfg.blocks_to_swap} blocks swapped (2 on the device at a time)" if cfg.blocks_to_swap else ""])
     return [
@@ -339,7 +434,8 @@ def _parts(cfg: Any, unet: Any, trained: list, weights: int, grads: int, state: 
         Part("EMA", ema, ema_how),
         Part("activations (peak)", activations, f"measured: forward + backward at {size[0]}x{size[1]} x batch {batch}, "
                                                 f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
-                                                f"{', saved tensors offloaded to the host' if cfg.activation_offload else ''}"),
+                                                f"{', saved tensors offloaded to the host' if cfg.activation_offload else ''}"
+                                                f"{te_share}"),
         Part("step temporaries", temporaries[0], temporaries[1]),
     ]
 
@@ -370,8 +466,6 @@ def print_plan(cfg: Any) -> Plan:
     result = plan(cfg, size, cfg.batch_size)
     say(result.table())
     say(f"  (size: {where}; activations measured on fake tensors, no GPU used)")
-    if cfg.text.in_step:
-        say(f"  (not counted: the text encoders running in the step, train_text_encoder {cfg.train_text_encoder})")
     return result
 
 

@@ -131,11 +131,16 @@ class TextEncoders:
     """Both CLIP text encoders on the device: the trained ones with a LoRA or fully trainable (train mode), the
     others frozen (eval mode). They run in the step, from the batch's token ids."""
 
-    def __init__(self, cfg: TextConfig, device: torch.device):
+    def __init__(self, cfg: TextConfig, device: torch.device, encoders: dict[str, Any] | None = None):
+        """`encoders`: both, already built (the memory planner's, on the meta device; then no tokenizers), else
+        loaded from `cfg.model`."""
         self.cfg = cfg
-        model = models.load_model(cfg.model, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
-        self.tokens = (Tokens.of(model.tokenizer), Tokens.of(model.tokenizer_2))
-        self.encoders = {"text_encoder": model.text_encoder, "text_encoder_2": model.text_encoder_2}
+        self.tokens: tuple[Tokens, Tokens] | None = None
+        if encoders is None:
+            model = models.load_model(cfg.model, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
+            self.tokens = (Tokens.of(model.tokenizer), Tokens.of(model.tokenizer_2))
+            encoders = {"text_encoder": model.text_encoder, "text_encoder_2": model.text_encoder_2}
+        self.encoders = encoders
         for name, encoder in self.encoders.items():
             encoder.to(device, getattr(torch, cfg.weights_dtype))
             if name in cfg.trained:
