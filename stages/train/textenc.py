@@ -153,7 +153,10 @@ class TextEncoders:
         M.make_trainable(encoder, cfg.method, cfg.adapter, cfg.seed,
                          lora.text_encoder_targets(encoder) if cfg.method == "lora" else None)
         if cfg.gradient_checkpointing:
-            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(encoder, "activation_checkpointing_enable"):   # transformers 5.x's name
+                encoder.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         encoder.train()
 
     @property
