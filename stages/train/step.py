@@ -55,9 +55,14 @@ class Precision:
         return cls(getattr(torch, weights_dtype), context)
 
 
-def sample_generator(seed: int, step: int, micro: int, key: str, occurrence: int) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}:{step}:{micro}:{key}:{occurrence}".encode()).digest()
+def keyed_generator(name: str) -> torch.Generator:
+    """A generator seeded by the sha256 of `name` (a draw's key: the same on every rank and after a resume)."""
+    digest = hashlib.sha256(name.encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def sample_generator(seed: int, step: int, micro: int, key: str, occurrence: int) -> torch.Generator:
+    return keyed_generator(f"{seed}:{step}:{micro}:{key}:{occurrence}")
 
 
 def crop_index(seed: int, epoch: int, key: str, crops: int) -> int:
@@ -67,9 +72,7 @@ def crop_index(seed: int, epoch: int, key: str, crops: int) -> int:
     if crops <= 1:
         return 0
     cycle, position = divmod(epoch, crops)
-    digest = hashlib.sha256(f"{seed}:crops:{cycle}:{key}".encode()).digest()
-    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-    return int(torch.randperm(crops, generator=g)[position])
+    return int(torch.randperm(crops, generator=keyed_generator(f"{seed}:crops:{cycle}:{key}"))[position])
 
 
 def _padded(te: np.ndarray, length: int, empty_te: np.ndarray) -> np.ndarray:
