@@ -98,9 +98,12 @@ def decode(vae: Any, latents: torch.Tensor) -> Any:
     param = next(vae.parameters())
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     x = latents.to(param.device, param.dtype) / vae.config.scaling_factor + shift
-    image = vae.decode(x).sample[0].float().clamp(-1, 1)
-    array = ((image + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
+    return Image.fromarray(to_uint8(vae.decode(x).sample[0].float()))
+
+
+def to_uint8(image: torch.Tensor) -> Any:
+    """A decoded image [3, H, W] in [-1, 1] (clamped) as a uint8 array [H, W, 3]."""
+    return ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ import torch
 from shared.core.errors import ConfigError, InputError
 from shared.formats.samples import Sample
 from shared.models import loading as models
+from shared.models.render import to_uint8
 from stages.train import perceptual as P
 from stages.train.step import Precision, sample_generator
 
@@ -250,11 +251,6 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     """PSNR in dB of one image pair in [-1, 1], measured on [0, 1] (pred clamped)."""
     mse = float((((pred.clamp(-1, 1) - target) / 2) ** 2).mean())
     return 10 * math.log10(1.0 / max(mse, 1e-12))
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[3, H, W] in [-1, 1] -> uint8 [H, W, 3]."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 def grid(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
