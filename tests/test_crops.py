@@ -273,6 +273,7 @@ def test_wandb_gets_scalars_evaluations_and_sample_images(tmp_path, monkeypatch)
     assert fake.inits == [{"project": "p", "dir": str(tmp_path / "logs"), "config": {"lr": 1}, "resume": "allow"}]
     log.write(2, {"loss": 0.5, "lr": 1e-4}, [0.25] + [None] * (logs.BINS - 1))
     log.evaluation(2, "val_loss", torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5]]), [])
+    log.measures(2, {"val_psnr": 12.5}, "vae")   # the VAE target's measurements
 
     grid = tmp_path / "samples" / "grid.png"
     previews = types.SimpleNamespace(due=lambda step, total: True, render=lambda *a: grid,
@@ -283,8 +284,10 @@ def test_wandb_gets_scalars_evaluations_and_sample_images(tmp_path, monkeypatch)
                                 schedule=types.SimpleNamespace(total=10))
     loop.sample_images(run, 3)
     log.close()
-    (scalars, s1), (evals, s2), (images, s3) = fake.logged
-    assert (s1, s2, s3) == (2, 2, 3) and fake.finished
+    (scalars, s1), (evals, s2), (measured, s4), (images, s3) = fake.logged
+    assert (s1, s2, s4, s3) == (2, 2, 2, 3) and fake.finished
+    assert measured == {"vae/val_psnr": 12.5}
+    assert {"step": 2, "val_psnr": 12.5} in [json.loads(r) for r in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert scalars["loss"] == 0.5 and scalars["loss_t00"] == 0.25 and "step" not in scalars
     assert evals["eval/val_loss"] == pytest.approx(0.3)
     assert {k: (v.path, v.caption) for k, v in images.items()} == {

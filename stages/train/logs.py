@@ -94,6 +94,18 @@ class TrainLog:
                     fh.write(json.dumps({"step": step, "set": name, "id": s.key, "caption": s.caption,
                                          "loss": float(loss)}, ensure_ascii=False) + "\n")
 
+    def measures(self, step: int, values: dict[str, float], group: str) -> None:
+        """Measurements at `step` (e.g. the VAE target's PSNR): one metrics.jsonl row of `values`, and each as
+        `<group>/<name>` in TensorBoard and WandB."""
+        with open(self.metrics, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{group}/{k}", v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"{group}/{k}": v for k, v in values.items()}, step=step)
+
     def images(self, step: int, images: dict[str, tuple[Path, str]]) -> None:
         """Image files ({name: (path, caption)}, e.g. the sample grid) to WandB; TensorBoard gets the sample
         images where they are rendered (previews.py)."""

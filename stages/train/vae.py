@@ -13,7 +13,6 @@ posterior's mean, so its numbers are comparable across the run and across a resu
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,7 +271,7 @@ def grid(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
 def evaluate(run: Any) -> None:
     """Loss, PSNR and perceptual distance on the fixed training samples (eval_*) and the held-out set (val_*),
     noted in the progress ([step, loss, psnr, perceptual]: the first entry is the base VAE's, step 0) and in
-    metrics.jsonl / TensorBoard (main rank)."""
+    metrics.jsonl / TensorBoard / WandB (main rank)."""
     if not run.rank.main:
         return
     step = run.progress.step
@@ -284,12 +283,7 @@ def evaluate(run: Any) -> None:
             history.append([step, m["loss"], m["psnr"], m.get("perceptual")])
             row.update({f"{name}_{k}": v for k, v in m.items()})
     if run.log is not None and row:
-        with open(run.log.metrics, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": step, **row}) + "\n")
-        if run.log.tb is not None:
-            for k, v in row.items():
-                run.log.tb.add_scalar(f"vae/{k}", v, step)
-            run.log.tb.flush()
+        run.log.measures(step, row, "vae")
 
 
 def write_grid(run: Any) -> Path | None:
