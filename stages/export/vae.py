@@ -75,7 +75,7 @@ def outputs(vae: Any, inputs: dict, device: str) -> dict:
 
 
 def write_single_file(path: Path, vae: Any, dtype: str, provenance: dict) -> None:
-    """The VAE in the original layout, with its config beside it (`<path stem>.vae-config/config.json`)."""
+    """The VAE in the original layout (its config is written beside it by `build`: `<out>/vae-config/`)."""
     from safetensors.torch import save_file
 
     state = {k: v.to(formats.torch_dtype(dtype)).contiguous() for k, v in sgm.vae_state(vae).items()}
