@@ -138,15 +138,19 @@ class LiveBytes(TorchDispatchMode):
 
 def unet_config(model: str) -> dict:
     """The UNet's diffusers config of `model` (no weights are read)."""
-    if model == "builtin:sdxl-random":
-        return models.sdxl_configs()["unet"]
-    if model == "builtin:tiny":
-        return models.tiny_configs()["unet"]
+    return part_config(model, "unet")
+
+
+def part_config(model: str, part: str) -> dict:
+    """The config of one part of `model` (unet, text_encoder, ...) as its config.json holds it (no weights are
+    read)."""
+    if model in ("builtin:tiny", "builtin:sdxl-random"):
+        return (models.tiny_configs() if model == "builtin:tiny" else models.sdxl_configs())[part]
     path = Path(model).expanduser()
     folder = models.single_file_config(path) if path.is_file() else path
-    config = folder / "unet" / "config.json"
+    config = folder / part / "config.json"
     if not config.is_file():
-        raise PipelineError(f"--model {model}: no UNet config at {config} (a diffusers SDXL folder, a single-file "
+        raise PipelineError(f"--model {model}: no {part} config at {config} (a diffusers SDXL folder, a single-file "
                             f"SDXL checkpoint, builtin:tiny or builtin:sdxl-random)")
     return json.loads(config.read_text(encoding="utf-8"))
 
@@ -192,16 +196,7 @@ def text_configs(model: str) -> dict[str, Any]:
     """Both text encoders' transformers configs of `model` (no weights are read)."""
     from transformers import CLIPTextConfig
 
-    if model in ("builtin:tiny", "builtin:sdxl-random"):
-        configs = models.tiny_configs() if model == "builtin:tiny" else models.sdxl_configs()
-        return {name: CLIPTextConfig(**configs[name]) for name in textenc.COMPONENTS.values()}
-    path = Path(model).expanduser()
-    folder = models.single_file_config(path) if path.is_file() else path
-    for name in textenc.COMPONENTS.values():
-        if not (folder / name / "config.json").is_file():
-            raise PipelineError(f"--model {model}: no {name} config at {folder / name / 'config.json'} (a diffusers "
-                                f"SDXL folder, a single-file SDXL checkpoint, builtin:tiny or builtin:sdxl-random)")
-    return {name: CLIPTextConfig.from_pretrained(folder / name) for name in textenc.COMPONENTS.values()}
+    return {name: CLIPTextConfig(**part_config(model, name)) for name in textenc.COMPONENTS.values()}
 
 
 def fake_text(cfg: textenc.TextConfig, mode: Any) -> textenc.TextEncoders:
@@ -345,18 +340,19 @@ def plan(cfg: Any, size: tuple[int, int], batch: int) -> Plan:
     te = text_parts(cfg, text, [g for g in every if g["name"] in text_named], every)
     live = forward_backward(cfg, unet, every, mode, size, batch, text)
     temporaries, temp_how = step_temporaries(cfg, every, mode)
-    state, ema = state + te.state, ema + te.ema   # the peak's sum (the parts list them apart)
-    grads += te.grads
+    all_grads = grads + te.grads   # the passes hold the text encoders' gradients too
     fused = cfg.optim.fused_backward
     if fused:
         passes = live.peak + temporaries
     elif swapped:   # the gradients of the swapped blocks leave with them: count the device's share only
-        passes = max(live.peak_less_grads + grads, grads + temporaries)
+        passes = max(live.peak_less_grads + all_grads, all_grads + temporaries)
     else:
-        passes = max(live.peak, grads + temporaries, grads + live.peak_less_grads if cfg.accumulate > 1 else 0)
-    parts = _parts(cfg, unet, trained, weights, grads - te.grads, state - te.state, ema - te.ema,
-                   live.peak_less_grads, (temporaries, temp_how), size, batch, live.text)
-    return Plan(_title(cfg, size, batch), parts + te.parts, weights + te.weights + state + ema + passes)
+        passes = max(live.peak, all_grads + temporaries,
+                     all_grads + live.peak_less_grads if cfg.accumulate > 1 else 0)
+    parts = _parts(cfg, unet, trained, weights, grads, state, ema, live.peak_less_grads, (temporaries, temp_how),
+                   size, batch, live.text)
+    held = weights + te.weights + state + te.state + ema + te.ema
+    return Plan(_title(cfg, size, batch), parts + te.parts, held + passes)
 
 
 @dataclass(frozen=True)
