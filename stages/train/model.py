@@ -139,33 +139,26 @@ class TrainedWeights:
         self.unet, self.method, self.text = unet, method, dict(text or {})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = lora.lora_state(self.unet) if self.method == "lora" else self.unet.state_dict()
-        out = {"unet." + k: v.detach().contiguous() for k, v in state.items()}
-        for name, encoder in self.text.items():
-            own = lora.lora_state(encoder) if self.method == "lora" else encoder.state_dict()
+        out = {}
+        for name, module in {"unet": self.unet, **self.text}.items():
+            own = lora.lora_state(module) if self.method == "lora" else module.state_dict()
             out.update({f"{name}.{k}": v.detach().contiguous() for k, v in own.items()})
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        own = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-        for name, encoder in self.text.items():
-            part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
-            if not part:
-                raise ConfigError(f"checkpoint holds no {name} weights, but this run trains it")
-            if self.method == "lora":
-                lora.load_lora_state(encoder, part)
-            else:
-                missing, unexpected = encoder.load_state_dict(part, strict=False)
-                if missing or unexpected:
-                    raise ConfigError(f"checkpoint weights do not fit {name} ({(missing or unexpected)[0]})")
-        if self.method == "lora":
-            lora.load_lora_state(self.unet, own)
-            return
         from stages.train import sharding
 
-        if sharding.is_sharded(self.unet):   # FSDP: every process keeps its shard of the full tensors
-            missing, unexpected = sharding.load_full(self.unet, own), []
-        else:
-            missing, unexpected = self.unet.load_state_dict(own, strict=False)
-        if missing or unexpected:
-            raise ConfigError(f"checkpoint weights do not fit this UNet ({(missing or unexpected)[0]})")
+        for name, module in {**self.text, "unet": self.unet}.items():
+            own = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+            if name != "unet" and not own:
+                raise ConfigError(f"checkpoint holds no {name} weights, but this run trains it")
+            if self.method == "lora":
+                lora.load_lora_state(module, own)
+                continue
+            if sharding.is_sharded(module):   # FSDP: every process keeps its shard of the full tensors
+                missing, unexpected = sharding.load_full(module, own), []
+            else:
+                missing, unexpected = module.load_state_dict(own, strict=False)
+            if missing or unexpected:
+                raise ConfigError(f"checkpoint weights do not fit {'this UNet' if name == 'unet' else name} "
+                                  f"({(missing or unexpected)[0]})")
