@@ -134,10 +134,9 @@ def test_a_shard_is_let_go_after_its_last_needed_sample():
     plan = [((0, 0), (0, 1)), ((1, 0), (1, 1)), ((0, 2), (1, 2))]  # shard 0's sample 3 is never needed
     it = D.stream_batches(plan, read)
     next(it)
-    next(it)
     gc.collect()
-    assert closed == []  # both still hold needed samples
-    next(it)
+    assert closed == [0]  # read at its first use up to its last needed sample (2), not beyond, and let go
+    assert [[s for s in b] for b in it] == [[(1, 0), (1, 1)], [(0, 2), (1, 2)]]
     gc.collect()
     assert sorted(closed) == [0, 1]
     assert D.shard_order(plan) == [0, 1]
@@ -199,3 +198,107 @@ def test_http_get_reads_whole_objects_and_names_a_missing_one(encoded):
         assert shards.read_objects([f"{url}/encode/nothing", f"{url}/encode/index.json"])[0] is None
     with pytest.raises(OSError):
         location.http_get(url + "/encode/index.json")  # the server is gone
+
+
+# ---------------------------------------------------------------- buffers reused from shard to shard
+
+
+def _address(array) -> int:
+    return np.asarray(array).__array_interface__["data"][0]
+
+
+@pytest.mark.parametrize("hold", ["slice", "memoryview", "torch", "frombuffer"])
+def test_a_pooled_buffer_is_reused_only_once_nothing_refers_to_it(hold):
+    import torch
+
+    from shared.formats.buffers import BufferPool
+
+    size = 3 << 20
+    pool = BufferPool(limit=3)
+    first = pool.take(size)
+    first[:] = 7
+    kept = {"slice": lambda a: a[10:2000],
+            "memoryview": lambda a: memoryview(a)[10:2000],
+            "torch": lambda a: torch.from_numpy(a[10:2000]),
+            "frombuffer": lambda a: np.frombuffer(memoryview(a), np.uint16, 995, 10)}[hold](first)
+    del first
+    others = [pool.take(size), pool.take(size - 5)]  # the first buffer is still referenced: never handed out
+    for other in others:
+        assert len(other) in (size, size - 5) and not np.shares_memory(other, np.asarray(kept))
+        other[:] = 0
+    assert (np.asarray(kept) == (7 if hold != "frombuffer" else 0x0707)).all()
+    assert pool.allocated == 3
+    addresses = {_address(o) for o in others}
+    del others
+    again = pool.take(size)  # now free: reused, nothing new allocated
+    assert pool.allocated == 3 and _address(again) in addresses
+    del kept
+    gc.collect()
+    assert [len(pool.take(size)) for _ in range(3)] == [size] * 3 and pool.allocated == 3  # all three free
+    assert len(pool.take(100)) == 100 and pool.allocated == 3  # small requests are not pooled
+
+
+def test_shard_buffers_are_reused_without_changing_samples_still_held(encoded, monkeypatch):
+    from shared.formats import buffers
+
+    monkeypatch.setattr(buffers, "MIN_BYTES", 1)  # the test's shards are small: pool them anyway
+    for source in ("wds", "zarr"):
+        data = feed.open_data(data_config(encoded / "encode", source))
+        reader = data.read
+        held = reader.load(0)
+        copies = [(np.array(s.latent), np.array(s.te)) for s in held]
+        for _ in range(3):  # every other shard, several times: their buffers are reused among themselves
+            for number in range(1, len(reader.infos)):
+                loaded = reader.load(number)
+                assert all(s.latent.base is not None for s in loaded[:1])
+                del loaded
+        assert [(np.array_equal(s.latent, a), np.array_equal(s.te, b)) for s, (a, b) in zip(held, copies)] \
+            == [(True, True)] * len(held), source
+        made = reader.buffers.allocated
+        del held
+        for number in range(len(reader.infos)):
+            reader.load(number)
+        assert reader.buffers.allocated == made, source  # shard 0's buffers came back to the pool
+
+
+def test_a_shards_last_waiting_samples_are_detached_so_its_buffer_is_freed():
+    import weakref
+
+    class Buffer:  # stands for a shard's bytes
+        pass
+
+    class Item:
+        def __init__(self, n, j, buffer=None):
+            self.n, self.j, self.buffer = n, j, buffer
+
+    buffers: dict[int, weakref.ref] = {}
+
+    def read(n):
+        buffer = Buffer()
+        buffers[n] = weakref.ref(buffer)
+        items = [Item(n, j, buffer) for j in range(8)]
+        del buffer
+        yield from enumerate(items)
+
+    # shard 0's sample 7 waits until the end; shard 1 is read meanwhile
+    plan = [((0, 0), (0, 1)), ((0, 2), (0, 3)), ((0, 4), (0, 5)), ((0, 6), (1, 0)), ((1, 1), (1, 2)),
+            ((1, 3), (1, 4)), ((1, 5), (1, 6)), ((1, 7), (0, 7))]
+    detached = []
+
+    def detach(item):
+        detached.append((item.n, item.j))
+        return Item(item.n, item.j)
+
+    got = []
+    for batch in D.stream_batches(plan, read, detach):
+        got.append([(i.n, i.j) for i in batch])
+        del batch
+        gc.collect()
+        if len(got) < 3:
+            assert detached == [] and buffers[0]() is not None
+        if len(got) == 4:  # after batch 3, 2 of shard 0's 8 samples waited (a quarter): detached, buffer freed
+            assert detached == [(0, 6), (0, 7)] and buffers[0]() is None
+    assert got == [list(b) for b in plan]
+    assert detached == [(0, 6), (0, 7), (1, 7)]  # shard 1's last one too, once it alone waited
+    without = [[(i.n, i.j) for i in b] for b in D.stream_batches(plan, read)]
+    assert without == got

@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -37,14 +37,16 @@ def join(base: str | Path, *parts: str) -> str | Path:
     return Path(base).joinpath(*parts)
 
 
-def read_bytes(where: str | Path) -> Any:
+def read_bytes(where: str | Path, alloc: Callable[[int], np.ndarray] | None = None) -> Any:
     """The whole object at a path, `pipe:` command or fsspec URL, as a writable buffer (a uint8 array or a
-    bytearray: arrays viewing it are writable too). OSError when it cannot be read; InputError when the URL's
-    fsspec backend is not installed."""
+    bytearray: arrays viewing it are writable too). `alloc(n)`: where an n-byte uint8 buffer for a local file or
+    an http(s) body comes from (a `buffers.BufferPool`'s take; default a new array). OSError when it cannot be
+    read; InputError when the URL's fsspec backend is not installed."""
+    alloc = alloc or _new_buffer
     if not is_url(where):
         with open(where, "rb") as fh:
-            # np.empty, not bytearray: no zero-filling pass over a shard-sized buffer before the read fills it
-            data = np.empty(os.fstat(fh.fileno()).st_size, np.uint8)
+            # not bytearray: no zero-filling pass over a shard-sized buffer before the read fills it
+            data = alloc(os.fstat(fh.fileno()).st_size)
             got = fh.readinto(data)  # a buffered reader fills the buffer unless the file ends first
             rest = fh.read()         # grown since the stat: keep it, the size check will tell
         return np.concatenate([data[:got], np.frombuffer(rest, np.uint8)]) if rest else data[:got]
@@ -54,8 +56,12 @@ def read_bytes(where: str | Path) -> Any:
         with gopen(str(where), "rb") as stream:
             return bytearray(stream.read())
     if is_http(where):
-        return http_get(str(where))
+        return http_get(str(where), alloc)
     return bytearray(_fsspec_cat(str(where)))
+
+
+def _new_buffer(nbytes: int) -> np.ndarray:
+    return np.empty(nbytes, np.uint8)
 
 
 def is_http(where: Any) -> bool:
@@ -66,7 +72,7 @@ def is_http(where: Any) -> bool:
 HTTP_TIMEOUT = 120.0
 
 
-def http_get(url: str) -> np.ndarray:
+def http_get(url: str, alloc: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
     """GET `url` into one buffer of its Content-Length, read in the calling thread by the standard library.
 
     Not through fsspec's http backend: that one runs every transfer of the process on its single event-loop
@@ -81,7 +87,7 @@ def http_get(url: str) -> np.ndarray:
             size = response.headers.get("Content-Length")
             if size is None or response.headers.get("Content-Encoding"):
                 return np.frombuffer(bytearray(response.read()), np.uint8)
-            data = np.empty(int(size), np.uint8)
+            data = (alloc or _new_buffer)(int(size))
             view, got = memoryview(data), 0
             while got < len(data):
                 n = response.readinto(view[got:])

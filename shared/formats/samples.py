@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import io
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -136,6 +136,12 @@ class Sample:
         if flip:
             return self.latent_flip_crops[k - 1], self.time_ids_flip_crops[k - 1]
         return self.latent_crops[k - 1], self.time_ids_crops[k - 1]
+
+    def detached(self) -> "Sample":
+        """The same sample with arrays of its own: a sample read from a shard views the shard's buffer, which
+        stays in memory while any of its samples does."""
+        return replace(self, **{f.name: np.array(getattr(self, f.name)) for f in fields(self)
+                                if isinstance(getattr(self, f.name), np.ndarray)})
 
 
 CROP_ARRAYS = ("latent_crops", "latent_flip_crops")  # .npy members when the sample has extra crops
@@ -288,18 +294,19 @@ def check_group(group: Any, where: str, fix: str) -> None:
 
 
 def read_rows(group: Any, lo: int, hi: int, names: Iterable[str] | None = None,
-              where: Path | str | None = None, arrays: dict[str, Any] | None = None
-              ) -> tuple[dict[str, np.ndarray], list[str]]:
+              where: Path | str | None = None, arrays: dict[str, Any] | None = None,
+              alloc: Callable[[int], np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
     """Rows lo..hi-1 of the arrays `names` (default: every array) of a bucket group, and their keys; the arrays
     are read concurrently. Given the group's folder or URL (`where`), each array's chunks are fetched whole
     straight from there and decoded in one call (shards.ChunkReader; a shard is one chunk per array). `arrays`:
-    the group's arrays already opened (a remote store's metadata read once). Unreadable rows raise KeyError,
+    the group's arrays already opened (a remote store's metadata read once); `alloc`: where the buffers of
+    objects read and rows decoded come from (location.read_bytes). Unreadable rows raise KeyError,
     ValueError or OSError, which the caller turns into an error naming the shard."""
     names = sorted(names if names is not None else group.array_keys())
     arrays = arrays if arrays is not None else {}
     with ThreadPoolExecutor(max(1, min(len(names), 8))) as pool:
         got = list(pool.map(lambda name: _rows(arrays[name] if name in arrays else group[name], lo, hi, where,
-                                               name), names))
+                                               name, alloc), names))
     return dict(zip(names, got)), list(group.attrs["keys"][lo:hi])
 
 
@@ -310,12 +317,13 @@ def open_arrays(group: Any, names: Iterable[str]) -> dict[str, Any]:
         return dict(zip(names, pool.map(lambda name: group[name], names)))
 
 
-def _rows(array: Any, lo: int, hi: int, where: Path | str | None, name: str) -> np.ndarray:
+def _rows(array: Any, lo: int, hi: int, where: Path | str | None, name: str,
+          alloc: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
     reader = shards.ChunkReader.of(array) if where is not None and hi > lo else None
     if reader is None:
         return np.asarray(array[lo:hi])
-    raws = shards.read_objects([location.join(where, name, reader.keys(c)) for c in reader.chunks(lo, hi)])
-    return reader.assemble(lo, hi, raws)
+    raws = shards.read_objects([location.join(where, name, reader.keys(c)) for c in reader.chunks(lo, hi)], alloc)
+    return reader.assemble(lo, hi, raws, alloc)
 
 
 def rows_digest(rows: dict[str, np.ndarray], keys: list[str]) -> str:

@@ -293,10 +293,14 @@ class ChunkReader:
         """The chunk numbers holding rows lo..hi-1 (hi > lo)."""
         return range(lo // self.rows, (hi - 1) // self.rows + 1)
 
-    def assemble(self, lo: int, hi: int, raws: list[Any]) -> np.ndarray:
-        """Rows lo..hi-1 from the objects of `chunks(lo, hi)` (None: never written, reads as the fill value)."""
+    def assemble(self, lo: int, hi: int, raws: list[Any], alloc: Callable[[int], np.ndarray] | None = None
+                 ) -> np.ndarray:
+        """Rows lo..hi-1 from the objects of `chunks(lo, hi)` (None: never written, reads as the fill value);
+        `alloc(n)`: where the n-byte buffer they are decoded into comes from (default a new array)."""
         first = self.chunks(lo, hi).start
-        out = np.empty((len(raws) * self.rows,) + self.row_shape, self.dtype)
+        shape = (len(raws) * self.rows,) + self.row_shape
+        size = math.prod(shape) * self.dtype.itemsize
+        out = (alloc(size) if alloc is not None else np.empty(size, np.uint8)).view(self.dtype).reshape(shape)
         for k, raw in enumerate(raws):
             part = out[k * self.rows:(k + 1) * self.rows]
             if raw is None:
@@ -308,15 +312,16 @@ class ChunkReader:
         return out[lo - first * self.rows:hi - first * self.rows]
 
 
-def read_objects(urls: list[str | Path]) -> list[Any]:
+def read_objects(urls: list[str | Path], alloc: Callable[[int], np.ndarray] | None = None) -> list[Any]:
     """The bytes of each path or URL, None where it does not exist; URLs fetched concurrently (http(s) by
-    location.http_get, other schemes by fsspec)."""
+    location.http_get, other schemes by fsspec). `alloc`: as for location.read_bytes."""
     from shared.formats import location
 
     if not urls or not location.is_url(str(urls[0])):
-        return [_read_file(Path(u)) for u in urls]
+        return [_read_file(Path(u), alloc) for u in urls]
     if location.is_http(str(urls[0])):
-        return [_read_http(str(u)) for u in urls] if len(urls) == 1 else _read_http_concurrently(urls)
+        return ([_read_http(str(u), alloc) for u in urls] if len(urls) == 1
+                else _read_http_concurrently(urls, alloc))
     import fsspec
 
     fs, _ = fsspec.core.url_to_fs(str(urls[0]))
@@ -332,28 +337,29 @@ def read_objects(urls: list[str | Path]) -> list[Any]:
     return out
 
 
-def _read_http(url: str) -> Any:
+def _read_http(url: str, alloc: Callable[[int], np.ndarray] | None = None) -> Any:
     from shared.formats import location
 
     try:
-        return location.http_get(url)
+        return location.http_get(url, alloc)
     except FileNotFoundError:
         return None
 
 
-def _read_http_concurrently(urls: list[str | Path]) -> list[Any]:
+def _read_http_concurrently(urls: list[str | Path], alloc: Callable[[int], np.ndarray] | None = None
+                            ) -> list[Any]:
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(min(len(urls), 8)) as pool:
-        return list(pool.map(lambda u: _read_http(str(u)), urls))
+        return list(pool.map(lambda u: _read_http(str(u), alloc), urls))
 
 
-def _read_file(path: Path) -> Any:
+def _read_file(path: Path, alloc: Callable[[int], np.ndarray] | None = None) -> Any:
     """The file's bytes as a uint8 array (read into it: half the cost of a `bytes` object of a chunk's size), or
     None when it does not exist."""
     from shared.formats import location
 
     try:
-        return location.read_bytes(path)
+        return location.read_bytes(path, alloc)
     except FileNotFoundError:
         return None

@@ -186,40 +186,55 @@ def shard_order(plan: list[tuple[Ref, ...]]) -> list[int]:
     return list(dict.fromkeys(ref[0] for batch in plan for ref in batch))
 
 
-def stream_batches(plan: list[tuple[Ref, ...]], read: Callable[[int], Iterator[tuple[int, Any]]]
-                   ) -> Iterator[list[Any]]:
-    """The planned batches' samples; each shard is read once and let go after its last needed sample, and a
-    sample is kept only until its last planned use."""
+def stream_batches(plan: list[tuple[Ref, ...]], read: Callable[[int], Iterator[tuple[int, Any]]],
+                   detach: Callable[[Any], Any] | None = None) -> Iterator[list[Any]]:
+    """The planned batches' samples. A shard is read at its first use, up to its last needed sample, and let go;
+    each sample it holds is kept until its last planned use.
+
+    `detach(sample)`: the sample with memory of its own. A shard's samples view its buffer, and a shuffle
+    buffer lets a few of them wait long after the rest are used (each waits a geometric number of draws), which
+    would keep several whole shards in memory for a few samples each. Once at most a quarter of a shard's
+    samples still wait, those are detached (a copy of under a quarter of its bytes) and its buffer is free."""
     need = Counter(ref for batch in plan for ref in batch)
     last: dict[int, int] = {}
     for number, j in need:
         last[number] = max(last.get(number, -1), j)
     cache: dict[Ref, Any] = {}
-    open_shards: dict[int, Iterator[tuple[int, Any]]] = {}
+    opened: set[int] = set()
+    waiting: Counter = Counter()  # per shard read and not yet detached: its samples in the cache
     for batch in plan:
         out = []
         for ref in batch:
             if ref not in cache:
-                _read_until(ref, need, last, cache, open_shards, read)
+                if ref[0] in opened:
+                    raise DataError(f"shard {ref[0]} does not hold its planned sample {ref[1]}; re-encode")
+                opened.add(ref[0])
+                _read_shard(ref[0], need, last, cache, read, waiting)
             out.append(cache[ref])
             need[ref] -= 1
             if need[ref] == 0:
                 del cache[ref]
+                if ref[0] in waiting:
+                    waiting[ref[0]] -= 1
+        if detach is not None:
+            for number in [n for n, k in waiting.items() if k * 4 <= last[n] + 1]:
+                del waiting[number]
+                for ref in [r for r in cache if r[0] == number]:
+                    cache[ref] = detach(cache[ref])
         yield out
 
 
-def _read_until(ref: Ref, need: Counter, last: dict[int, int], cache: dict, open_shards: dict,
-                read: Callable) -> None:
-    number = ref[0]
-    it = open_shards.get(number) or open_shards.setdefault(number, iter(read(number)))
-    for j, sample in it:
+def _read_shard(number: int, need: Counter, last: dict[int, int], cache: dict, read: Callable,
+                waiting: Counter) -> None:
+    """Shard `number`'s needed samples into `cache` (its reader dropped after the last of them)."""
+    waiting[number] = 0
+    for j, sample in read(number):
         if need[(number, j)] > 0:
             cache[(number, j)] = sample
+            waiting[number] += 1
         if j == last[number]:
-            del open_shards[number]  # nothing after it is needed: drop the shard's reader (and its bytes)
-        if j == ref[1]:
             return
-    raise DataError(f"shard {number} ended before its sample {ref[1]}; re-encode")
+    raise DataError(f"shard {number} ended before its sample {last[number]}; re-encode")
 
 
 def prefetch(items: Iterator[Any], depth: int) -> Iterator[Any]:

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 from shared.core.errors import InputError
 from shared.core.log import say
 from shared.formats import samples
-from shared.formats.samples import EmptyCaption
+from shared.formats.samples import EmptyCaption, Sample
 from shared.formats.shard_index import Index
 from stages.train import data as D
 from stages.train.reader import ShardReader
@@ -101,6 +101,6 @@ def micro_batches(data: Data, schedule: D.Schedule, cfg: DataConfig, rank: int, 
                                cfg.shuffle_buffer)[:schedule.steps[e] * cfg.accumulate]
         first = in_epoch * cfg.accumulate if e == epoch else 0
         read = data.read.ahead(D.shard_order(batches[first:]))
-        for i, samples in enumerate(D.stream_batches(batches[first:], read), start=first):
+        for i, samples in enumerate(D.stream_batches(batches[first:], read, Sample.detached), start=first):
             yield samples, base + i // cfg.accumulate, i % cfg.accumulate
         base += schedule.steps[e]

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 from shared.core.errors import DataError
 from shared.formats import location, shards
+from shared.formats.buffers import BufferPool
 from shared.formats import samples as fmt
 from shared.formats.samples import Layout, Sample
 from stages.train.data import ShardInfo
@@ -42,13 +43,16 @@ class ShardReader:
         self.store = shards.open_store(location.join(folder, "zarr"), mode="r") if source == "zarr" else None
         self.groups: dict[str, tuple[Any, dict[str, Any]]] = {}  # bucket group -> (group, its arrays), opened once
         self.lock = threading.Lock()
+        # shard-sized buffers reused once a shard's samples are let go (no fresh pages to fault in per shard)
+        self.buffers = BufferPool()
 
     def __call__(self, number: int) -> Iterator[tuple[int, Sample]]:
         yield from enumerate(self.load(number))
 
-    def ahead(self, order: list[int], depth: int = READ_AHEAD) -> Callable[[int], Iterator[tuple[int, Sample]]]:
-        """A reader for a stream that opens shards in `order`: each loaded in the background, `depth` ahead."""
-        return ReadAhead(self.load, order, depth)
+    def ahead(self, order: list[int], depth: int | None = None) -> Callable[[int], Iterator[tuple[int, Sample]]]:
+        """A reader for a stream that opens shards in `order`: each loaded in the background, `depth` (default
+        READ_AHEAD) ahead."""
+        return ReadAhead(self.load, order, READ_AHEAD if depth is None else depth)
 
     def load(self, number: int) -> list[Sample]:
         """Shard `number`'s samples, once the whole shard is checked (thread-safe)."""
@@ -57,7 +61,7 @@ class ShardReader:
 
     def _tar(self, info: ShardInfo) -> list[Sample]:
         url = self.urls.get(info.number) or str(location.join(self.folder, str(info.name)))
-        data = verified_tar(url, info)
+        data = verified_tar(url, info, self.buffers.take)
         out = [fmt.from_tar(raw, url, self.fix, self.pixels) for raw in shards.tar_samples(data, url)]
         if len(out) != info.samples:
             raise DataError(f"{url}: {len(out)} samples, but index.json says {info.samples}; the shard is "
@@ -69,7 +73,7 @@ class ShardReader:
         lo, hi = info.first, info.first + info.samples
         try:
             group, arrays = self._group(info.group, str(where))
-            rows, keys = fmt.read_rows(group, lo, hi, self.names, where, arrays)
+            rows, keys = fmt.read_rows(group, lo, hi, self.names, where, arrays, self.buffers.take)
         except (KeyError, ValueError, OSError) as e:
             raise DataError(f"{where}: unreadable rows {lo}..{hi - 1} ({e}); re-encode") from None
         except Exception as e:  # noqa: BLE001 - a remote store's client raises its own types
@@ -90,10 +94,11 @@ class ShardReader:
             return self.groups[name]
 
 
-def verified_tar(url: str, info: ShardInfo) -> bytearray:
-    """The whole shard from `url` (a path, fsspec URL or pipe:), once its size and sha256 are encode's."""
+def verified_tar(url: str, info: ShardInfo, alloc: Callable[[int], Any] | None = None) -> Any:
+    """The whole shard from `url` (a path, fsspec URL or pipe:), once its size and sha256 are encode's; `alloc`
+    as for location.read_bytes."""
     try:
-        data = location.read_bytes(url)
+        data = location.read_bytes(url, alloc)
     except (OSError, ValueError) as e:
         raise DataError(f"{url}: unreadable shard ({e})") from None
     digest = hashlib.sha256(data).hexdigest() if len(data) == info.bytes else ""
