@@ -37,6 +37,7 @@ def test_loader_local_and_over_http(runner, benchmarks, tmp_path):
     added = run_bench(runner, benchmarks, "loader", *tiny)
     assert "--text-widths 8 24" in added and f"--dir {tmp_path / 'data'}" in added and "--append" in added
     assert "| 24 | wds | local |" in added and "| 24 | zarr | local |" in added and "per-file .npz" in added
+    assert "| 24 | wds, epoch 2 | local |" in added and "| 24 | zarr, epoch 2 | local |" in added
     added = run_bench(runner, benchmarks, "loader", *tiny, "--latency-ms", "5")  # the data is reused
     assert "wds by URL | HTTP +5 ms" in added and "zarr by URL" in added
 

@@ -302,3 +302,77 @@ def test_a_shards_last_waiting_samples_are_detached_so_its_buffer_is_freed():
     assert detached == [(0, 6), (0, 7), (1, 7)]  # shard 1's last one too, once it alone waited
     without = [[(i.n, i.j) for i in b] for b in D.stream_batches(plan, read)]
     assert without == got
+
+
+# ---------------------------------------------------------------- a local shard hashed once per reader
+
+
+def _counting_checks(monkeypatch):
+    from stages.train import reader as R
+
+    calls = []
+    real_sha, real_digest = R.hashlib.sha256, fmt.rows_digest
+    monkeypatch.setattr(R, "hashlib", type("H", (), {"sha256": staticmethod(
+        lambda data=b"": calls.append("sha256") or real_sha(data))}))
+    monkeypatch.setattr(R.fmt, "rows_digest", lambda *a: calls.append("digest") or real_digest(*a))
+    return calls
+
+
+@pytest.mark.parametrize("source", ["wds", "zarr"])
+def test_a_local_shard_is_hashed_once_then_again_after_any_change(encoded, tmp_path, monkeypatch, source):
+    import os
+    import time
+
+    from stages.train import reader as R
+
+    copy = tmp_path / "encode"
+    shutil.copytree(encoded / "encode", copy)
+    calls = _counting_checks(monkeypatch)
+    reader = feed.open_data(data_config(copy, source)).read
+    first = [s.key for s in reader.load(0)]
+    assert [s.key for s in reader.load(0)] == first and len(calls) == 2  # just written: "racy", checked again
+
+    monkeypatch.setattr(R, "RACY_SECONDS", 0.0)
+    time.sleep(0.01)
+    calls.clear()
+    assert [s.key for s in reader.load(0)] == first and len(calls) == 1  # checked, remembered
+    for _ in range(2):
+        assert [s.key for s in reader.load(0)] == first and len(calls) == 1  # unchanged: not hashed again
+
+    # touched while being read (its change time moves): what was read is checked
+    real_read = R.location.read_bytes
+
+    def touching(where, alloc=None):
+        data = real_read(where, alloc)
+        os.utime(where)
+        return data
+
+    monkeypatch.setattr(R.location, "read_bytes", touching)
+    monkeypatch.setattr(R.shards, "read_objects",
+                        lambda urls, alloc=None: [touching(u, alloc) if Path(u).exists() else None for u in urls])
+    assert [s.key for s in reader.load(0)] == first and len(calls) == 2
+    monkeypatch.undo()
+
+    # edited in place, same size, modification time put back: the change time tells, the check refuses it
+    calls = _counting_checks(monkeypatch)
+    monkeypatch.setattr(R, "RACY_SECONDS", 0.0)
+    time.sleep(0.01)
+    reader.load(0)
+    reader.load(0)
+    assert len(calls) == 1
+    victim = (copy / "shards" / "32x32" / "000000.tar" if source == "wds"
+              else next(p for p in sorted((copy / "zarr" / "32x32" / "latent" / "c" / "0").rglob("*")) if p.is_file()))
+    st = victim.stat()
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(DataError, match="re-encode"):
+        reader.load(0)
+
+
+def test_shards_by_url_have_no_identity_to_remember():
+    from stages.train.reader import CheckedFiles
+
+    assert CheckedFiles.identity(["http://127.0.0.1:1/x.tar"]) is None
+    assert CheckedFiles.identity(["pipe:cat x.tar"]) is None

@@ -1,5 +1,6 @@
 """`sdxl bench loader`: samples/s of training-ready batches from our shards (tar and zarr, through train's own
-reader: index and manifest checks, every shard verified whole) against the common alternative on the same
+reader: index and manifest checks, every shard verified before use; two epochs, since the second reads
+differently) against the common alternative on the same
 samples, machine and run: kohya's per-image cache (a latents `.npz` + a text-encoder `.npz` per image) read by
 a torch DataLoader with kohya's worker count, min(8, CPU count).
 
@@ -61,22 +62,39 @@ def fingerprint(batch: dict[str, Any]) -> float:
     return float(batch["latents"][:, :, 0, :].double().sum())
 
 
-def read_ours(encoded: Path | str, source: str, batch: int, seed: int = 0) -> Result:
-    """One epoch of train's stream over the encode output at `encoded` (folder or URL), made into batches."""
+def read_ours(encoded: Path | str, source: str, batch: int, seed: int = 0, epochs: int = 2,
+              server_cpu: Callable[[], float] = lambda: 0.0) -> list[Result]:
+    """`epochs` epochs of train's stream over the encode output at `encoded` (folder or URL), made into batches
+    by one reader, as a training run reads them; one Result per epoch. The first reads every shard into fresh
+    buffers and hashes it; later ones reuse the buffers and, for local shards whose files are unchanged since
+    their check, skip the hash (stages/train/reader.py). `server_cpu`: as for run_paths."""
+    import itertools
+
     from stages.train import data as D
     from stages.train import feed
 
-    start, cpu = time.perf_counter(), cpu_seconds()
+    def clock() -> tuple[float, float]:
+        return time.perf_counter(), cpu_seconds() - server_cpu()
+
+    start, cpu = clock()
     cfg = feed.DataConfig(input=encoded, shards=(), source=source, batch_size=batch, accumulate=1,
-                          shuffle_buffer=256, epochs=1, max_steps=0, seed=seed, prefetch=4)
+                          shuffle_buffer=256, epochs=epochs, max_steps=0, seed=seed, prefetch=4)
     data = feed.open_data(cfg)
     schedule = feed.plan(data, cfg, 1)
-    count, check = 0, 0.0
-    for samples, _, _ in D.prefetch(feed.micro_batches(data, schedule, cfg, 0, 1, 0), cfg.prefetch):
-        tensors = collate_samples(samples)
-        count, check = count + len(samples), check + fingerprint(tensors)
-    return Result(f"{source}{' by URL' if location.is_url(str(encoded)) else ''}", count,
-                  time.perf_counter() - start, check, cpu_seconds() - cpu)
+    where = " by URL" if location.is_url(str(encoded)) else ""
+    out = []
+    for epoch, steps in enumerate(schedule.steps):
+        first = sum(schedule.steps[:epoch])
+        count, check = 0, 0.0
+        stream = itertools.islice(feed.micro_batches(data, schedule, cfg, 0, 1, first), steps)  # this epoch only
+        for samples, _, _ in D.prefetch(stream, cfg.prefetch):
+            tensors = collate_samples(samples)
+            count, check = count + len(samples), check + fingerprint(tensors)
+        label = f"{source}{where}" + (f", epoch {epoch + 1}" if epoch else "")
+        now, spent = clock()
+        out.append(Result(label, count, now - start, check, spent - cpu))
+        start, cpu = clock()
+    return out
 
 
 class PerFileCache:
@@ -141,10 +159,10 @@ def read_per_file(where: Path | str, ids: list[str], shapes: Shapes, batch: int,
 def run_paths(encoded: Path | str, cache: Path | str, ids: list[str], shapes: Shapes, batch: int,
               workers: int, sources: tuple[str, ...], server_cpu: Callable[[], float] = lambda: 0.0
               ) -> Iterator[Result]:
-    """The per-file baseline first, then each of our sources, on the same samples. `server_cpu`: the CPU
+    """The per-file baseline first, then each of our sources (a Result per epoch), on the same samples. `server_cpu`: the CPU
     seconds an HTTP server in this process has spent so far, left out of each path's CPU time."""
-    for read in [lambda: read_per_file(cache, ids, shapes, batch, workers)] + \
-            [lambda s=source: read_ours(encoded, s, batch) for source in sources]:
-        served = server_cpu()
-        result = read()
-        yield dataclasses.replace(result, cpu=result.cpu - (server_cpu() - served))
+    served = server_cpu()
+    result = read_per_file(cache, ids, shapes, batch, workers)
+    yield dataclasses.replace(result, cpu=result.cpu - (server_cpu() - served))
+    for source in sources:
+        yield from read_ours(encoded, source, batch, server_cpu=server_cpu)

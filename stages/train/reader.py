@@ -7,6 +7,13 @@ shard is one chunk per array (encode chunks the store by shard): the arrays are 
 each, decompressed in one call each off the training thread, and the rows' digest compared with index.json. A mismatch is a DataError naming the shard, raised when the shard's turn comes —
 before any of its samples reaches a training step.
 
+A local shard is hashed once per reader, not once per epoch: after a shard's check passes, the identity of its
+files (device, inode, size, modification and change times in ns) is remembered, and a later read whose files
+have the same identity before and after the read skips the hash (the size is still compared). Any write to a
+file changes its change time, so an edited, replaced or rewritten shard is hashed again; files modified less
+than RACY_SECONDS before the check are not remembered (timestamps coarser than the write rate could hide a
+second write, as in git's "racy" index entries). Shards read by URL are hashed on every read.
+
 `ShardReader.ahead(order)` loads the shards of a stream in background threads, up to `depth` beyond the one
 being consumed: reading, hashing (hashlib releases the GIL) and network waits overlap each other and the
 training step. Memory: the `depth` shards ahead, plus the shards whose samples are still held by the stream.
@@ -14,7 +21,9 @@ training step. Memory: the `depth` shards ahead, plus the shards whose samples a
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,6 +36,8 @@ from stages.train.data import ShardInfo
 
 #: shards loaded ahead of the one being consumed (a shard of 256 SDXL samples at 1024² is ~115 MB)
 READ_AHEAD = 3
+#: a file modified this recently when checked is checked again on its next read
+RACY_SECONDS = 2.0
 
 
 class ShardReader:
@@ -45,6 +56,7 @@ class ShardReader:
         self.lock = threading.Lock()
         # shard-sized buffers reused once a shard's samples are let go (no fresh pages to fault in per shard)
         self.buffers = BufferPool()
+        self.checked = CheckedFiles()
 
     def __call__(self, number: int) -> Iterator[tuple[int, Sample]]:
         yield from enumerate(self.load(number))
@@ -61,7 +73,13 @@ class ShardReader:
 
     def _tar(self, info: ShardInfo) -> list[Sample]:
         url = self.urls.get(info.number) or str(location.join(self.folder, str(info.name)))
-        data = verified_tar(url, info, self.buffers.take)
+        before = self.checked.identity([url])
+        known = self.checked.known(info.number, before)
+        data = verified_tar(url, info, self.buffers.take, hashed=not known)
+        after = self.checked.identity([url])
+        if known and after != before:  # changed while it was read: check what was read
+            data = verified_tar(url, info, self.buffers.take)
+        self.checked.remember(info.number, before, after)
         out = [fmt.from_tar(raw, url, self.fix, self.pixels) for raw in shards.tar_samples(data, url)]
         if len(out) != info.samples:
             raise DataError(f"{url}: {len(out)} samples, but index.json says {info.samples}; the shard is "
@@ -73,14 +91,20 @@ class ShardReader:
         lo, hi = info.first, info.first + info.samples
         try:
             group, arrays = self._group(info.group, str(where))
+            files = chunk_files(where, arrays, lo, hi)
+            before = self.checked.identity(files) if files else None
             rows, keys = fmt.read_rows(group, lo, hi, self.names, where, arrays, self.buffers.take)
+            after = self.checked.identity(files) if files else None
         except (KeyError, ValueError, OSError) as e:
             raise DataError(f"{where}: unreadable rows {lo}..{hi - 1} ({e}); re-encode") from None
         except Exception as e:  # noqa: BLE001 - a remote store's client raises its own types
             raise DataError(f"{where}: unreadable rows {lo}..{hi - 1} ({type(e).__name__}: {e})") from None
+        if self.checked.known(info.number, before) and after == before:
+            return list(fmt.from_rows(rows, keys))
         if fmt.rows_digest(rows, keys) != info.zarr_sha256:
             raise DataError(f"{where}: rows {lo}..{hi - 1} (shard {info.name or lo}) differ from what encode "
                             f"recorded in index.json; re-encode")
+        self.checked.remember(info.number, before, after)
         return list(fmt.from_rows(rows, keys))
 
     def _group(self, name: str, where: str) -> tuple[Any, dict[str, Any]]:
@@ -94,19 +118,74 @@ class ShardReader:
             return self.groups[name]
 
 
-def verified_tar(url: str, info: ShardInfo, alloc: Callable[[int], Any] | None = None) -> Any:
-    """The whole shard from `url` (a path, fsspec URL or pipe:), once its size and sha256 are encode's; `alloc`
-    as for location.read_bytes."""
+def verified_tar(url: str, info: ShardInfo, alloc: Callable[[int], Any] | None = None, hashed: bool = True) -> Any:
+    """The whole shard from `url` (a path, fsspec URL or pipe:), once its size and sha256 are encode's (with
+    `hashed` False, its size only: the caller knows the bytes); `alloc` as for location.read_bytes."""
     try:
         data = location.read_bytes(url, alloc)
     except (OSError, ValueError) as e:
         raise DataError(f"{url}: unreadable shard ({e})") from None
+    if not hashed and len(data) == info.bytes:
+        return data
     digest = hashlib.sha256(data).hexdigest() if len(data) == info.bytes else ""
     if digest != info.sha256:
         raise DataError(f"{url}: not the shard encode wrote ({len(data)} bytes, sha256 "
                         f"{(digest or hashlib.sha256(data).hexdigest())[:12]}; index.json: {info.bytes} bytes, "
                         f"{str(info.sha256)[:12]}); it is damaged or another shard — re-encode, or check --shards")
     return data
+
+
+class CheckedFiles:
+    """The identities of the local files of each shard whose check has passed (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        self.shards: dict[int, tuple] = {}
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def identity(paths: list[Any]) -> tuple | None:
+        """(device, inode, size, mtime ns, ctime ns) of each local file, None per missing one; None for URLs."""
+        if any(location.is_url(str(p)) for p in paths):
+            return None
+        out = []
+        for p in paths:
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                out.append(None)
+                continue
+            except OSError:
+                return None
+            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        return tuple(out)
+
+    def known(self, number: int, identity: tuple | None) -> bool:
+        """Whether shard `number`'s files had `identity` when its check passed."""
+        with self.lock:
+            return identity is not None and self.shards.get(number) == identity
+
+    def remember(self, number: int, before: tuple | None, after: tuple | None) -> None:
+        """Shard `number` passed its check, read between identities `before` and `after`."""
+        if before is None or before != after:
+            return
+        settled = time.time_ns() - int(RACY_SECONDS * 1e9)
+        if all(f is None or (f[3] < settled and f[4] < settled) for f in before):
+            with self.lock:
+                self.shards[number] = before
+
+
+def chunk_files(where: Any, arrays: dict[str, Any], lo: int, hi: int) -> list[Any]:
+    """The local chunk files holding rows lo..hi-1 of `arrays` (empty when any array has a layout
+    shards.ChunkReader does not read, or the store is remote)."""
+    if location.is_url(str(where)):
+        return []
+    files = []
+    for name in sorted(arrays):
+        reader = shards.ChunkReader.of(arrays[name])
+        if reader is None:
+            return []
+        files += [location.join(where, name, reader.keys(c)) for c in reader.chunks(lo, hi)]
+    return files
 
 
 class ReadAhead:
