@@ -376,3 +376,17 @@ def test_shards_by_url_have_no_identity_to_remember():
 
     assert CheckedFiles.identity(["http://127.0.0.1:1/x.tar"]) is None
     assert CheckedFiles.identity(["pipe:cat x.tar"]) is None
+
+
+@pytest.mark.parametrize("source", ["wds", "zarr"])
+def test_samples_kept_for_the_whole_run_do_not_keep_their_shards(encoded, source):
+    from stages.train import holdout
+
+    data = feed.open_data(data_config(encoded / "encode", source))
+    fixed = feed.first_samples(data, 3)
+    held = holdout.with_samples(data, holdout.Holdout(["x", "y"], [(0, 1), (3, 0)], []))
+    for sample in fixed + held.samples:  # copies, not views of a shard's buffer
+        assert sample.latent.flags.owndata and sample.te.flags.owndata and sample.pooled.flags.owndata
+    assert [s.key for s in fixed] == [s.key for _, s in list(data.read(0))[:3]]
+    loaded = data.read.load(3)
+    assert held.samples[1].key == loaded[0].key and np.array_equal(held.samples[1].latent, loaded[0].latent)

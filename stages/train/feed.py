@@ -78,7 +78,7 @@ def check_shapes(unet: Any, index: Index, where: Path | str) -> None:
 
 def first_samples(data: Data, count: int, skip: set[str] = frozenset()) -> list[dict]:
     """The first `count` samples in index order whose ids are not in `skip` (the fixed evaluation set of
-    training samples; `skip` is the held-out set)."""
+    training samples; `skip` is the held-out set), each with memory of its own (see holdout.with_samples)."""
     out: list[dict] = []
     if not count:
         return out
@@ -87,7 +87,7 @@ def first_samples(data: Data, count: int, skip: set[str] = frozenset()) -> list[
             if len(out) == count:
                 return out
             if sample.key not in skip:
-                out.append(sample)
+                out.append(sample.detached())
     return out
 
 

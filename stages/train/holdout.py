@@ -79,13 +79,14 @@ def read(folder: Path) -> Holdout:
 
 
 def with_samples(data: Any, held: Holdout) -> Holdout:
-    """`held` with its samples, read from the shards its refs name, in the refs' order."""
+    """`held` with its samples, read from the shards its refs name, in the refs' order; each with memory of its
+    own (kept for the whole run, a view would keep its whole shard in memory)."""
     wanted = set(map(tuple, held.refs))
     found = {}
     for number in sorted({n for n, _ in held.refs}):
         for j, sample in data.read(number):
             if (number, j) in wanted:
-                found[(number, j)] = sample
+                found[(number, j)] = sample.detached()
     return dataclasses.replace(held, samples=[found[tuple(r)] for r in held.refs])
 
 
