@@ -168,7 +168,7 @@ class CheckedFiles:
 
     def remember(self, number: int, before: tuple | None, after: tuple | None) -> None:
         """Shard `number` passed its check, read between identities `before` and `after`."""
-        if before is None or before != after:
+        if before is None or before != after or os.name == "nt":  # Windows' st_ctime is the creation time
             return
         settled = time.time_ns() - int(RACY_SECONDS * 1e9)
         if all(f is None or (f[3] < settled and f[4] < settled) for f in before):
