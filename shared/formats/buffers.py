@@ -61,8 +61,3 @@ class BufferPool:
 
     def _refs(self, i: int) -> int:
         return sys.getrefcount(self.buffers[i])
-
-    def held(self) -> int:
-        """Bytes the pool keeps (in use or free)."""
-        with self.lock:
-            return sum(len(b) for b in self.buffers)

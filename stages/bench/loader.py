@@ -159,8 +159,9 @@ def read_per_file(where: Path | str, ids: list[str], shapes: Shapes, batch: int,
 def run_paths(encoded: Path | str, cache: Path | str, ids: list[str], shapes: Shapes, batch: int,
               workers: int, sources: tuple[str, ...], server_cpu: Callable[[], float] = lambda: 0.0
               ) -> Iterator[Result]:
-    """The per-file baseline first, then each of our sources (a Result per epoch), on the same samples. `server_cpu`: the CPU
-    seconds an HTTP server in this process has spent so far, left out of each path's CPU time."""
+    """The per-file baseline first, then each of our sources (a Result per epoch), on the same samples.
+    `server_cpu`: the CPU seconds an HTTP server in this process has spent so far, left out of each path's CPU
+    time."""
     served = server_cpu()
     result = read_per_file(cache, ids, shapes, batch, workers)
     yield dataclasses.replace(result, cpu=result.cpu - (server_cpu() - served))

@@ -76,12 +76,11 @@ class ShardReader:
     def _tar(self, info: ShardInfo) -> list[Sample]:
         url = self.urls.get(info.number) or str(location.join(self.folder, str(info.name)))
         before = self.checked.identity([url])
-        known = self.checked.known(info.number, before)
-        data = verified_tar(url, info, self.buffers.take, hashed=not known)
+        data = read_tar(url, self.buffers.take)
         after = self.checked.identity([url])
-        if known and after != before:  # changed while it was read: check what was read
-            data = verified_tar(url, info, self.buffers.take)
-        self.checked.remember(info.number, before, after)
+        if not (self.checked.unchanged(info.number, before, after) and len(data) == info.bytes):
+            check_tar(data, url, info)
+            self.checked.remember(info.number, before, after)
         out = [fmt.from_tar(raw, url, self.fix, self.pixels) for raw in shards.tar_samples(data, url)]
         if len(out) != info.samples:
             raise DataError(f"{url}: {len(out)} samples, but index.json says {info.samples}; the shard is "
@@ -101,12 +100,11 @@ class ShardReader:
             raise DataError(f"{where}: unreadable rows {lo}..{hi - 1} ({e}); re-encode") from None
         except Exception as e:  # noqa: BLE001 - a remote store's client raises its own types
             raise DataError(f"{where}: unreadable rows {lo}..{hi - 1} ({type(e).__name__}: {e})") from None
-        if self.checked.known(info.number, before) and after == before:
-            return list(fmt.from_rows(rows, keys))
-        if fmt.rows_digest(rows, keys) != info.zarr_sha256:
-            raise DataError(f"{where}: rows {lo}..{hi - 1} (shard {info.name or lo}) differ from what encode "
-                            f"recorded in index.json; re-encode")
-        self.checked.remember(info.number, before, after)
+        if not self.checked.unchanged(info.number, before, after):
+            if fmt.rows_digest(rows, keys) != info.zarr_sha256:
+                raise DataError(f"{where}: rows {lo}..{hi - 1} (shard {info.name or lo}) differ from what encode "
+                                f"recorded in index.json; re-encode")
+            self.checked.remember(info.number, before, after)
         return list(fmt.from_rows(rows, keys))
 
     def _group(self, name: str, where: str) -> tuple[Any, dict[str, Any]]:
@@ -120,21 +118,21 @@ class ShardReader:
             return self.groups[name]
 
 
-def verified_tar(url: str, info: ShardInfo, alloc: Callable[[int], Any] | None = None, hashed: bool = True) -> Any:
-    """The whole shard from `url` (a path, fsspec URL or pipe:), once its size and sha256 are encode's (with
-    `hashed` False, its size only: the caller knows the bytes); `alloc` as for location.read_bytes."""
+def read_tar(url: str, alloc: Callable[[int], Any] | None = None) -> Any:
+    """The whole shard from `url` (a path, fsspec URL or pipe:); `alloc` as for location.read_bytes."""
     try:
-        data = location.read_bytes(url, alloc)
+        return location.read_bytes(url, alloc)
     except (OSError, ValueError) as e:
         raise DataError(f"{url}: unreadable shard ({e})") from None
-    if not hashed and len(data) == info.bytes:
-        return data
+
+
+def check_tar(data: Any, url: str, info: ShardInfo) -> None:
+    """A DataError unless `data` has the size and sha256 encode recorded for the shard."""
     digest = hashlib.sha256(data).hexdigest() if len(data) == info.bytes else ""
     if digest != info.sha256:
         raise DataError(f"{url}: not the shard encode wrote ({len(data)} bytes, sha256 "
                         f"{(digest or hashlib.sha256(data).hexdigest())[:12]}; index.json: {info.bytes} bytes, "
                         f"{str(info.sha256)[:12]}); it is damaged or another shard — re-encode, or check --shards")
-    return data
 
 
 class CheckedFiles:
@@ -161,10 +159,11 @@ class CheckedFiles:
             out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
         return tuple(out)
 
-    def known(self, number: int, identity: tuple | None) -> bool:
-        """Whether shard `number`'s files had `identity` when its check passed."""
+    def unchanged(self, number: int, before: tuple | None, after: tuple | None) -> bool:
+        """Whether shard `number`'s files kept, from `before` to `after` a read, the identity they had when its
+        check passed (then what was read is what was checked)."""
         with self.lock:
-            return identity is not None and self.shards.get(number) == identity
+            return before is not None and before == after and self.shards.get(number) == before
 
     def remember(self, number: int, before: tuple | None, after: tuple | None) -> None:
         """Shard `number` passed its check, read between identities `before` and `after`."""
