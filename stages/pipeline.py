@@ -1,6 +1,6 @@
 """`sdxl run` and `sdxl demo`: the stages in order. The only module that imports stage modules.
 
-Each stage skips itself when its output's fingerprint matches (see shared/stage.py), so `run` is cheap to
+Each stage skips itself when its output's fingerprint matches (see shared/core/stage.py), so `run` is cheap to
 repeat and prints, per stage, why it runs or that it is skipped.
 """
 from __future__ import annotations

@@ -40,7 +40,7 @@ class Manifest:
     counts: dict = field(default_factory=dict)
     created: str = ""
     extra: dict = field(default_factory=dict)
-    files: dict | None = None   # relative path -> {bytes, sha256, mtime_ns} (see shared/integrity.py)
+    files: dict | None = None   # relative path -> {bytes, sha256, mtime_ns} (see shared/core/integrity.py)
     trees: dict = field(default_factory=dict)  # bulky subfolder -> stamp (their own index holds the hashes)
 
     def to_json(self) -> str:

@@ -4,7 +4,7 @@ Stability's checkpoints, and what ComfyUI, A1111 and Forge load, name the UNet `
 (input/middle/output blocks), the VAE `first_stage_model.*`, CLIP-L `conditioner.embedders.0.transformer.*`
 (Hugging Face names) and OpenCLIP bigG `conditioner.embedders.1.model.*` (fused q/k/v, transposed
 projection). Block indices follow from the UNet config (layers per block), so the tiny builtin converts too.
-Loading goes the other way through diffusers' own single-file loader (shared/models.py), which is therefore
+Loading goes the other way through diffusers' own single-file loader (shared/models/loading.py), which is therefore
 an independent check of this mapping.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The training benchmark of the GPU suite (run by tests/bench/gpu_suite.sh): per memory preset of pipeline.toml,
 and for a LoRA of rank 32 and a full fine-tune, on builtin:sdxl-random at 1024x1024 in bf16: samples/s, MFU
-(20.2 TFLOP per sample forward + backward, METHODS.md, against the device's bf16 dense peak),
+(20.2 TFLOP per sample forward + backward, docs/methods.md, against the device's bf16 dense peak),
 torch.cuda.max_memory_allocated next to the planner's prediction. Prints one Markdown table for BENCHMARKS.md.
 
     python3 tests/bench/gpu_suite.py [--cases lora-12gb,full] [--steps 8] [--warmup 2] [--budget 400]
