@@ -215,6 +215,7 @@ def test_export_writes_a_diffusers_vae_and_an_original_layout_file_that_encode_c
 
     from stages import encode, export
     from stages.export import vae as vae_export
+    from stages.export.formats import FORMATS
 
     folder, _ = trained
     m = export.run(resolve(export.Config, "export", {}, {"input": folder / "a", "output": tmp_path / "x",
@@ -228,7 +229,8 @@ def test_export_writes_a_diffusers_vae_and_an_original_layout_file_that_encode_c
     single = load_file(str(tmp_path / "x" / "sdxl.vae.safetensors"))
     assert "decoder.conv_in.weight" in single and "post_quant_conv.weight" in single
     assert not any(k.startswith("first_stage_model.") for k in single)
-    back = vae_export.load_single_file(tmp_path / "x" / "sdxl.vae.safetensors", tmp_path / "x" / vae_export.CONFIG)
+    back = FORMATS["single-file"].vae.load(tmp_path / "x" / "sdxl.vae.safetensors",
+                                           tmp_path / "x" / vae_export.CONFIG)
     assert all(torch.equal(back.state_dict()[k], trained_state[k]) for k in trained_state)
 
     def fingerprint(**kw):

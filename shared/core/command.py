@@ -18,6 +18,7 @@ import typer
 
 from shared.core.config import Range, default_of, load_toml, resolve
 from shared.core.errors import PipelineError, os_error_line
+from shared.core.registry import Registry
 
 
 def fail(error: PipelineError | str) -> typer.Exit:
@@ -56,8 +57,11 @@ def _cli_annotation(tp: Any, meta: dict) -> Any:
 def _help(f: Any, tp: Any = None) -> str:
     meta = f.metadata
     text = meta.get("help", "")
-    if meta.get("choices"):
-        text += f" One of: {', '.join(map(str, meta['choices']))}."
+    choices = meta.get("choices")
+    if isinstance(choices, Registry):   # each entry's own sentence, read when the command is built
+        text += f" One of: {choices.help()}"
+    elif choices:
+        text += f" One of: {', '.join(map(str, choices))}."
     if meta.get("range") is not None or tp in (float, Optional[float]):  # a float is at least finite
         text += f" Range: {meta.get('range') or Range()}."
     default = default_of(f)

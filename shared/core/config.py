@@ -295,8 +295,12 @@ def value_problem(f: dataclasses.Field, value: Any) -> str | None:
     meta = f.metadata
     if value is None:
         return None
-    if meta.get("choices") and value not in meta["choices"]:
-        return f"{value!r} is not one of {', '.join(map(str, meta['choices']))}"
+    choices = meta.get("choices")
+    for item in (value if isinstance(value, tuple) and choices else (value,)):
+        if choices and item not in choices:
+            close = difflib.get_close_matches(str(item), list(map(str, choices)), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            return f"{item!r} is not one of {', '.join(map(str, choices))}{hint}"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return (meta.get("range") or Range()).problem(value)
     if meta.get("nonempty") and value == "":

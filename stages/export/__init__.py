@@ -28,10 +28,9 @@ from shared.core.errors import ConfigError
 from shared.core.log import warn
 from shared.core.stage import Stage, execute
 from stages.export import source
-from stages.export.build import build, formats_for
+from stages.export.build import build
 from stages.export.compare import compare, compare_command  # noqa: F401  (the `sdxl compare` command)
-from stages.export.formats import FORMATS
-from stages.export.vae import formats_for as vae_formats_for
+from stages.export.formats import FORMATS, formats_for
 from stages.export.verify import TOLERANCE, VerificationError  # noqa: F401
 
 VERSION = 1
@@ -50,9 +49,9 @@ class Config:
                                    "of an unfinished training) [default: <workdir>/train].", flag="--in",
                              fingerprint=False)
     output: Path | None = opt(None, "Output folder [default: <workdir>/export].", flag="--out", fingerprint=False)
-    format: tuple[str, ...] = opt((), "Formats to write, repeated or comma-separated: kohya, peft, diffusers, "
-                                      "single-file [default: kohya,peft for a LoRA; single-file for a full "
-                                      "fine-tune].", from_cli=_split)
+    format: tuple[str, ...] = opt((), "Formats to write, repeated or comma-separated [default: kohya,peft for a "
+                                      "LoRA; single-file for a full fine-tune; diffusers,single-file for a VAE].",
+                                  from_cli=_split, choices=FORMATS)
     weights: str = opt("final", "Which weights: final, ema (the final checkpoint's EMA) or step-N (a kept "
                                 "checkpoint).")
     dtype: str = opt("float16", "dtype of the written weights (LoRA alphas stay float32).", choices=DTYPES)
@@ -73,7 +72,7 @@ class Config:
     def __post_init__(self) -> None:
         unknown = [f for f in self.format if f not in FORMATS]
         if unknown:
-            raise ConfigError(f"format {unknown[0]!r}: expected some of {', '.join(FORMATS)}")
+            raise ConfigError(f"format: {FORMATS.unknown(unknown[0])}")
         object.__setattr__(self, "format", tuple(dict.fromkeys(self.format)))
         if not self.name or "/" in self.name or "\\" in self.name or self.name.startswith("."):
             raise ConfigError(f"name {self.name!r}: must be a plain file stem (no slashes, not hidden)")
@@ -86,7 +85,7 @@ class Config:
 def _inputs(cfg: Config) -> dict:
     ckpt = source.locate(cfg.input, cfg.weights, cfg.model)
     part = "vae" if ckpt.method == "vae" else "unet"
-    vae_formats_for(cfg) if part == "vae" else formats_for(cfg, ckpt.method)
+    formats_for(cfg, ckpt.method)
     identity = models.model_identity(ckpt.base, ("vae",) if part == "vae" else models.MODEL_PARTS)
     trained_on = ((ckpt.train.inputs.get("model") or {}).get("components") or {}).get(part) if ckpt.train else None
     if trained_on and trained_on != identity[part]:

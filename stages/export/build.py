@@ -10,24 +10,12 @@ from typing import Any
 from shared.core import artifacts, ranks
 from shared.formats import kohya
 from shared.models import loading as models
-from shared.core.errors import ConfigError
 from shared.core.log import say
 from shared.core.stage import BuildResult
 from shared.models.sampling import Objective
 from stages.export import formats, source, verify
 from stages.export import vae as vae_export
-from stages.export.formats import LORA_FORMATS, MODEL_FORMATS
-from stages.export.verify import VerificationError
-
-
-def formats_for(cfg: Any, method: str) -> tuple[str, ...]:
-    """The formats to write for a training of `method` (lora | full)."""
-    chosen = cfg.format or (LORA_FORMATS if method == "lora" else ("single-file",))
-    lora_only = [f for f in chosen if f in LORA_FORMATS]
-    if method == "full" and lora_only:
-        raise ConfigError(f"--format {lora_only[0]}: a LoRA format, but {cfg.input} is a full fine-tune; use "
-                          f"--format diffusers or single-file")
-    return chosen
+from stages.export.formats import FORMATS, formats_for
 
 
 @dataclass
@@ -42,6 +30,7 @@ class Job:
     device: str
     info: dict
     provenance: dict
+    expected: dict[str, set[str]] | None = None   # the LoRA-carrying modules per component (LoRA formats)
 
     def parts(self, names: tuple[str, ...]) -> dict[str, Any]:
         return {n: getattr(self.model, n) for n in names if getattr(self.model, n, None) is not None}
@@ -87,29 +76,6 @@ def _record(job: Job, fmt: str, path: Path, check: tuple[float, float] | None) -
             "tolerance": job.cfg.tolerance}
 
 
-def _check_kohya_names(job: Job, path: Path, expected: dict[str, set[str]]) -> dict:
-    """The file's modules are exactly the trained ones, and each is a module of real SDXL (see docstring)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        found = kohya.modules(f.keys())
-    config = job.unet_config
-    wanted = {kohya.module_name(c, m, config) for c, mods in expected.items() for m in mods}
-    if found != wanted:
-        raise VerificationError(f"{path.name}: holds {len(found)} modules, trained {len(wanted)} (first "
-                                f"difference: {sorted(found ^ wanted)[0]})")
-    unet = {n for n in found if n.startswith(kohya.PREFIX["unet"])}
-    if kohya.is_full_size(config):
-        problems = sorted(unet - set(kohya.full_size_names(job.ckpt.spec.preset)))
-    else:
-        problems = kohya.full_size_problems(job.ckpt.spec.preset)
-    problems += sorted(found - unet - kohya.full_size_te_names())
-    if problems:
-        raise VerificationError(f"{path.name}: {len(problems)} names are not modules of full-size SDXL "
-                                f"(first: {problems[0]})")
-    return {"modules": len(found), "full_size_layout": "file" if kohya.is_full_size(config) else "preset"}
-
-
 def _lora_components(job: Job) -> dict[str, set[str]]:
     """Per component of the trained model, the modules that carry a LoRA (empty components left out)."""
     found = {c: verify.lora_modules(m) for c, m in job.parts(source.COMPONENTS).items()}
@@ -136,25 +102,20 @@ def lora_reference(job: Job, inputs: dict) -> tuple[dict[str, set[str]], Referen
 
 def export_loras(job: Job, chosen: list[str], inputs: dict, expected: dict[str, set[str]], ref: Reference) -> dict:
     """kohya and/or peft files from the LoRA weights; each loaded back into the base model and compared."""
-    cfg, spec = job.cfg, job.ckpt.spec
+    cfg = job.cfg
     pipe = verify.base_pipeline(job.ckpt.base) if cfg.verify else None
-    where = formats.paths(job.out, cfg.name)
+    job.expected = expected
     records = {}
     for fmt in chosen:
-        path = where[fmt]
+        entry = FORMATS[fmt]
+        path = entry.path(job.out, cfg.name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if fmt == "kohya":
-            formats.write_kohya(path, job.weights, spec.alpha, job.unet_config, job.info, job.provenance, cfg.dtype)
-            names = _check_kohya_names(job, path, expected)
-        else:
-            formats.write_peft(path, job.weights, spec.alpha, job.provenance, cfg.dtype)
+        extra = entry.write(job, path)
         check = None
         if pipe is not None:
-            check = (verify.verify_lora(pipe, path, fmt, expected, inputs, ref.outputs, cfg.tolerance, job.device),
-                     ref.rounding)
-        records[fmt] = _record(job, fmt, path, check)
-        if fmt == "kohya":
-            records[fmt]["names"] = names
+            check = (verify.verify_lora(pipe, path, entry.load, expected, inputs, ref.outputs, cfg.tolerance,
+                                        job.device), ref.rounding)
+        records[fmt] = {**_record(job, fmt, path, check), **extra}
     del pipe
     gc.collect()
     return records
@@ -184,15 +145,12 @@ def _merge(job: Job, parts: dict, inputs: dict) -> Reference:
 def write_models(job: Job, chosen: list[str], inputs: dict) -> tuple[dict[str, Path], Reference]:
     """The diffusers folder and/or single file of the whole model (a LoRA folded in at merge_scale)."""
     ref = _merge(job, job.parts(("unet", "text_encoder", "text_encoder_2", "vae")), inputs)
-    train = job.ckpt.train.config if job.ckpt.train else {}
-    where = formats.paths(job.out, job.cfg.name)
+    written = {}
     for fmt in chosen:
-        if fmt == "diffusers":
-            formats.write_diffusers(where[fmt], job.model, job.cfg.dtype, train.get("prediction"),
-                                    train.get("schedule"), job.provenance)
-        else:
-            formats.write_single_file(where[fmt], job.model, job.cfg.dtype, job.info, job.provenance)
-    return {fmt: where[fmt] for fmt in chosen}, ref
+        path = written[fmt] = FORMATS[fmt].path(job.out, job.cfg.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        FORMATS[fmt].write(job, path)
+    return written, ref
 
 
 def verify_models(job: Job, written: dict[str, Path], inputs: dict, ref: Reference) -> dict:
@@ -201,8 +159,8 @@ def verify_models(job: Job, written: dict[str, Path], inputs: dict, ref: Referen
     for fmt, path in written.items():
         check = None
         if ref.outputs:
-            loader = verify.verify_diffusers if fmt == "diffusers" else verify.verify_single_file
-            check = (loader(path, inputs, ref.outputs, job.cfg.tolerance, job.device), ref.rounding)
+            check = (verify.verify_model(FORMATS[fmt].load, path, inputs, ref.outputs, job.cfg.tolerance,
+                                         job.device), ref.rounding)
         records[fmt] = _record(job, fmt, path, check)
         gc.collect()
     return records
@@ -216,7 +174,8 @@ def build(cfg: Any, staging: Path, inputs: dict) -> BuildResult:
         job = Job(cfg, ckpt, {}, None, None, staging, ranks.device(cfg.device), {}, _provenance(ckpt))
         return vae_export.build(job, lambda fmt, path, check: _record(job, fmt, path, check))
     chosen = formats_for(cfg, ckpt.method)
-    loras, wholes = [f for f in chosen if f in LORA_FORMATS], [f for f in chosen if f in MODEL_FORMATS]
+    loras = [f for f in chosen if FORMATS[f].kind == "lora"]
+    wholes = [f for f in chosen if FORMATS[f].kind == "model"]
     weights = source.load_weights(ckpt)
     model = source.trained_model(ckpt, weights, models.COMPONENTS if wholes else source.COMPONENTS)
     if ckpt.method == "full":

@@ -26,15 +26,13 @@ from shared.models import render as R
 from shared.models.render import HEADER_HEIGHT, LABEL_WIDTH, grid  # noqa: F401  (the grid's layout)
 from shared.models import sampling
 from shared.core.errors import InputError
-from stages.export.formats import PEFT_FILE, PROVENANCE
-
-EXPORT_PREFERENCE = ("kohya", "peft", "diffusers", "single-file")
+from stages.export.formats import FORMATS, PEFT_FILE, PROVENANCE
 
 
 @dataclass(frozen=True)
 class Variant:
     label: str
-    kind: str            # base | kohya | peft | diffusers | single-file | model
+    kind: str            # base | model | an export format's name (FORMATS)
     path: str            # the file, folder or model spec
     base: str | None     # the base model an export folder recorded
     objective: sampling.Objective | None = None   # what it was trained to predict (None: the base model's)
@@ -77,12 +75,9 @@ def _file_kind(path: Path) -> tuple[str, sampling.Objective | None]:
     except Exception as e:  # safetensors raises its own error types for other files
         raise InputError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0][:120]})") from None
     objective = _objective_of_file(keys, meta)
-    if any(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_")) for k in keys):
-        return "kohya", objective
-    if any(".lora_A." in k or ".lora_B." in k for k in keys):
-        return "peft", objective
-    if models.UNET_CONV_IN in keys:
-        return "single-file", objective
+    for entry in FORMATS.entries():
+        if entry.recognise is not None and entry.recognise(keys):
+            return entry.name, objective
     raise InputError(f"{path}: neither a LoRA (kohya or peft) nor a single-file SDXL checkpoint")
 
 
@@ -91,7 +86,7 @@ def _from_export(folder: Path) -> Variant:
     assert manifest is not None
     written = manifest.extra.get("formats", {})
     recorded = (manifest.extra.get("provenance") or {}).get("objective")
-    for fmt in EXPORT_PREFERENCE:
+    for fmt in FORMATS:   # the first format in the registry's order (LoRA files before whole models)
         if fmt in written:
             return Variant(folder.name, fmt, str(folder / written[fmt]["file"]), manifest.extra.get("base_model"),
                            sampling.Objective.from_config(recorded) if recorded else None)
@@ -176,18 +171,15 @@ def _base_of(variants: list[Variant], base: str | None) -> str | None:
 
 def _rows(variants: list[Variant], base: str | None, job: Rendering, device: str) -> tuple[list, list[dict]]:
     """(label, images) per variant, and how each was rendered."""
-    from stages.export.verify import load_kohya
-
     rows, how, base_pipe = [], [], None
     for v in variants:
-        if v.kind in ("base", "kohya", "peft"):
+        lora = v.kind in FORMATS and FORMATS[v.kind].kind == "lora"
+        if v.kind == "base" or lora:
             if base is None:
                 raise InputError(f"{v.label}: needs a base model; give it with --model")
             base_pipe = base_pipe or _pipeline(base, device)
-            if v.kind == "kohya":
-                load_kohya(base_pipe, Path(v.path))
-            elif v.kind == "peft":
-                base_pipe.load_lora_weights(str(Path(v.path).parent), weight_name=Path(v.path).name)
+            if lora:
+                FORMATS[v.kind].load(base_pipe, Path(v.path))
             images, used = _render(base_pipe, job, v.objective)
             if v.kind != "base":
                 base_pipe.unload_lora_weights()

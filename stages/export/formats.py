@@ -1,17 +1,23 @@
-"""Writers of the four export formats, and merging a LoRA into its base weights for the two full-model ones."""
+"""The export formats: each one entry of the FORMATS registry (where it goes, how it is written, how it is loaded
+back for verification and by `sdxl compare`, for which trained kinds it is the default, and how it holds a VAE
+fine-tune), with the writers, and merging a LoRA into its base weights for the full-model ones. A new format is
+one more `FORMATS.add(ExportFormat(...))`; build.py, vae.py, verify.py and compare.py iterate over the registry."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from shared.formats import kohya
+from shared.models import loading as models
 from shared.models import sgm
+from shared.core.errors import ConfigError
 from shared.core.log import warn
+from shared.core.registry import Registry
+from stages.export import verify
+from stages.export.verify import VerificationError
 
-LORA_FORMATS = ("kohya", "peft")
-MODEL_FORMATS = ("diffusers", "single-file")
-FORMATS = LORA_FORMATS + MODEL_FORMATS
 PEFT_FILE = "pytorch_lora_weights.safetensors"
 PROVENANCE = kohya.PROVENANCE  # metadata key / file stem holding the pipeline's fingerprints
 
@@ -20,12 +26,6 @@ def torch_dtype(name: str) -> Any:
     import torch
 
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
-
-
-def paths(out: Path, name: str) -> dict[str, Path]:
-    """Where each format goes inside the output folder."""
-    return {"kohya": out / f"{name}.kohya.safetensors", "peft": out / "peft" / PEFT_FILE,
-            "diffusers": out / "diffusers", "single-file": out / f"{name}.sdxl.safetensors"}
 
 
 def write_kohya(path: Path, states: dict[str, dict], alpha: float, unet_config: Any, info: dict,
@@ -135,3 +135,161 @@ def write_single_file(path: Path, model: Any, dtype: str, info: dict, provenance
             "modelspec.prediction_type": "v" if info.get("prediction") == "v_prediction" else "epsilon",
             PROVENANCE: json.dumps(provenance, sort_keys=True)}
     save_file(state, str(path), metadata=meta)
+
+
+def write_vae_single_file(vae: Any, path: Path, dtype: str, provenance: dict) -> None:
+    """The VAE in the original layout (its config is written beside it by vae.build: `<out>/vae-config/`)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.to(torch_dtype(dtype)).contiguous() for k, v in sgm.vae_state(vae).items()}
+    save_file(state, str(path), metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base/vae",
+                                          PROVENANCE: json.dumps(provenance, sort_keys=True)})
+
+
+def load_vae_single_file(path: Path, config: Path) -> Any:
+    """The single file through diffusers' own loader (an independent check of sgm.vae_key), offline."""
+    from diffusers import AutoencoderKL
+
+    models.quiet_libraries()
+    return AutoencoderKL.from_single_file(str(path), config=str(config), local_files_only=True)
+
+
+def write_vae_diffusers(vae: Any, folder: Path, dtype: str, provenance: dict) -> None:
+    """An AutoencoderKL folder (save_pretrained) in `dtype`; the VAE is left in float32."""
+    import torch
+
+    vae.to(torch_dtype(dtype)).save_pretrained(str(folder), safe_serialization=True)
+    vae.to(torch.float32)
+    (folder / f"{PROVENANCE}.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+
+
+def load_vae_diffusers(folder: Path, config: Path) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+
+
+# --- the registry ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VaeFormat:
+    """How a format holds a VAE fine-tune (train --target vae)."""
+    path: Callable[[Path, str], Path]                 # (out, name) -> where it goes
+    write: Callable[[Any, Path, str, dict], None]     # (AutoencoderKL, path, dtype, provenance)
+    load: Callable[[Path, Path], Any]                 # (path, the VAE's config folder) -> AutoencoderKL
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """A format users pick by name (`export --format ...`)."""
+    name: str
+    help: str
+    kind: str                            # "lora": a LoRA file clients load onto the base; "model": the whole model
+    path: Callable[[Path, str], Path]    # (out, name) -> where it goes inside the output folder
+    write: Callable[[Any, Path], dict]   # (build.Job, path) -> what the manifest records of it beyond the file
+    #: lora: load(pipe, path) puts it onto a base StableDiffusionXLPipeline; model: load(path, parts) -> an object
+    #: with those parts (unet, text_encoder, ...) as attributes
+    load: Callable[..., Any]
+    default_for: tuple[str, ...] = ()    # trained kinds (lora, full, vae) it is written for without --format
+    recognise: Callable[[list[str]], bool] | None = None   # a .safetensors's keys are of this format (compare)
+    vae: VaeFormat | None = None         # how it holds a VAE fine-tune; None: it cannot
+
+
+FORMATS: Registry[ExportFormat] = Registry("export format")
+
+
+def names_of(kind: str) -> tuple[str, ...]:
+    return FORMATS.where(kind=kind)
+
+
+def _train_config(job: Any) -> dict:
+    return job.ckpt.train.config if job.ckpt.train else {}
+
+
+def _write_kohya(job: Any, path: Path) -> dict:
+    write_kohya(path, job.weights, job.ckpt.spec.alpha, job.unet_config, job.info, job.provenance, job.cfg.dtype)
+    return {"names": _kohya_names(job, path)}
+
+
+def _kohya_names(job: Any, path: Path) -> dict:
+    """The file's modules are exactly the trained ones (job.expected), and each is a module of real SDXL (full
+    size: every name; a reduced model: its preset's names, checked against full-size SDXL)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        found = kohya.modules(f.keys())
+    config = job.unet_config
+    wanted = {kohya.module_name(c, m, config) for c, mods in job.expected.items() for m in mods}
+    if found != wanted:
+        raise VerificationError(f"{path.name}: holds {len(found)} modules, trained {len(wanted)} (first "
+                                f"difference: {sorted(found ^ wanted)[0]})")
+    unet = {n for n in found if n.startswith(kohya.PREFIX["unet"])}
+    if kohya.is_full_size(config):
+        problems = sorted(unet - set(kohya.full_size_names(job.ckpt.spec.preset)))
+    else:
+        problems = kohya.full_size_problems(job.ckpt.spec.preset)
+    problems += sorted(found - unet - kohya.full_size_te_names())
+    if problems:
+        raise VerificationError(f"{path.name}: {len(problems)} names are not modules of full-size SDXL "
+                                f"(first: {problems[0]})")
+    return {"modules": len(found), "full_size_layout": "file" if kohya.is_full_size(config) else "preset"}
+
+
+def _write_peft(job: Any, path: Path) -> dict:
+    write_peft(path, job.weights, job.ckpt.spec.alpha, job.provenance, job.cfg.dtype)
+    return {}
+
+
+def _write_diffusers(job: Any, path: Path) -> dict:
+    train = _train_config(job)
+    write_diffusers(path, job.model, job.cfg.dtype, train.get("prediction"), train.get("schedule"), job.provenance)
+    return {}
+
+
+def _write_single_file(job: Any, path: Path) -> dict:
+    write_single_file(path, job.model, job.cfg.dtype, job.info, job.provenance)
+    return {}
+
+
+for _entry in (
+    ExportFormat("kohya", "kohya / SGM LoRA names with alphas and ss_* metadata (ComfyUI, A1111, Forge).", "lora",
+                 lambda out, name: out / f"{name}.kohya.safetensors", _write_kohya, verify.load_kohya,
+                 default_for=("lora",),
+                 recognise=lambda keys: any(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_"))
+                                            for k in keys)),
+    ExportFormat("peft", "diffusers' pytorch_lora_weights.safetensors (load_lora_weights).", "lora",
+                 lambda out, name: out / "peft" / PEFT_FILE, _write_peft, verify.load_peft, default_for=("lora",),
+                 recognise=lambda keys: any(".lora_A." in k or ".lora_B." in k for k in keys)),
+    ExportFormat("diffusers", "a diffusers pipeline folder (a LoRA merged in at merge_scale).", "model",
+                 lambda out, name: out / "diffusers", _write_diffusers, verify.load_diffusers, default_for=("vae",),
+                 vae=VaeFormat(lambda out, name: out / "vae", write_vae_diffusers, load_vae_diffusers)),
+    ExportFormat("single-file", "one SGM-layout .safetensors checkpoint (a LoRA merged in at merge_scale).",
+                 "model", lambda out, name: out / f"{name}.sdxl.safetensors", _write_single_file,
+                 verify.load_single_file, default_for=("full", "vae"),
+                 recognise=lambda keys: models.UNET_CONV_IN in keys,
+                 vae=VaeFormat(lambda out, name: out / f"{name}.vae.safetensors", write_vae_single_file,
+                               load_vae_single_file)),
+):
+    FORMATS.add(_entry)
+
+
+def formats_for(cfg: Any, method: str) -> tuple[str, ...]:
+    """The formats to write for a training of `method` (lora | full | vae): the asked ones, else the formats
+    whose entry is a default for it; a format that cannot hold it is refused in one line."""
+    chosen = cfg.format or tuple(e.name for e in FORMATS.entries() if method in e.default_for)
+    usable = [e.name for e in FORMATS.entries() if _holds(e, method)]
+    wrong = [f for f in chosen if f not in usable]
+    if wrong:
+        what = {"lora": "a LoRA", "full": "a full fine-tune", "vae": "a VAE fine-tune"}[method]
+        kind = "a LoRA format" if FORMATS[wrong[0]].kind == "lora" else "a format that cannot hold it"
+        raise ConfigError(f"--format {wrong[0]}: {kind}, but {cfg.input} is {what}; use --format "
+                          f"{' or '.join(usable)}")
+    return chosen
+
+
+def _holds(entry: ExportFormat, method: str) -> bool:
+    """Whether a format can hold a training of `method`: a LoRA file only a LoRA, a model format a LoRA
+    (merged) or a full fine-tune, and a VAE fine-tune where it has a VAE writer."""
+    if method == "vae":
+        return entry.vae is not None
+    return entry.kind == "model" or method == "lora"

@@ -9,32 +9,15 @@ rounded to --dtype (verify.py's rule and tolerance).
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-from shared.core.errors import ConfigError, InputError
+from shared.core.errors import InputError
 from shared.core.stage import BuildResult
 from shared.models import loading as models
-from shared.models import sgm
 from stages.export import formats, source, verify
-from stages.export.formats import LORA_FORMATS
+from stages.export.formats import FORMATS, formats_for
 
 CONFIG = "vae-config"   # the VAE's config beside the single file (what from_single_file is given)
-
-
-def formats_for(cfg: Any) -> tuple[str, ...]:
-    """diffusers (an AutoencoderKL folder) and/or single-file; both by default; LoRA formats are refused."""
-    chosen = cfg.format or ("diffusers", "single-file")
-    lora = [f for f in chosen if f in LORA_FORMATS]
-    if lora:
-        raise ConfigError(f"--format {lora[0]}: a LoRA format, but {cfg.input} is a VAE fine-tune; use --format "
-                          f"diffusers or single-file")
-    return chosen
-
-
-def paths(out: Path, name: str) -> dict[str, Path]:
-    return {"diffusers": out / "vae", "single-file": out / f"{name}.vae.safetensors"}
 
 
 def trained_vae(ckpt: source.Checkpoint) -> Any:
@@ -74,30 +57,13 @@ def outputs(vae: Any, inputs: dict, device: str) -> dict:
     return {"vae.decode": decoded.float().cpu(), "vae.encode": mean.float().cpu()}
 
 
-def write_single_file(path: Path, vae: Any, dtype: str, provenance: dict) -> None:
-    """The VAE in the original layout (its config is written beside it by `build`: `<out>/vae-config/`)."""
-    from safetensors.torch import save_file
-
-    state = {k: v.to(formats.torch_dtype(dtype)).contiguous() for k, v in sgm.vae_state(vae).items()}
-    save_file(state, str(path), metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base/vae",
-                                          formats.PROVENANCE: json.dumps(provenance, sort_keys=True)})
-
-
-def load_single_file(path: Path, config: Path) -> Any:
-    """The single file through diffusers' own loader (an independent check of sgm.vae_key), offline."""
-    from diffusers import AutoencoderKL
-
-    models.quiet_libraries()
-    return AutoencoderKL.from_single_file(str(path), config=str(config), local_files_only=True)
-
-
 def build(job: Any, record: Any) -> BuildResult:
     """Write and verify the asked formats of a VAE checkpoint (`job`: build.Job without a model).
     `record(fmt, path, check)` is build.py's manifest entry of one written format."""
     import torch
 
     cfg, ckpt, staging, device, provenance = job.cfg, job.ckpt, job.out, job.device, job.provenance
-    chosen = formats_for(cfg)
+    chosen = formats_for(cfg, "vae")
     vae = trained_vae(ckpt)
     inputs = probe(vae)
     with verify.exact_math():
@@ -105,26 +71,17 @@ def build(job: Any, record: Any) -> BuildResult:
         vae.to(formats.torch_dtype(cfg.dtype)).to(torch.float32)   # the reference holds the file's rounding
         ref = outputs(vae, inputs, device) if cfg.verify else {}
         rounding = verify.difference(ref, exact)[0] if cfg.verify else 0.0
-        where = paths(staging, cfg.name)
+        kinds = {fmt: FORMATS[fmt].vae for fmt in chosen}
+        where = {fmt: kind.path(staging, cfg.name) for fmt, kind in kinds.items()}
         config = staging / CONFIG
         vae.save_config(str(config))
-        for fmt in chosen:
-            if fmt == "diffusers":
-                vae.to(formats.torch_dtype(cfg.dtype)).save_pretrained(str(where[fmt]), safe_serialization=True)
-                vae.to(torch.float32)
-                (where[fmt] / f"{formats.PROVENANCE}.json").write_text(json.dumps(provenance, indent=2,
-                                                                                  sort_keys=True) + "\n")
-            else:
-                write_single_file(where[fmt], vae, cfg.dtype, provenance)
+        for fmt, kind in kinds.items():
+            kind.write(vae, where[fmt], cfg.dtype, provenance)
         records = {}
-        for fmt in chosen:
+        for fmt, kind in kinds.items():
             check = None
             if cfg.verify:
-                from diffusers import AutoencoderKL
-
-                back = (AutoencoderKL.from_pretrained(str(where[fmt]), local_files_only=True, use_safetensors=True)
-                        if fmt == "diffusers" else load_single_file(where[fmt], config))
-                got = outputs(back.float().eval(), inputs, device)
+                got = outputs(kind.load(where[fmt], config).float().eval(), inputs, device)
                 check = (verify.compare(where[fmt].name, got, ref, cfg.tolerance), rounding)
             records[fmt] = record(fmt, where[fmt], check)
     extra = {"formats": records, "method": "vae", "base_model": ckpt.base,

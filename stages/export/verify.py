@@ -209,16 +209,19 @@ def load_kohya(pipe: Any, path: Path) -> None:
                                              prefix=name, _pipeline=pipe)
 
 
-def verify_lora(pipe: Any, path: Path, fmt: str, expected: dict[str, set[str]], inputs: dict, ref: dict,
+def load_peft(pipe: Any, path: Path) -> None:
+    """diffusers' own LoRA file into the pipeline."""
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+
+
+def verify_lora(pipe: Any, path: Path, load: Any, expected: dict[str, set[str]], inputs: dict, ref: dict,
                 tolerance: float, device: str) -> float:
-    """Load a kohya or peft LoRA file into the base pipeline as diffusers does; every trained module must get
-    its LoRA and no other, nothing may be reported unexpected, missing or dropped, and outputs must match."""
+    """Load a LoRA file into the base pipeline with its format's loader (`load(pipe, path)`, as diffusers does);
+    every trained module must get its LoRA and no other, nothing may be reported unexpected, missing or dropped,
+    and outputs must match."""
     with loader_warnings() as warned:
         try:
-            if fmt == "kohya":
-                load_kohya(pipe, path)
-            else:
-                pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+            load(pipe, path)
         except (ValueError, KeyError, RuntimeError) as e:
             raise VerificationError(f"{path.name}: diffusers cannot load it ({str(e).splitlines()[0][:200]})") \
                 from None
@@ -238,19 +241,23 @@ def verify_lora(pipe: Any, path: Path, fmt: str, expected: dict[str, set[str]], 
     return compare(path.name, got, ref, tolerance)
 
 
-def verify_diffusers(folder: Path, inputs: dict, ref: dict, tolerance: float, device: str) -> float:
-    """A diffusers folder through `StableDiffusionXLPipeline.from_pretrained` (offline; run in float32)."""
+def load_diffusers(folder: Path, parts: tuple[str, ...]) -> Any:
+    """A diffusers folder through `StableDiffusionXLPipeline.from_pretrained` (offline; float32)."""
     from diffusers import StableDiffusionXLPipeline
 
     models.quiet_libraries()
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
-    got = outputs({k: getattr(pipe, k) for k in ref if "." not in k}, inputs, device)
-    return compare(folder.name, got, ref, tolerance)
+    return StableDiffusionXLPipeline.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
 
 
-def verify_single_file(path: Path, inputs: dict, ref: dict, tolerance: float, device: str) -> float:
+def load_single_file(path: Path, parts: tuple[str, ...]) -> Any:
     """A single-file checkpoint through diffusers' `from_single_file` (shared.models.loading.load_single_file)."""
+    return models.load_single_file(path, parts, None)
+
+
+def verify_model(load: Any, path: Path, inputs: dict, ref: dict, tolerance: float, device: str) -> float:
+    """A whole-model file or folder loaded back by its format's loader (`load(path, parts)`) and its outputs
+    compared with the reference's."""
     parts = tuple(k for k in ref if "." not in k)
-    model = models.load_single_file(path, parts, None)
+    model = load(path, parts)
     got = outputs({k: getattr(model, k) for k in parts}, inputs, device)
     return compare(path.name, got, ref, tolerance)

@@ -127,10 +127,8 @@ class Config:
     accumulate: int = opt(1, "Micro-batches accumulated per optimizer step.", ge=1)
     max_steps: int = opt(0, "Optimizer steps to train; 0 = `epochs` epochs.", ge=0)
     epochs: int = opt(1, "Epochs to train when max_steps is 0.", ge=1)
-    optimizer: str = opt("adamw", "The optimizer: adamw (torch; its fused kernel on CUDA), adamw8bit and "
-                                  "paged_adamw8bit (bitsandbytes, 8-bit states), adafactor (transformers'), prodigy "
-                                  "(prodigyopt), lion (bitsandbytes, 8-bit), schedulefree_adamw (schedulefree). "
-                                  "Those of other packages say which `pip install` they need.", choices=OPTIMIZERS)
+    optimizer: str = opt("adamw", "The optimizer (those of other packages say which `pip install` they need).",
+                         choices=OPTIMIZERS)
     learning_rate: float = opt(1e-4, "Peak learning rate of every parameter group without its own (unet_lr, "
                                      "adapter_lr); prodigy: the multiplier of its estimated step (1.0 usual).", gt=0)
     unet_lr: float | None = opt(None, "Peak learning rate of the UNet's own weights (method full) "
@@ -293,8 +291,9 @@ class Config:
         if problem:
             raise ConfigError(problem)
         problem = (self.optim.problem() or self.unet.problem() or
-                   sharding.problem(self.parallel, self.method, self.optimizer, self.weights_dtype,
-                                    self.mixed_precision, self.ema_decay > 0 and self.ema_device == "cpu"))
+                   sharding.problem(self.parallel, self.method, self.optimizer, OPTIMIZERS[self.optimizer].shardable,
+                                    self.weights_dtype, self.mixed_precision,
+                                    self.ema_decay > 0 and self.ema_device == "cpu"))
         if problem:
             raise ConfigError(problem)
         if self.blocks_to_swap and (self.compile != "off" or self.quantize_base in ("nf4", "int8")):

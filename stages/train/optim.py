@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -19,25 +20,21 @@ import torch
 
 from shared.core.errors import ConfigError
 from shared.core.log import warn
+from shared.core.registry import Registry
 from stages.train import bf16
 from stages.train.model import TrainedWeights
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "adafactor", "prodigy", "lion", "schedulefree_adamw")
-#: the package each optimizer needs beyond the required dependencies
-PACKAGES = {"adamw8bit": "bitsandbytes", "paged_adamw8bit": "bitsandbytes", "lion": "bitsandbytes",
-            "prodigy": "prodigyopt", "schedulefree_adamw": "schedulefree"}
-#: optimizers that can step each parameter alone inside the backward pass (fused.py)
-FUSABLE = ("adamw", "adafactor")
-#: optimizers whose bf16 weights can be rounded stochastically / compensated (bf16.py)
-ROUNDING = ("adamw", "adafactor")
+#: bitsandbytes keeps the state of a parameter with fewer elements than this in float32, and quantizes the rest
+#: in blocks of BNB_BLOCK elements (one float32 absmax each)
+BNB_MIN_8BIT, BNB_BLOCK = 4096, 256
 
 
 @dataclass(frozen=True)
 class OptimizerConfig:
     """The optimizer, its learning-rate schedule, clipping, the EMA and the bad-step guard (flat keys of the same
     names)."""
-    optimizer: str                 # one of OPTIMIZERS
+    optimizer: str                 # a name in OPTIMIZERS
     learning_rate: float           # peak learning rate of every group without its own (reached after warmup)
     unet_lr: float | None          # the UNet's own weights (method full); None = learning_rate
     adapter_lr: float | None       # the LoRA weights on the UNet (method lora); None = learning_rate
@@ -73,10 +70,12 @@ class OptimizerConfig:
 
     def problem(self) -> str | None:
         """Why this combination cannot be trained (None: it can)."""
+        entry = OPTIMIZERS[self.optimizer]
         if self.fused_backward:
-            if self.optimizer not in FUSABLE:
-                return (f"fused_backward works with {' and '.join(FUSABLE)}, not {self.optimizer} (each parameter "
-                        f"gets its own optimizer there)")
+            if not entry.fusable:
+                fusable = " and ".join(OPTIMIZERS.where(fusable=True))
+                return (f"fused_backward works with {fusable}, not {self.optimizer} (each parameter gets its own "
+                        f"optimizer there)")
             if self.accumulate > 1:
                 return (f"fused_backward steps each weight as soon as its gradient is ready, so it cannot "
                         f"accumulate {self.accumulate} micro-batches: set accumulate 1 (and a larger batch_size), "
@@ -86,14 +85,13 @@ class OptimizerConfig:
                         "clip to max_grad_norm: set max_grad_norm 0, or turn fused_backward off")
             if self.mixed_precision == "fp16":
                 return "fused_backward cannot unscale fp16 gradients before the step: use mixed_precision bf16 or no"
-        if self.optimizer == "schedulefree_adamw" and self.lr_schedule not in ("constant", "constant_with_warmup"):
-            return (f"schedulefree_adamw replaces the learning-rate schedule (it warms up for warmup_steps itself): "
+        if entry.schedule_free and self.lr_schedule not in ("constant", "constant_with_warmup"):
+            return (f"{self.optimizer} replaces the learning-rate schedule (it warms up for warmup_steps itself): "
                     f"set lr_schedule constant, not {self.lr_schedule}")
-        if self.kahan_summation and self.optimizer not in ROUNDING:
-            return f"kahan_summation is a buffer of {' and '.join(ROUNDING)}, not of {self.optimizer}"
-        if self.optimizer == "adafactor" and self.adafactor_warmup_init and not self.adafactor_relative_step:
-            return "adafactor_warmup_init warms up Adafactor's relative step: set adafactor_relative_step true too"
-        return None
+        if self.kahan_summation and not entry.rounds_bf16:
+            rounding = " and ".join(OPTIMIZERS.where(rounds_bf16=True))
+            return f"kahan_summation is a buffer of {rounding}, not of {self.optimizer}"
+        return entry.problem(self) if entry.problem else None
 
     def group_lr(self, name: str) -> float:
         """The peak learning rate of the parameter group `name` (see model.trainable_groups)."""
@@ -112,7 +110,8 @@ def param_groups(cfg: OptimizerConfig, named: dict[str, list[torch.nn.Parameter]
 
 def require(optimizer: str) -> Any:
     """The optional package `optimizer` needs, or a one-line error naming `pip install <pkg>`."""
-    package = PACKAGES[optimizer]
+    package = OPTIMIZERS[optimizer].package
+    assert package is not None, optimizer
     try:
         return importlib.import_module(package)
     except ImportError:
@@ -123,10 +122,7 @@ def make_optimizer(cfg: OptimizerConfig, groups: list[dict], seed: int, first_in
                    ) -> torch.optim.Optimizer:
     """The configured optimizer over `groups` (param_groups' dicts). `seed` keys the stochastic rounding;
     `first_index` is the index of the groups' first parameter among all trained ones (fused backward)."""
-    makers: dict[str, Callable[..., torch.optim.Optimizer]] = {
-        "adamw": _adamw, "adamw8bit": _bnb("AdamW8bit"), "paged_adamw8bit": _bnb("PagedAdamW8bit"),
-        "lion": _bnb("Lion8bit"), "adafactor": _adafactor, "prodigy": _prodigy, "schedulefree_adamw": _schedulefree}
-    opt = makers[cfg.optimizer](cfg, groups, seed, first_index)
+    opt = OPTIMIZERS[cfg.optimizer].make(cfg, groups, seed, first_index)
     if hasattr(opt, "train"):
         opt.train()  # schedule-free starts in train mode (weights at y)
     return opt
@@ -135,7 +131,8 @@ def make_optimizer(cfg: OptimizerConfig, groups: list[dict], seed: int, first_in
 def rounds_bf16(cfg: OptimizerConfig, groups: list[dict]) -> bool:
     """Whether the bf16-aware optimizer steps these groups (bf16 weights and rounding or compensation asked)."""
     bf16_weights = any(p.dtype == torch.bfloat16 for g in groups for p in g["params"])
-    return cfg.optimizer in ROUNDING and bf16_weights and (cfg.stochastic_rounding or cfg.kahan_summation)
+    return OPTIMIZERS[cfg.optimizer].rounds_bf16 and bf16_weights and (cfg.stochastic_rounding or
+                                                                      cfg.kahan_summation)
 
 
 def _adamw(cfg: OptimizerConfig, groups: list[dict], seed: int, first_index: int) -> torch.optim.Optimizer:
@@ -195,6 +192,89 @@ def _schedulefree(cfg: OptimizerConfig, groups: list[dict], seed: int, first_ind
         weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps)
 
 
+# --- the registry: one entry per optimizer name ------------------------------------------------------------
+
+StateBytes = Callable[[OptimizerConfig, torch.Size, torch.dtype, bool], int]
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """An optimizer users pick by name (`optimizer = ...`): everything the rest of the code needs of it. Its
+    checkpoint state is the torch optimizer's own state_dict (tensors stored without pickle)."""
+    name: str
+    help: str                     # one sentence for --help
+    make: Callable[[OptimizerConfig, list[dict], int, int], torch.optim.Optimizer]  # (cfg, groups, seed, first)
+    state_bytes: StateBytes       # --plan: the state one parameter gets (cfg, shape, dtype, bf16 rounding on)
+    package: str | None = None    # the pip package it needs beyond the required dependencies
+    fusable: bool = False         # can step one parameter alone inside the backward pass (fused.py)
+    rounds_bf16: bool = False     # rounds bf16 weights stochastically / keeps a Kahan buffer (bf16.py)
+    shardable: bool = False       # steps FSDP's sharded parameters (parallel fsdp)
+    schedule_free: bool = False   # replaces the learning-rate schedule (its own warmup; eval/train modes)
+    #: --plan: why its step allocates nothing besides its state (cfg, groups) -> reason, None = measure the step
+    in_place: Callable[[OptimizerConfig, list[dict]], str | None] = lambda cfg, groups: None
+    plan_all_params: bool = False  # --plan measures its step on all parameters (one foreach), not the largest
+    problem: Callable[[OptimizerConfig], str | None] | None = None  # its own options' consistency
+
+
+OPTIMIZERS: Registry[Optimizer] = Registry("optimizer")
+
+
+def _kahan(cfg: OptimizerConfig, n: int, size: int, dtype: torch.dtype, rounding: bool) -> int:
+    return n * size if rounding and cfg.kahan_summation and dtype == torch.bfloat16 else 0
+
+
+def _adamw_bytes(cfg: OptimizerConfig, shape: torch.Size, dtype: torch.dtype, rounding: bool) -> int:
+    n, size = shape.numel(), dtype.itemsize
+    return 2 * n * size + _kahan(cfg, n, size, dtype, rounding) if rounding else 2 * n * size + 4  # + torch's step
+
+
+def _bnb_bytes(moments: int) -> StateBytes:
+    def state(cfg: OptimizerConfig, shape: torch.Size, dtype: torch.dtype, rounding: bool) -> int:
+        n = shape.numel()
+        if n < BNB_MIN_8BIT:
+            return moments * 4 * n
+        return moments * (n + 4 * math.ceil(n / BNB_BLOCK) + 4 * 256)      # uint8 state, absmax, quantile map
+    return state
+
+
+def _adafactor_bytes(cfg: OptimizerConfig, shape: torch.Size, dtype: torch.dtype, rounding: bool) -> int:
+    n = shape.numel()
+    second = 4 * (shape[:-1].numel() + (shape[:-2] + shape[-1:]).numel()) if len(shape) >= 2 else 4 * n
+    return second + 4 + _kahan(cfg, n, dtype.itemsize, dtype, rounding)   # + the RMS scalar
+
+
+def _copies(k: int) -> StateBytes:
+    """k tensors like the parameter (prodigy: s, p0, exp_avg, exp_avg_sq; schedule-free: z, exp_avg_sq)."""
+    return lambda cfg, shape, dtype, rounding: k * shape.numel() * dtype.itemsize
+
+
+def _adafactor_problem(cfg: OptimizerConfig) -> str | None:
+    if cfg.adafactor_warmup_init and not cfg.adafactor_relative_step:
+        return "adafactor_warmup_init warms up Adafactor's relative step: set adafactor_relative_step true too"
+    return None
+
+
+_IN_PLACE_8BIT = "bitsandbytes' kernels update in place"
+for _entry in (
+    Optimizer("adamw", "torch's AdamW (its fused kernel on CUDA).", _adamw, _adamw_bytes, fusable=True,
+              rounds_bf16=True, shardable=True,
+              in_place=lambda cfg, groups: None if rounds_bf16(cfg, groups) else "torch's fused AdamW kernel (CUDA)"),
+    Optimizer("adamw8bit", "bitsandbytes' AdamW with 8-bit states.", _bnb("AdamW8bit"), _bnb_bytes(2),
+              package="bitsandbytes", in_place=lambda cfg, groups: _IN_PLACE_8BIT),
+    Optimizer("paged_adamw8bit", "the same in paged memory.", _bnb("PagedAdamW8bit"), _bnb_bytes(2),
+              package="bitsandbytes", in_place=lambda cfg, groups: _IN_PLACE_8BIT),
+    Optimizer("adafactor", "transformers' Adafactor (factored second moments).", _adafactor, _adafactor_bytes,
+              fusable=True, rounds_bf16=True, problem=_adafactor_problem),
+    Optimizer("prodigy", "prodigyopt's Prodigy (estimates its step size; learning_rate 1.0 usual).", _prodigy,
+              _copies(4), package="prodigyopt"),
+    Optimizer("lion", "bitsandbytes' Lion with 8-bit states.", _bnb("Lion8bit"), _bnb_bytes(1),
+              package="bitsandbytes", in_place=lambda cfg, groups: _IN_PLACE_8BIT),
+    Optimizer("schedulefree_adamw", "schedulefree's AdamW (no learning-rate schedule).", _schedulefree, _copies(2),
+              package="schedulefree", schedule_free=True, plan_all_params=True),
+):
+    OPTIMIZERS.add(_entry)
+
+
 @contextlib.contextmanager
 def eval_mode(opt: torch.optim.Optimizer | None) -> Iterator[None]:
     """Schedule-free's weights as they are evaluated and saved (x, not the gradient point y) for the block's
@@ -222,7 +302,7 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimizerConfig, total: int)
     get_scheduler does not pass on). Schedule-free warms up itself, so its schedule is a constant 1."""
     from diffusers.optimization import get_polynomial_decay_schedule_with_warmup, get_scheduler
 
-    if cfg.optimizer == "schedulefree_adamw":
+    if OPTIMIZERS[cfg.optimizer].schedule_free:
         return get_scheduler("constant", opt)
     if cfg.lr_schedule == "polynomial":
         return get_polynomial_decay_schedule_with_warmup(opt, cfg.warmup_steps, total, lr_end=cfg.lr_end,

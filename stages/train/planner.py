@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import re
 import tomllib
 import weakref
@@ -44,7 +43,6 @@ from shared.models import loading as models
 from stages.train import model as M, objective, offload as OF, optim as O, quant, step as S, textenc
 
 GIB = 2 ** 30
-BNB_BLOCK, BNB_MIN_8BIT = 256, 4096   # bitsandbytes' blockwise 8-bit states: block size, smallest 8-bit tensor
 TOKENS = 77                           # one caption window (the cross-attention's share of memory is small)
 
 
@@ -74,25 +72,9 @@ def nbytes(t: torch.Tensor) -> int:
 
 
 def param_state_bytes(cfg: O.OptimizerConfig, shape: torch.Size, dtype: torch.dtype, rounding: bool) -> int:
-    """The optimizer state one parameter of `shape` and `dtype` gets (its first step allocates it all)."""
-    n, size = shape.numel(), torch.empty((), dtype=dtype).element_size()
-    kahan = n * size if rounding and cfg.kahan_summation and dtype == torch.bfloat16 else 0
-    name = cfg.optimizer
-    if name == "adamw":
-        return (2 * n * size + kahan) if rounding else (2 * n * size + 4)   # + torch's float32 step tensor
-    if name in ("adamw8bit", "paged_adamw8bit", "lion"):
-        moments = 1 if name == "lion" else 2
-        if n < BNB_MIN_8BIT:
-            return moments * 4 * n
-        return moments * (n + 4 * math.ceil(n / BNB_BLOCK) + 4 * 256)      # uint8 state, absmax, quantile map
-    if name == "adafactor":
-        second = 4 * (shape[:-1].numel() + (shape[:-2] + shape[-1:]).numel()) if len(shape) >= 2 else 4 * n
-        return second + 4 + kahan                                          # + the RMS scalar
-    if name == "prodigy":
-        return 4 * n * size   # s, p0, exp_avg, exp_avg_sq (p0 is one element for an all-zero parameter)
-    if name == "schedulefree_adamw":
-        return 2 * n * size   # z, exp_avg_sq
-    raise ValueError(name)
+    """The optimizer state one parameter of `shape` and `dtype` gets (its first step allocates it all): the
+    optimizer's own count (its registry entry)."""
+    return O.OPTIMIZERS[cfg.optimizer].state_bytes(cfg, shape, dtype, rounding)
 
 
 def state_bytes(cfg: O.OptimizerConfig, groups: list[dict], within: list[dict] | None = None) -> int:
@@ -291,12 +273,11 @@ def forward_backward(cfg: Any, unet: Any, groups: list[dict], mode: Any, size: t
 def step_temporaries(cfg: Any, groups: list[dict], mode: Any) -> tuple[int, str]:
     """The bytes an optimizer step allocates besides its state: measured on the largest parameter (on all of
     them for schedule-free, whose step is one foreach over every parameter)."""
-    name, params = cfg.optim.optimizer, [p for g in groups for p in g["params"]]
-    if name in ("adamw8bit", "paged_adamw8bit", "lion"):
-        return 0, "bitsandbytes' kernels update in place"
-    if name == "adamw" and not O.rounds_bf16(cfg.optim, groups):
-        return 0, "torch's fused AdamW kernel (CUDA)"
-    chosen = params if name == "schedulefree_adamw" else [max(params, key=lambda p: p.numel())]
+    entry, params = O.OPTIMIZERS[cfg.optim.optimizer], [p for g in groups for p in g["params"]]
+    reason = entry.in_place(cfg.optim, groups)
+    if reason:
+        return 0, reason
+    chosen = params if entry.plan_all_params else [max(params, key=lambda p: p.numel())]
     try:
         with mode:
             fakes = [torch.nn.Parameter(torch.zeros(p.shape, dtype=p.dtype)) for p in chosen]

@@ -21,14 +21,15 @@ except ImportError:  # pragma: no cover - torch < 2.5 is not supported (pyprojec
 PARALLEL = ("ddp", "fsdp")
 
 
-def problem(parallel: str, method: str, optimizer: str, weights_dtype: str, mixed_precision: str,
+def problem(parallel: str, method: str, optimizer: str, shardable: bool, weights_dtype: str, mixed_precision: str,
             ema_on_cpu: bool = False) -> str | None:
-    """Why FSDP cannot train this config (None: it can, or DDP is asked)."""
+    """Why FSDP cannot train this config (None: it can, or DDP is asked); `shardable`: whether the optimizer
+    steps sharded parameters (its registry entry)."""
     if parallel != "fsdp":
         return None
     if method != "full":
         return "parallel fsdp shards a full fine-tune's weights; a LoRA is small enough for ddp: use parallel ddp"
-    if optimizer != "adamw":
+    if not shardable:
         return f"parallel fsdp steps sharded weights with torch's adamw, not {optimizer}: use optimizer adamw"
     if weights_dtype != "float32":
         return ("parallel fsdp keeps float32 weights (the bf16 rounding optimizers do not take sharded tensors): "
