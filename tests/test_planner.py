@@ -140,7 +140,7 @@ def test_the_presets_fit_their_cards():
     """Every `# [preset.*]` block of pipeline.toml, LoRA and full fine-tune for each card, is a valid [train]
     table; those for the 12-24 GB cards (where a preset trades speed for memory) have a predicted peak on
     builtin:sdxl-random at 1024x1024 that leaves 10 % of the card free (for the CUDA context, workspaces and the
-    planner's error). The 48 / 80 GB presets are planned in the README's table (8 s each on the meta device)."""
+    planner's error). The 48 / 80 GB presets are planned in docs/memory.md's table (8 s each on the meta device)."""
     presets = planner.presets((ROOT / "pipeline.toml").read_text(encoding="utf-8"))
     assert sorted(presets) == sorted(f"{m}-{c}" for m in ("lora", "full") for c in CARDS)
     for name, values in presets.items():

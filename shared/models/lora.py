@@ -1,6 +1,6 @@
 """LoRA on the SDXL UNet through peft: which modules a preset targets, applying it, and its weights.
 
-Presets (which tool's default each matches is in the README):
+Presets (which tool's default each matches is in docs/train.md):
 - `attn`: the attention projections (to_q, to_k, to_v, to_out.0) of every transformer block, self and cross
   (diffusers' train_text_to_image_lora_sdxl, OneTrainer's attn-only);
 - `self-attn`: the self-attention projections only (attn1);

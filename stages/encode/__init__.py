@@ -6,7 +6,7 @@ of ranks (shard i belongs to rank i mod WORLD_SIZE) and of resumption. The shard
 encodes its unfinished shards, each finished shard is marked done, and rank 0 writes the index and the
 manifest once every shard is marked. An item whose sample the previous output at `--out` already holds (same
 image, crop, captions, model and options) is taken from there, so adding images encodes only what is new or
-changed. See README "encode" for the arrays stored per sample.
+changed. See docs/encode.md for the arrays stored per sample.
 """
 from __future__ import annotations
 
