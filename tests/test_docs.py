@@ -31,12 +31,17 @@ OTHER_TOOL = re.compile(r"\s*(torchrun|accelerate|srun|sbatch|pip|python|bash)\b
 
 
 def path_tokens(text: str) -> list[str]:
-    tokens = []
+    return [token for _, token in located_path_tokens(text)]
+
+
+def located_path_tokens(text: str) -> list[tuple[int, str]]:
+    """(line within `text`, token) of each repository path `text` names."""
+    found = []
     for m in PATH.finditer(text):
         token = m.group(1).rstrip(".")
         if not PLACEHOLDER.search(token):
-            tokens.append(token)
-    return tokens
+            found.append((text.count("\n", 0, m.start()), token))
+    return found
 
 
 def missing(tokens: list[str]) -> list[str]:
@@ -162,7 +167,8 @@ def test_every_path_named_in_a_docstring_or_comment_exists():
     for folder in CODE_DIRS:
         for path in sorted((ROOT / folder).rglob("*.py")):
             for line, text in python_texts(path):
-                stale += [f"{path.relative_to(ROOT)}:{line}: {t}" for t in missing(path_tokens(text))]
+                stale += [f"{path.relative_to(ROOT)}:{line + offset}: {token}"
+                          for offset, token in located_path_tokens(text) if missing([token])]
     assert not stale, "docstrings and comments name files that do not exist:\n" + "\n".join(stale)
 
 
