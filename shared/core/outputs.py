@@ -5,19 +5,34 @@ Safety: a stage replaces a folder only when it is a finished or unfinished outpu
 manifest, or its staging folder's job.json, says so) or an empty folder. `--out` that is a regular file, lies
 under one, is, contains or lies inside an input or a source, or is any other folder is refused in one line.
 
-Claim: `<parent>/.<name>.lock` (rank 0) or `.<name>.rank<R>.lock` (rank R of a launched job), locked with
-flock for the stage's life and released by the OS when the process dies, so kill -9 and a rerun still resume.
-The lock file names its holder (pid, host, job, command) so a refusal can say who holds it. Each rank of a
+Claim: `<parent>/.<name>.lock` (rank 0) or `.<name>.rank<R>.lock` (rank R of a launched job), locked for the
+stage's life and released by the OS when the process dies, so kill -9 and a rerun still resume. The lock file
+names its holder (pid, host, job, command: one JSON line) so a refusal can say who holds it. Each rank of a
 launched job holds its own lock; the ranks recognise each other by a job id taken from the launcher's
 environment, so one rank can tell a live partner (lock held by the same job) from a dead one (lock free) and
 stop waiting with an error instead of hanging.
+
+The lock itself is two OS calls behind `_lock` / `_unlock`: `fcntl.flock` where `fcntl` exists (exclusive for
+the claim, shared for the probe `held`), else (Windows) `msvcrt.locking` on the single byte at `_LOCK_BYTE`,
+far past the JSON: Windows byte-range locks are mandatory, so a lock on the bytes that hold the JSON would keep
+a refused run from reading who holds it. msvcrt has no shared lock, so there the probe takes the exclusive
+lock for an instant (a claim retries past it, see ACQUIRE_TRIES). Not the `filelock` package: its FileLock
+classes open the lock file themselves (3.x with O_TRUNC: a refused run would erase the holder's name, and
+through a symlink a user's file), delete it on release (Windows; Unix in later 3.x), lock byte 0 on Windows
+(where the JSON is) and have no shared lock; what would be left of it once those are avoided is these two calls.
+
+Lock files are never opened through a symlink (O_NOFOLLOW; where the OS lacks it, Windows, the path is checked
+with lstat before and after the open), nor when they are not a regular file with one name (opened non-blocking,
+so a FIFO there is refused instead of hanging), and never rewritten unless empty or holding a lock's JSON:
+anything else at a lock path is a LockFileError naming it, and is left as it was.
 """
 from __future__ import annotations
 
-import fcntl
+import errno
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -26,12 +41,22 @@ from typing import Iterable
 
 from shared.core.errors import ConfigError, PipelineError
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
+
 MANIFEST = "manifest.json"
 JOB = "job.json"
 
 
 class BusyError(PipelineError):
     """Another live process holds the output."""
+
+
+class LockFileError(PipelineError):
+    """Something that is not a lock file of ours stands where an output's lock file goes."""
 
 
 def _real(path: Path) -> Path:
@@ -150,6 +175,41 @@ class Claim:
 
 _held: dict[Path, Claim] = {}
 ACQUIRE_TRIES = 20  # x 0.05 s: a liveness probe holds the lock for microseconds; retry past it
+_LOCK_BYTE = 0x40000000  # msvcrt: the byte locked (1 GiB in, as SQLite's lock bytes: past any data, never read)
+_BUSY = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK)}
+_OPEN = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+_MAX_SIZE = 1 << 16  # a lock file's JSON is well under this; a larger file is not one
+_OURS = b'{"pid": '  # how a lock's JSON begins (also when a crash cut its write short)
+
+
+if fcntl is not None:
+    def _lock(fd: int, shared: bool = False) -> bool:
+        """Lock without waiting; False when another open file holds a conflicting lock."""
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in _BUSY:
+                return False
+            raise
+        return True
+
+    def _unlock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+else:
+    def _lock(fd: int, shared: bool = False) -> bool:
+        """Lock without waiting; False when another handle holds the byte (no shared locks here: see above)."""
+        os.lseek(fd, _LOCK_BYTE, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError as e:
+            if e.errno in _BUSY:
+                return False
+            raise
+        return True
+
+    def _unlock(fd: int) -> None:
+        os.lseek(fd, _LOCK_BYTE, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
 
 
 def claim(out: Path, stage: str, rank: int, job: str) -> Claim:
@@ -160,22 +220,24 @@ def claim(out: Path, stage: str, rank: int, job: str) -> Claim:
         held.depth += 1
         return held
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    for attempt in range(ACQUIRE_TRIES):
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
+    fd = _open_lock(path, write=True)
+    try:
+        for attempt in range(ACQUIRE_TRIES):
+            try:
+                if _lock(fd):
+                    break
+            except OSError as e:  # e.g. a file system without locks: name the file, as other OS errors do
+                raise OSError(e.errno, e.strerror, str(path)) from None
             time.sleep(0.05)
-    else:
+        else:
+            raise BusyError(f"{_real(out)}: another `sdxl` run is writing it ({describe(holder_info(path))}); "
+                            f"wait for it to end, or give this run another --out")
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "job": job, "stage": stage, "rank": rank,
+                "command": " ".join(sys.argv)[:300], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        _write_holder(fd, path, (json.dumps(info) + "\n").encode("utf-8", "surrogateescape"))
+    except BaseException:
         os.close(fd)
-        raise BusyError(f"{_real(out)}: another `sdxl` run is writing it ({describe(holder_info(path))}); wait "
-                        f"for it to end, or give this run another --out")
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "job": job, "stage": stage, "rank": rank,
-            "command": " ".join(sys.argv)[:300], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8", "surrogateescape"), 0)
-    os.fsync(fd)
+        raise
     found = Claim(_real(out), path, fd, job)
     _held[path] = found
     return found
@@ -186,14 +248,108 @@ def release(c: Claim) -> None:
     if c.depth > 0:
         return
     _held.pop(c.path, None)
-    os.close(c.fd)  # closing the descriptor drops the flock; the file stays (removing it would race)
+    try:
+        _unlock(c.fd)
+    except OSError:
+        pass  # closing drops it all the same
+    os.close(c.fd)  # the file stays (removing it would race with a run that has just opened it)
+
+
+def _refused(path: Path, why: str) -> LockFileError:
+    return LockFileError(f"{path}: {why}, not a lock file of sdxl, so it is left as it is; move it away or "
+                         f"choose another --out")
+
+
+def _check_kind(path: Path, st: os.stat_result | None) -> None:
+    if st is None:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise _refused(path, "is a symbolic link")
+    if not stat.S_ISREG(st.st_mode):
+        raise _refused(path, "is not a regular file")
+    if st.st_nlink > 1:
+        raise _refused(path, f"is a file with {st.st_nlink} names (hard links)")
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _open_lock(path: Path, write: bool) -> int | None:
+    """A descriptor on the lock file at `path` (with `write`: for reading and writing, the file made empty when
+    there is none; without: read-only, None when there is none), never through a symlink and only of a regular
+    file with one name; anything else there is a LockFileError."""
+    flags = (os.O_RDWR if write else os.O_RDONLY) | _OPEN
+    _check_kind(path, _lstat(path))
+    try:
+        if write:
+            try:
+                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)  # O_EXCL never follows a link
+            except FileExistsError:
+                fd = os.open(path, flags)
+        else:
+            fd = os.open(path, flags)
+    except FileNotFoundError:
+        if write:
+            raise
+        return None
+    except OSError:
+        _check_kind(path, _lstat(path))  # O_NOFOLLOW's ELOOP: a link put there since the lstat
+        raise
+    try:
+        _check_kind(path, os.fstat(fd))
+        now = _lstat(path)  # without O_NOFOLLOW the open followed whatever stood there by then: still no link?
+        if now is None:
+            raise _refused(path, "was removed while it was being opened")
+        _check_kind(path, now)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks, size = [], 0
+    while size <= _MAX_SIZE:
+        chunk = os.read(fd, _MAX_SIZE + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _write_holder(fd: int, path: Path, text: bytes) -> None:
+    """Put the holder's JSON into the lock file (held by `fd`) when it is empty (made by us, or zeroed by a
+    crash) or holds a lock's JSON; anything else is refused and left unchanged."""
+    found = _read(fd)
+    if len(found) > _MAX_SIZE or (found.strip(b"\0 \t\r\n") and not found.startswith(_OURS)):
+        raise _refused(path, "holds other data")
+    os.lseek(fd, 0, os.SEEK_SET)
+    view = memoryview(text)
+    while view:
+        view = view[os.write(fd, view):]
+    os.ftruncate(fd, len(text))  # after the write: a refused run never reads an empty file
+    os.fsync(fd)
 
 
 def holder_info(path: Path) -> dict:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        fd = _open_lock(Path(path), write=False)
+    except (OSError, LockFileError):
+        return {}
+    if fd is None:
+        return {}
+    try:
+        data = json.loads(_read(fd))
     except (OSError, ValueError):
         return {}
+    finally:
+        os.close(fd)
     return data if isinstance(data, dict) else {}
 
 
@@ -209,16 +365,20 @@ def held(path: Path) -> bool:
     if Path(path) in _held:
         return True
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        fd = _open_lock(Path(path), write=False)
+    except (OSError, LockFileError):
+        return False  # nothing of ours there, so no holder
+    if fd is None:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        if not _lock(fd, shared=True):
+            return True
+        _unlock(fd)
+        return False
+    except OSError:
+        return False
     finally:
-        os.close(fd)  # also drops the shared lock when it was granted
-    return False
+        os.close(fd)
 
 
 def partner_alive(out: Path, rank: int, job: str) -> bool:
