@@ -5,7 +5,7 @@ and AdamW state and gathers one block's weights at a time.
 Checkpoints are those of a DDP run (full tensors, the optimizer's state by parameter index): every process
 gathers each part's state together (`snapshots`, a collective) and rank 0 writes it; on resume every process
 reads the full tensors and keeps its own shard (`load_full`, `shard_optimizer_state`). So a run resumes across
-DDP and FSDP, and kill -9 resume is bitwise as with DDP (tests/test_sharding.py).
+DDP and FSDP, and kill -9 resume is bitwise as with DDP (tests/test_launchers.py).
 """
 from __future__ import annotations
 

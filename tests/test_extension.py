@@ -1,0 +1,147 @@
+"""Issue 23: a choice enters through one registry entry. A plugin module defined here (nothing else in the repo
+changes) registers an optimizer and an export format; through SDXL_PLUGINS they are in --help, a run trains
+with the optimizer, --plan counts its state, a kill -9 resume is bitwise the uninterrupted run, and export
+writes and verifies the format."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.core.errors import ConfigError
+from shared.core.registry import Registry, load_plugins
+from tests.conftest import encode_sixteen
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN = textwrap.dedent('''
+    """A third-party plugin: an optimizer and an export format, each one registry entry."""
+    import torch
+
+    from stages.export import formats, verify
+    from stages.train import optim
+
+
+    def make_sgd(cfg, groups, seed, first_index):
+        return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.9, nesterov=True,
+                               weight_decay=cfg.weight_decay)
+
+
+    optim.OPTIMIZERS.add(optim.Optimizer(
+        "sgd_nesterov", "torch's SGD with Nesterov momentum 0.9 (a test plugin).", make_sgd,
+        state_bytes=lambda cfg, shape, dtype, rounding: shape.numel() * dtype.itemsize, fusable=True))
+
+
+    def write_kohya32(job, path):
+        formats.write_kohya(path, job.weights, job.ckpt.spec.alpha, job.unet_config, job.info, job.provenance,
+                            "float32")
+        return {"plugin": "kohya32"}
+
+
+    formats.FORMATS.add(formats.ExportFormat(
+        "kohya32", "kohya names in float32 whatever --dtype says (a test plugin).", "lora",
+        lambda out, name: out / f"{name}.kohya32.safetensors", write_kohya32, verify.load_kohya))
+''')
+OPTS = {"model": "builtin:tiny", "batch_size": 2, "shuffle_buffer": 4, "max_steps": 8, "checkpoint_every": 3,
+        "learning_rate": 1e-2, "eval_samples": 2, "lora_rank": 4, "lora_alpha": 4.0, "optimizer": "sgd_nesterov"}
+
+
+@pytest.fixture(scope="module")
+def plugin_env(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("plugin")
+    (folder / "my_sdxl_plugin.py").write_text(PLUGIN)
+    path = os.pathsep.join([str(folder), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "SDXL_PLUGINS": "my_sdxl_plugin", "SDXL_PROGRESS": "0",
+            "OMP_NUM_THREADS": "1"}
+
+
+def sdxl(args, env, fault=None):
+    env = {**env, **({"SDXL_FAULT": fault} if fault else {})}
+    return subprocess.run([sys.executable, "-m", "stages.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env)
+
+
+def train_args(work, out, **kw):
+    args = ["train", "--workdir", str(work), "--out", str(out)]
+    for k, v in {**OPTS, **kw}.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def test_registry_refuses_twice_and_suggests():
+    r = Registry("thing")
+    entry = type("E", (), {"name": "alpha", "help": "a."})()
+    r.add(entry)
+    with pytest.raises(ValueError, match="registered twice"):
+        r.add(entry)
+    with pytest.raises(ConfigError, match="unknown thing 'alpah'; did you mean 'alpha'"):
+        r["alpah"]
+
+
+def test_a_plugin_that_cannot_be_imported_is_one_line(monkeypatch, plugin_env):
+    monkeypatch.setenv("SDXL_PLUGINS", "no_such_plugin_module")
+    with pytest.raises(ConfigError, match="SDXL_PLUGINS names 'no_such_plugin_module'"):
+        load_plugins()
+    done = sdxl(["--help"], {**plugin_env, "SDXL_PLUGINS": "no_such_plugin_module"})
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "no_such_plugin_module" in done.stderr
+
+
+def test_plan_counts_what_the_entry_says():
+    """--plan's optimizer state is the entry's count (one momentum buffer per weight here), its step measured."""
+    from shared.core.config import resolve
+    from stages import train
+    from stages.train import model as M, optim as O, planner
+
+    def make(cfg, groups, seed, first):
+        return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.9)
+
+    entry = O.Optimizer("sgd_in_test", "SGD.", make, lambda cfg, shape, dtype, rounding: shape.numel() * 4)
+    with O.OPTIMIZERS.added(entry):
+        cfg = resolve(train.Config, "train", {}, {"model": "builtin:tiny", "method": "full", "optimizer": entry.name})
+        parts = {p.name: p for p in planner.plan(cfg, (64, 64), 1).parts}
+    unet = M.build_unet(cfg.unet, torch.device("cpu"))
+    assert parts["optimizer state"].bytes == sum(p.numel() * 4 for p in unet.parameters())
+    assert "measured" in parts["step temporaries"].how   # SGD steps in place: 0 bytes here
+    assert "sgd_in_test" not in O.OPTIMIZERS
+
+
+def test_plugin_optimizer_and_format_everywhere(plugin_env, tmp_path_factory):
+    work = encode_sixteen(tmp_path_factory.mktemp("ext"))
+    tmp = tmp_path_factory.mktemp("runs")
+    helps = " ".join((sdxl(["train", "--help"], plugin_env).stdout + sdxl(["export", "--help"], plugin_env).stdout)
+                     .split())
+    assert "sgd_nesterov: torch's SGD" in helps and "kohya32" in helps
+    assert "sgd_nesterov" not in subprocess.run([sys.executable, "-m", "stages.cli", "train", "--help"],
+                                                capture_output=True, text=True, cwd=ROOT).stdout
+
+    plan = sdxl(["train", "--model", "builtin:tiny", "--plan", "--method", "full", "--optimizer", "sgd_nesterov"],
+                plugin_env)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    state = next(line for line in plan.stdout.splitlines() if "optimizer state" in line)
+    assert state.split()[-1] == "sgd_nesterov"   # its bytes: test_plan_counts_what_the_entry_says
+
+    whole = sdxl(train_args(work, tmp / "a"), plugin_env)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = sdxl(train_args(work, tmp / "b"), plugin_env, fault="train.step:4")
+    assert killed.returncode == -9
+    again = sdxl(train_args(work, tmp / "b"), plugin_env)
+    assert again.returncode == 0 and "resuming from" in again.stdout, again.stderr[-2000:]
+    a, b = tmp / "a" / "checkpoints" / "step-000008", tmp / "b" / "checkpoints" / "step-000008"
+    from safetensors.torch import load_file
+
+    for name in ("weights", "optimizer"):
+        ta, tb = load_file(str(a / f"{name}.safetensors")), load_file(str(b / f"{name}.safetensors"))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
+    assert any("momentum_buffer" in k for k in load_file(str(a / "optimizer.safetensors")))
+    losses = json.loads((tmp / "a" / "manifest.json").read_text())["eval_loss"]
+    assert losses["last"][1] < losses["first"][1]   # it trains
+
+    export = sdxl(["export", "--in", str(tmp / "a"), "--out", str(tmp / "x"), "--format", "kohya32",
+                   "--device", "cpu"], plugin_env)
+    assert export.returncode == 0, export.stderr[-2000:]
+    record = json.loads((tmp / "x" / "manifest.json").read_text())["formats"]["kohya32"]
+    assert record["verified"] and record["plugin"] == "kohya32" and record["file"] == "sdxl.kohya32.safetensors"
+    assert all(v.dtype == torch.float32 for v in load_file(str(tmp / "x" / record["file"])).values())
