@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Callable
 
 from shared.core.errors import ConfigError
+from shared.core.registry import Registry
 
 PRESETS = ("attn", "self-attn", "kohya", "attn+conv", "kohya+conv")
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -39,14 +40,21 @@ class LoraSpec:
     alpha: float = 8.0        # the update is scaled by alpha / rank
     dropout: float = 0.0      # dropout on the adapter's input (training only)
     dora: bool = False        # DoRA: a learned magnitude per output channel
+    kind: str = "lora"        # a name in ADAPTERS: the adapter's algorithm
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The spec's values; `kind` only when it is not a LoRA (what specs recorded before kinds existed)."""
+        values = asdict(self)
+        if self.kind == "lora":
+            del values["kind"]
+        return values
 
     @classmethod
     def from_dict(cls, data: Any) -> "LoraSpec":
         """The spec `to_dict` wrote; a ValueError naming what is missing, unknown or of the wrong type."""
         names = {f.name: f.type for f in fields(cls)}
+        if isinstance(data, dict) and "kind" not in data:
+            data = {**data, "kind": "lora"}
         if not isinstance(data, dict) or set(data) != set(names):
             got = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"a LoRA spec has the keys {sorted(names)}, not {got}")
@@ -101,20 +109,52 @@ def text_encoder_targets(text_encoder: Any) -> list[str]:
                   and name.rsplit(".", 1)[-1] in TEXT_ENCODER)
 
 
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter kind users pick by name (`adapter_type = ...`): how peft builds it on the targeted modules and
+    which of the module's parameters are its (the trained ones). Its checkpoint state is peft's state dict of
+    the adapter; `--plan` counts the parameters it adds (it is applied to the fake-tensor model as to the real)."""
+    name: str
+    help: str
+    peft_config: Callable[[LoraSpec, list[str]], Any]   # peft's config of this kind for these target modules
+    marker: str                                         # in the name of each of its parameters ("lora_")
+    dora: bool = False                                  # whether DoRA (the `dora` key) applies to it
+
+
+ADAPTERS: Registry[Adapter] = Registry("adapter type")
+
+
+def _lora_config(spec: LoraSpec, targets: list[str]) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, use_dora=spec.dora,
+                      init_lora_weights=True, target_modules=targets)
+
+
+ADAPTERS.add(Adapter("lora", "a low-rank update B·A scaled by alpha / rank (with dora: DoRA's magnitudes too).",
+                     _lora_config, "lora_", dora=True))
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """Whether a parameter name is an adapter's (any registered kind's), not the base module's."""
+    return any(f".{a.marker}" in f".{name}" for a in ADAPTERS.entries())
+
+
 def apply_lora(unet: Any, spec: LoraSpec, targets: list[str] | None = None) -> None:
-    """Freeze the UNet (or the text encoder, with its `targets`) and inject a LoRA adapter (peft) as `spec`
-    says; only the LoRA weights train."""
-    from peft import LoraConfig, inject_adapter_in_model
+    """Freeze the UNet (or the text encoder, with its `targets`) and inject the adapter of `spec.kind` (peft) as
+    `spec` says; only the adapter's weights train."""
+    from peft import inject_adapter_in_model
 
     if spec.rank < 1 or spec.alpha <= 0 or not 0 <= spec.dropout < 1:
         raise ConfigError("lora_rank must be >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1")
+    kind = ADAPTERS[spec.kind]
+    if spec.dora and not kind.dora:
+        raise ConfigError(f"dora decomposes a LoRA's weights; adapter_type {kind.name} has no DoRA form")
     unet.requires_grad_(False)
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, use_dora=spec.dora,
-                        init_lora_weights=True,
-                        target_modules=targets if targets is not None else target_modules(unet, spec.preset))
+    config = kind.peft_config(spec, targets if targets is not None else target_modules(unet, spec.preset))
     inject_adapter_in_model(config, unet, adapter_name="default")
     for name, p in unet.named_parameters():
-        p.requires_grad_(".lora_" in name)
+        p.requires_grad_(f".{kind.marker}" in f".{name}")
 
 
 def lora_state(unet: Any) -> dict:

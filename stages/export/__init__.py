@@ -85,7 +85,7 @@ class Config:
 def _inputs(cfg: Config) -> dict:
     ckpt = source.locate(cfg.input, cfg.weights, cfg.model)
     part = "vae" if ckpt.method == "vae" else "unet"
-    formats_for(cfg, ckpt.method)
+    formats_for(cfg, ckpt.method, ckpt.spec.kind if ckpt.spec else "lora")
     identity = models.model_identity(ckpt.base, ("vae",) if part == "vae" else models.MODEL_PARTS)
     trained_on = ((ckpt.train.inputs.get("model") or {}).get("components") or {}).get(part) if ckpt.train else None
     if trained_on and trained_on != identity[part]:

@@ -173,7 +173,7 @@ def build(cfg: Any, staging: Path, inputs: dict) -> BuildResult:
     if ckpt.method == "vae":   # a VAE fine-tune (train --target vae): its own formats (vae.py)
         job = Job(cfg, ckpt, {}, None, None, staging, ranks.device(cfg.device), {}, _provenance(ckpt))
         return vae_export.build(job, lambda fmt, path, check: _record(job, fmt, path, check))
-    chosen = formats_for(cfg, ckpt.method)
+    chosen = formats_for(cfg, ckpt.method, ckpt.spec.kind if ckpt.spec else "lora")
     loras = [f for f in chosen if FORMATS[f].kind == "lora"]
     wholes = [f for f in chosen if FORMATS[f].kind == "model"]
     weights = source.load_weights(ckpt)

@@ -86,8 +86,13 @@ def scale_lora(module: Any, scale: float) -> None:
     """Multiply every LoRA update of `module` by `scale` (unmerged), as merge_lora will."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    if scale == 1.0:
+        return
     for m in module.modules():
         if isinstance(m, BaseTunerLayer):
+            if not hasattr(m, "scale_layer"):   # e.g. (IA)^3: a product, not an added update
+                raise ConfigError(f"merge_scale {scale:g}: this adapter type ({type(m).__module__.split('.')[-2]}) "
+                                  f"has no update to scale; merge it at 1")
             m.scale_layer(scale)
 
 
@@ -193,6 +198,7 @@ class ExportFormat:
     default_for: tuple[str, ...] = ()    # trained kinds (lora, full, vae) it is written for without --format
     recognise: Callable[[list[str]], bool] | None = None   # a .safetensors's keys are of this format (compare)
     vae: VaeFormat | None = None         # how it holds a VAE fine-tune; None: it cannot
+    adapters: tuple[str, ...] | None = None   # lora: the adapter types (ADAPTERS) it holds; None: every one
 
 
 FORMATS: Registry[ExportFormat] = Registry("export format")
@@ -254,11 +260,12 @@ def _write_single_file(job: Any, path: Path) -> dict:
 for _entry in (
     ExportFormat("kohya", "kohya / SGM LoRA names with alphas and ss_* metadata (ComfyUI, A1111, Forge).", "lora",
                  lambda out, name: out / f"{name}.kohya.safetensors", _write_kohya, verify.load_kohya,
-                 default_for=("lora",),
+                 default_for=("lora",), adapters=("lora",),
                  recognise=lambda keys: any(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_"))
                                             for k in keys)),
     ExportFormat("peft", "diffusers' pytorch_lora_weights.safetensors (load_lora_weights).", "lora",
                  lambda out, name: out / "peft" / PEFT_FILE, _write_peft, verify.load_peft, default_for=("lora",),
+                 adapters=("lora",),
                  recognise=lambda keys: any(".lora_A." in k or ".lora_B." in k for k in keys)),
     ExportFormat("diffusers", "a diffusers pipeline folder (a LoRA merged in at merge_scale).", "model",
                  lambda out, name: out / "diffusers", _write_diffusers, verify.load_diffusers, default_for=("vae",),
@@ -273,23 +280,30 @@ for _entry in (
     FORMATS.add(_entry)
 
 
-def formats_for(cfg: Any, method: str) -> tuple[str, ...]:
-    """The formats to write for a training of `method` (lora | full | vae): the asked ones, else the formats
-    whose entry is a default for it; a format that cannot hold it is refused in one line."""
-    chosen = cfg.format or tuple(e.name for e in FORMATS.entries() if method in e.default_for)
-    usable = [e.name for e in FORMATS.entries() if _holds(e, method)]
+def formats_for(cfg: Any, method: str, adapter: str = "lora") -> tuple[str, ...]:
+    """The formats to write for a training of `method` (lora | full | vae; lora: of the adapter type `adapter`):
+    the asked ones, else the formats whose entry is a default for it and can hold it; a format that cannot hold
+    it is refused in one line."""
+    usable = [e.name for e in FORMATS.entries() if _holds(e, method, adapter)]
+    chosen = cfg.format or tuple(e.name for e in FORMATS.entries() if method in e.default_for and e.name in usable)
     wrong = [f for f in chosen if f not in usable]
     if wrong:
-        what = {"lora": "a LoRA", "full": "a full fine-tune", "vae": "a VAE fine-tune"}[method]
-        kind = "a LoRA format" if FORMATS[wrong[0]].kind == "lora" else "a format that cannot hold it"
-        raise ConfigError(f"--format {wrong[0]}: {kind}, but {cfg.input} is {what}; use --format "
+        what = {"lora": f"{adapter} adapter" if adapter != "lora" else "LoRA", "full": "full fine-tune",
+                "vae": "VAE fine-tune"}[method]
+        raise ConfigError(f"--format {wrong[0]} cannot hold {cfg.input}, a {what}; use --format "
                           f"{' or '.join(usable)}")
+    if not chosen and method == "lora":   # no LoRA file holds this adapter type: it is merged into the model
+        chosen = formats_for(cfg, "full")
+        warn(f"no LoRA file format holds a {adapter} adapter: it is merged into the base model "
+             f"({', '.join(chosen)}); choose with --format")
     return chosen
 
 
-def _holds(entry: ExportFormat, method: str) -> bool:
-    """Whether a format can hold a training of `method`: a LoRA file only a LoRA, a model format a LoRA
-    (merged) or a full fine-tune, and a VAE fine-tune where it has a VAE writer."""
+def _holds(entry: ExportFormat, method: str, adapter: str) -> bool:
+    """Whether a format can hold a training of `method`: a LoRA file only an adapter of its types, a model
+    format an adapter (merged) or a full fine-tune, and a VAE fine-tune where it has a VAE writer."""
     if method == "vae":
         return entry.vae is not None
-    return entry.kind == "model" or method == "lora"
+    if entry.kind == "lora":
+        return method == "lora" and (entry.adapters is None or adapter in entry.adapters)
+    return True

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 from shared.formats import kohya
 from shared.models import loading as models
+from shared.models.lora import is_adapter_parameter
 from shared.core.errors import PipelineError
 
 TOLERANCE = 1e-3  # default; relative to max(1, largest |output|)
@@ -86,7 +87,7 @@ def _round(module: Any, dtype: Any, lora_only: bool) -> dict:
 
     saved = {}
     for name, p in module.named_parameters():
-        if not p.is_floating_point() or (lora_only and ".lora_" not in name):
+        if not p.is_floating_point() or (lora_only and not is_adapter_parameter(name)):
             continue
         rounded = p.data.to(dtype).to(p.dtype)
         if not bool(rounded.isfinite().all()):

@@ -20,12 +20,13 @@ from typing import Any
 from shared.core.config import SEED_RANGE, opt
 from shared.core.errors import ConfigError
 from shared.formats import location
-from shared.models.lora import PRESETS, LoraSpec
+from shared.models.lora import ADAPTERS, PRESETS, LoraSpec
 from stages.train.checkpoint import CheckpointConfig
 from stages.train.feed import DataConfig
 from stages.train.logs import LogConfig
 from stages.train import quant, sharding
 from stages.train.model import ATTENTION, COMPILE, UnetConfig
+from stages.train import objective
 from stages.train.objective import ObjectiveConfig
 from stages.train.offload import OffloadConfig
 from stages.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
@@ -82,6 +83,7 @@ class Config:
                                    "only), kohya (every Linear of the transformer blocks, as kohya's "
                                    "networks.lora), and attn+conv / kohya+conv (those plus the ResNet and "
                                    "down/upsampler convolutions).", choices=PRESETS)
+    adapter_type: str = opt("lora", "Method lora: the adapter's kind.", choices=ADAPTERS)
     lora_rank: int = opt(16, "LoRA rank (network dim).", ge=1)
     lora_alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank.", gt=0)
     lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.", ge=0, lt=1)
@@ -102,7 +104,10 @@ class Config:
                                         "resolution_base of each batch's bucket (twice the side, twice the σ; "
                                         "NovelAI V3, SD3); the UNet is given the timestep of the σ it sees.")
     resolution_base: int = opt(1024, "The image side at which resolution-aware noise leaves σ unchanged.", ge=64)
-    min_snr_gamma: float = opt(0.0, "min-SNR-γ loss weighting (5 is usual); 0 = off.", ge=0)
+    loss: str = opt("l2", "The loss of the prediction against the target, per element.", choices=objective.LOSSES)
+    loss_weighting: str = opt("none", "The per-sample loss weighting by noise level (min_snr_gamma > 0 alone "
+                                      "selects min_snr).", choices=objective.WEIGHTINGS)
+    min_snr_gamma: float = opt(0.0, "γ of min-SNR-γ loss weighting (5 is usual); 0 = off.", ge=0)
     noise_offset: float = opt(0.0, "Noise offset (0.03–0.1 typical); 0 = off.", ge=0)
     tag_weighting: bool = opt(True, "Weight each sample's loss by its tag-frequency weight from ingest.")
     prior_loss_weight: float = opt(1.0, "DreamBooth prior preservation: the loss weight λ of class images (an "
@@ -271,10 +276,17 @@ class Config:
         if self.prediction == "epsilon" and self.schedule != "sdxl":
             raise ConfigError(f"schedule {self.schedule} reaches zero SNR, where epsilon prediction is trivial "
                               f"(the input is the noise); use --prediction v_prediction")
-        if self.prediction == "flow" and self.min_snr_gamma:
-            raise ConfigError("min_snr_gamma applies to epsilon / v prediction, not to flow")
+        problem = objective.weighting_problem(self.objective)
+        if problem:
+            raise ConfigError(problem)
         if self.init_lora is not None and self.method != "lora":
             raise ConfigError("init_lora starts a LoRA; this run fine-tunes the whole UNet (method full)")
+        if self.adapter_type != "lora" and (self.init_lora is not None or self.lora_files):
+            what = "init_lora reads" if self.init_lora is not None else "lora_files writes"
+            raise ConfigError(f"{what} LoRA files, which hold no adapter_type {self.adapter_type}: leave it out "
+                              f"(export the adapter after training)")
+        if self.dora and not ADAPTERS[self.adapter_type].dora:
+            raise ConfigError(f"dora decomposes a LoRA's weights; adapter_type {self.adapter_type} has no DoRA form")
         if self.lora_files and self.method != "lora":
             raise ConfigError("lora_files writes LoRA files; this run fine-tunes the whole UNet (method full): "
                               "export it with sdxl export --format single-file")
@@ -319,7 +331,8 @@ class Config:
         """The LoRA's shape (method lora), else None."""
         if self.method != "lora":
             return None
-        return LoraSpec(self.lora_preset, self.lora_rank, self.lora_alpha, self.lora_dropout, self.dora)
+        return LoraSpec(self.lora_preset, self.lora_rank, self.lora_alpha, self.lora_dropout, self.dora,
+                        self.adapter_type)
 
     @cached_property
     def unet(self) -> UnetConfig:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+from shared.core.registry import Registry
 
 from shared.models.schedules import (  # noqa: F401  (part of the objective's vocabulary)
     NOVELAI_SIGMA_MAX, alpha_s, flow_shift, karras_sigmas, resolution_scale, rescale_zero_terminal_snr,
@@ -38,6 +41,14 @@ class ObjectiveConfig:
     resolution_noise: bool = False   # scale σ (flow: the shift) by the batch's bucket, `resolution_scale()`
     resolution_base: int = 1024      # the side at which that scale is 1
     prior_loss_weight: float = 1.0   # DreamBooth: λ, the class images' loss weight (instance images: 1)
+    loss: str = "l2"                 # a name in LOSSES: the per-element loss of prediction and target
+    loss_weighting: str = "none"     # a name in WEIGHTINGS (min_snr_gamma > 0 alone selects min_snr)
+
+    @property
+    def weighting(self) -> str:
+        """The weighting in force: `loss_weighting`, where min_snr_gamma > 0 alone (the key that came first)
+        selects min_snr."""
+        return "min_snr" if self.loss_weighting == "none" and self.min_snr_gamma else self.loss_weighting
 
 
 def sample_u(batch: int, mode: str, generator: torch.Generator, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
@@ -104,6 +115,55 @@ def min_snr_weight(sigma: torch.Tensor, gamma: float, prediction: str) -> torch.
     else:
         raise ValueError(f"unknown prediction type {prediction!r}")
     return w.float()
+
+
+# --- the registries: loss functions and loss weightings, one entry per name ---------------------------------
+
+@dataclass(frozen=True)
+class Loss:
+    """A loss function users pick by name (`loss = ...`): the loss of each element of the prediction against the
+    target, given each sample's noise level (σ, or t for flow) and the objective (for schedules of a threshold);
+    the step averages it over the elements of each sample."""
+    name: str
+    help: str
+    elementwise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ObjectiveConfig], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """A per-sample loss weighting by noise level users pick by name (`loss_weighting = ...`): the weight of each
+    sample from its σ (t for flow) and the objective; `problem` says why a config cannot use it."""
+    name: str
+    help: str
+    weight: Callable[[torch.Tensor, ObjectiveConfig], torch.Tensor]
+    problem: Callable[[ObjectiveConfig], str | None] = lambda cfg: None
+
+
+LOSSES: Registry[Loss] = Registry("loss")
+WEIGHTINGS: Registry[Weighting] = Registry("loss weighting")
+
+LOSSES.add(Loss("l2", "squared error (the usual diffusion loss).",
+                lambda pred, target, level, cfg: (pred.float() - target.float()) ** 2))
+WEIGHTINGS.add(Weighting("none", "every noise level weighs 1.", lambda level, cfg: torch.ones_like(level).float()))
+
+
+def _min_snr_problem(cfg: ObjectiveConfig) -> str | None:
+    if cfg.prediction == "flow":
+        return "min_snr weighting (min_snr_gamma) applies to epsilon / v prediction, not to flow"
+    if not cfg.min_snr_gamma:
+        return "loss_weighting min_snr needs its γ: set min_snr_gamma (5 is usual)"
+    return None
+
+
+WEIGHTINGS.add(Weighting("min_snr", "min-SNR-γ (Hang et al. 2023; γ = min_snr_gamma).",
+                         lambda level, cfg: min_snr_weight(level, cfg.min_snr_gamma, cfg.prediction), _min_snr_problem))
+
+
+def weighting_problem(cfg: ObjectiveConfig) -> str | None:
+    """Why the weighting in force cannot train this objective (None: it can)."""
+    if cfg.min_snr_gamma and cfg.weighting != "min_snr":
+        return f"min_snr_gamma is the γ of min_snr weighting, but loss_weighting is {cfg.loss_weighting}: set one"
+    return WEIGHTINGS[cfg.weighting].problem(cfg)
 
 
 def flow_input(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

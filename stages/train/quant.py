@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.core.errors import ConfigError
+from shared.models import lora
 
 KINDS = ("no", "fp8", "nf4", "int8")
 FP8_MAX = 448.0   # the largest finite float8_e4m3fn
@@ -92,7 +93,7 @@ def frozen_layers(unet: torch.nn.Module, kind: str) -> list[tuple[torch.nn.Modul
     for name, parent in unet.named_modules():
         for attr, child in parent.named_children():
             full = f"{name}.{attr}" if name else attr
-            if type(child) in types and ".lora_" not in f".{full}" and not child.weight.requires_grad:
+            if type(child) in types and not lora.is_adapter_parameter(full) and not child.weight.requires_grad:
                 found.append((parent, attr, child))
     return found
 

@@ -172,17 +172,20 @@ def predict(unet: Any, x: torch.Tensor, timestep: torch.Tensor, batch: Batch, pr
 
 def loss(unet: Any, batch: Batch, cfg: ObjectiveConfig, sigmas: torch.Tensor, precision: Precision
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean weighted loss, per-sample unweighted loss, per-sample timestep position in [0, 1])."""
+    """(mean weighted loss, per-sample unweighted loss, per-sample timestep position in [0, 1]): the configured
+    loss function (LOSSES) averaged over each sample's elements, times its weights (tag frequency, prior
+    preservation, the loss weighting of WEIGHTINGS)."""
     x, timestep, tgt, level = noised(batch, cfg, sigmas)
     pred = predict(unet, x, timestep, batch, precision)
-    per = ((pred.float() - tgt.float()) ** 2).mean(dim=tuple(range(1, pred.ndim)))
+    elements = obj.LOSSES[cfg.loss].elementwise(pred, tgt, level, cfg)
+    per = elements.float().mean(dim=tuple(range(1, elements.ndim)))
     weight = torch.ones_like(per)
     if cfg.tag_weighting:
         weight = weight * batch.tag_weight
     if cfg.prior_loss_weight != 1.0 and batch.prior.numel():
         weight = weight * prior_weights(batch.prior, cfg.prior_loss_weight).to(per.device)
-    if cfg.min_snr_gamma and cfg.prediction != "flow":
-        weight = weight * obj.min_snr_weight(level, cfg.min_snr_gamma, cfg.prediction).to(per.device)
+    if cfg.weighting != "none":
+        weight = weight * obj.WEIGHTINGS[cfg.weighting].weight(level, cfg).to(per.device)
     return (per * weight).mean(), per.detach(), batch.u.detach()
 
 
