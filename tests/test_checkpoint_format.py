@@ -142,9 +142,10 @@ def test_damage_is_found_and_named(tmp_path):
 def test_a_key_an_older_checkpoint_lacks_differs_only_when_set_off_its_default():
     """A checkpoint written before a config key existed resumes with that key at its default (the value that
     trains as before) and is refused, naming the key, with any other value."""
-    from stages.train import checkpoint as ckpt, loop
+    from stages import train
+    from stages.train import checkpoint as ckpt
 
-    defaults = loop.config_defaults()
+    defaults = ckpt.config_defaults(train.Config)
     assert defaults["train_text_encoder"] == "none" and defaults["target"] == "unet" and "output" not in defaults
     saved = record(3)   # its config records learning_rate only
     now = {**defaults, "learning_rate": 0.003}

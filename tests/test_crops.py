@@ -17,6 +17,7 @@ from shared.formats.samples import Sample
 from stages import bucket, encode, ingest, train
 from stages.encode import reuse
 from stages.train import feed, holdout as H, logs, loop, step as S
+from stages.train.targets import UnetTarget
 from stages.train.feed import DataConfig
 from stages.train.objective import ObjectiveConfig
 from tests.conftest import caption, noise_image, save
@@ -279,10 +280,9 @@ def test_wandb_gets_scalars_evaluations_and_sample_images(tmp_path, monkeypatch)
     previews = types.SimpleNamespace(due=lambda step, total: True, render=lambda *a: grid,
                                      labelled=lambda step: {"samples/00": (grid.parent / "00.png", "a cat"),
                                                             "samples/grid": (grid, "rows: steps")})
-    run = types.SimpleNamespace(previews=previews, log=log, staging=tmp_path, unet=None, ema=None, text=None,
-                                precision=types.SimpleNamespace(autocast=None),
-                                schedule=types.SimpleNamespace(total=10))
-    loop.sample_images(run, 3)
+    target = types.SimpleNamespace(previews=previews, staging=tmp_path, module=None, text=None,
+                                   precision=types.SimpleNamespace(autocast=None))
+    UnetTarget.sample_images(target, 3, 10, None, log)
     log.close()
     (scalars, s1), (evals, s2), (measured, s4), (images, s3) = fake.logged
     assert (s1, s2, s4, s3) == (2, 2, 2, 3) and fake.finished

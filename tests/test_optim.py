@@ -10,7 +10,7 @@ from shared.core.config import resolve
 from shared.core.errors import ConfigError
 from shared.formats.checkpoints import read_state, write_state
 from stages import train
-from stages.train import bf16, fused, loop, model as M, optim as O
+from stages.train import bf16, fused, model as M, optim as O
 
 
 def config(**values):
@@ -189,7 +189,7 @@ def _train(cfg, steps=3, device="cpu"):
     """`steps` optimizer steps of the tiny UNet on fixed random batches; (weights, optimizer)."""
     unet = M.build_unet(cfg.unet, torch.device(device))
     groups = O.param_groups(cfg.optim, M.trainable_groups(unet, cfg.method))
-    opt = loop.make_optimizer(cfg.optim, groups, cfg.seed, 1)
+    opt = O.make_stepper(cfg.optim, groups, cfg.seed, 1)
     g = torch.Generator().manual_seed(8)
     for _ in range(steps):
         x, te = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 80, generator=g)
@@ -233,14 +233,14 @@ def test_fused_backward_leaves_a_parameter_with_a_non_finite_gradient_and_report
     w = torch.nn.Parameter(torch.ones(3))
     v = torch.nn.Parameter(torch.ones(3))
     cfg = config(fused_backward=True, max_grad_norm=0.0)
-    opt = loop.make_optimizer(cfg.optim, [{"name": "adapter", "params": [w, v], "lr": 0.1}], 0, 1)
+    opt = O.make_stepper(cfg.optim, [{"name": "adapter", "params": [w, v], "lr": 0.1}], 0, 1)
     opt.begin()
     (w * torch.tensor([1.0, float("inf"), 1.0]) + v).sum().backward()
     norm, unstepped = opt.end()
     assert unstepped == 1 and torch.equal(w.detach(), torch.ones(3)) and not torch.equal(v.detach(), torch.ones(3))
     assert norm == pytest.approx(3 ** 0.5) and w.grad is None and v.grad is None
     with pytest.raises(ConfigError, match="one process"):
-        loop.make_optimizer(cfg.optim, [{"name": "adapter", "params": [w], "lr": 0.1}], 0, 2)
+        O.make_stepper(cfg.optim, [{"name": "adapter", "params": [w], "lr": 0.1}], 0, 2)
 
 
 # --- EMA --------------------------------------------------------------------------------------------------------

@@ -191,12 +191,12 @@ def test_full_text_encoder_fine_tune_lands_in_diffusers_and_single_file(encoded,
 def test_text_encoder_training_refuses_shards_without_ids_and_clashes():
     from types import SimpleNamespace as NS
 
-    from stages.train import loop
+    from stages.train import targets
 
     cfg = train.Config(model="builtin:tiny", train_text_encoder="both")
-    run = NS(cfg=cfg, data=NS(index=NS(layout=NS(token_ids=False))), rank=NS(world=1))
+    at = NS(cfg=cfg, data=NS(index=NS(layout=NS(token_ids=False))), rank=NS(world=1))
     with pytest.raises(ConfigError, match="sdxl encode --token-ids"):
-        loop.text_encoders(run)
+        targets._text_encoders(at)
     lrs = train.Config(model="builtin:tiny", train_text_encoder="both", text_encoder_lr=1e-5,
                        text_encoder_2_lr=2e-6).optim
     assert [lrs.group_lr(n) for n in ("adapter", "te1_adapter", "te2_adapter", "te1", "te2")] == \

@@ -84,7 +84,8 @@ def test_config_groups_are_typed_views_of_the_flat_keys():
             seen.add(f.name)
     assert cfg.unet.adapter.dora and cfg.unet.adapter.rank == 4 and cfg.optim.lr_power == 2.0
     assert resolve(train.Config, "train", {}, {**BASE, "method": "full"}).adapter is None
-    ungrouped = flat - seen - {"lora_preset", "lora_rank", "lora_alpha", "lora_dropout", "dora"}
+    ungrouped = flat - seen - {"lora_preset", "lora_rank", "lora_alpha", "lora_dropout", "dora",
+                                  "adapter_type"}
     assert ungrouped == {"workdir", "output", "allow_encoder_mismatch", "comment", "device", "plan", "parallel",
                          "init_lora", "lora_files", "lora_file_dtype"}
     assert set(fingerprinted(cfg)) < flat and "learning_rate" in fingerprinted(cfg)

@@ -104,7 +104,7 @@ def _adopt_unfinished(cfg: Config, fingerprint: str, record: dict) -> None:
         say(f"train: set the unfinished run aside (--resume {cfg.resume}): {aside}")
         return
     diff = ckpt.differences(ckpt.read_manifest(found[-1]), record["config"], record["inputs"], extend.LENGTH,
-                            loop.config_defaults())
+                            ckpt.config_defaults(Config))
     if diff and not cfg.force_resume:
         raise ConfigError(f"{staging} holds an unfinished run (newest checkpoint {found[-1].name}) whose config "
                           f"differs: {'; '.join(diff)}. Pass --force-resume to continue it with the new settings, "
@@ -125,7 +125,7 @@ def run(cfg: Config, force: bool = False) -> Manifest | None:
     with claimed(STAGE, cfg):
         decision = decide(STAGE, cfg)
         if ranks.current().main and (decision.reasons or force):
-            _adopt_unfinished(cfg, decision.fingerprint, loop.record(cfg, decision.inputs))
+            _adopt_unfinished(cfg, decision.fingerprint, ckpt.record(cfg, decision.inputs))
             _extend_finished(cfg, decision)
         return execute(STAGE, cfg, force, decision)
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 
+from shared.core import artifacts
+from shared.core.config import default_of, fingerprinted, to_plain
 from shared.formats import checkpoints
 # the folder contract is shared with export; re-exported here for the loop and the stage
 from shared.formats.checkpoints import (CheckpointManifest, complete, damage, folder_name,  # noqa: F401
@@ -166,3 +168,33 @@ class RNGState:
         random.setstate((version, tuple(keys), gauss))
         name, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, cached))
+
+
+def record(cfg: Any, inputs: dict) -> dict:
+    """What a run's checkpoints record of it: its fingerprinted config and its inputs' fingerprints."""
+    return {"config": fingerprinted(cfg), "inputs": {k: v["fingerprint"] for k, v in inputs.items()}}
+
+
+def config_defaults(config_class: type) -> dict:
+    """Every fingerprinted key's default, as the record holds values (what a key absent from an older checkpoint
+    stands for)."""
+    return {f.name: to_plain(default_of(f)) for f in fields(config_class) if f.metadata.get("fingerprint", True)}
+
+
+def save_run(root: Path, cfg: Any, method: str, step: int, epoch: int, run_record: dict,
+             parts: dict[str, Stateful], rank_parts: dict[str, Stateful], sharded: bool, main: bool,
+             barrier: Callable[[], None]) -> CheckpointManifest:
+    """Checkpoint a run at `step`: its manifest (what export reads: method lora | full | vae and the adapter's
+    shape), the parts (gathered from every process first when sharded) and each rank's own parts."""
+    lora = cfg.adapter if method == "lora" else None
+    manifest = CheckpointManifest(step=step, epoch=epoch, method=method, lora=lora, model=cfg.model,
+                                  weights_dtype=cfg.weights_dtype, config=run_record["config"],
+                                  inputs=run_record["inputs"], fingerprint=artifacts.hash_json(run_record),
+                                  created=artifacts.now())
+    metadata = {"format": "sdxl-stages", "method": method, "lora": lora.to_json() if lora else ""}
+    if sharded:   # gathered by every process
+        from stages.train import sharding
+
+        parts = sharding.snapshots(parts)
+    save(root, manifest, parts, rank_parts, cfg.checkpointing.keep_checkpoints, metadata, main, barrier)
+    return manifest

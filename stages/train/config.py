@@ -32,7 +32,8 @@ from stages.train.offload import OffloadConfig
 from stages.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 from stages.train.holdout import HoldoutConfig
 from stages.train.previews import PreviewConfig
-from stages.train.vae import PARTS as VAE_PARTS, TARGETS, VaeConfig, unet_only_problem
+from stages.train.targets import TARGETS
+from stages.train.vae import PARTS as VAE_PARTS, VaeConfig, unet_only_problem
 from stages.train import textenc
 from stages.train.textenc import TextConfig
 
@@ -59,8 +60,7 @@ class Config:
                       choices=("auto", "wds", "zarr"), fingerprint=False)
     allow_encoder_mismatch: bool = opt(False, "Train even though the shards were encoded with another VAE or "
                                               "text encoders than the model's.", fingerprint=False)
-    target: str = opt("unet", "What is trained: the UNet (on encode's latents), or the VAE (on the crops' pixels, "
-                              "encode --pixels png|webp; the vae_* and perceptual_* keys).", choices=TARGETS)
+    target: str = opt("unet", "What is trained.", choices=TARGETS)
     vae_train: str = opt("decoder", "Target vae: fine-tune the decoder (latents encoded before stay valid) or the "
                                     "encoder and the decoder (re-encode afterwards).", choices=VAE_PARTS)
     vae_loss: str = opt("l1", "Target vae: the reconstruction term, mean absolute (l1) or squared (l2) error.",

@@ -18,7 +18,7 @@ import random
 import re
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -264,3 +264,25 @@ def load_empty(folder: Path | str, manifest: artifacts.Manifest) -> EmptyCaption
     """The empty caption's cached embedding (caption dropout, and padding of shorter captions), checked."""
     return fmt.read_empty(folder, manifest)
 
+
+@dataclass
+class Progress:
+    """The loop's position and counters, a checkpoint part. The step is the data position too (the data plan is
+    a function of the config); epoch and step in epoch are stored for reading."""
+    schedule: Schedule
+    step: int = 0                  # optimizer steps done
+    skipped: int = 0               # steps skipped for a non-finite loss or gradient
+    bad_in_row: int = 0            # of them, the latest in a row
+    eval: list = field(default_factory=list)   # [[step, evaluation loss on training samples], ...]
+    val: list = field(default_factory=list)    # [[step, validation loss on the held-out set], ...]
+
+    def state_dict(self) -> dict:
+        epoch, in_epoch = self.schedule.locate(self.step)
+        return {"step": self.step, "epoch": epoch, "step_in_epoch": in_epoch, "skipped": self.skipped,
+                "bad_in_row": self.bad_in_row, "eval": [list(e) for e in self.eval],
+                "val": [list(e) for e in self.val]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.skipped, self.bad_in_row = state["step"], state["skipped"], state["bad_in_row"]
+        self.eval = [list(e) for e in state["eval"]]
+        self.val = [list(e) for e in state.get("val", [])]

@@ -104,3 +104,10 @@ def micro_batches(data: Data, schedule: D.Schedule, cfg: DataConfig, rank: int, 
         for i, samples in enumerate(D.stream_batches(batches[first:], read, Sample.detached), start=first):
             yield samples, base + i // cfg.accumulate, i % cfg.accumulate
         base += schedule.steps[e]
+
+
+def dataset_extras(index: Index) -> dict:
+    """What the manifest and a LoRA file's metadata say of the data: tag frequency, buckets, main resolution."""
+    buckets = sorted(([*b.bucket, b.samples] for b in index.buckets), key=lambda b: -b[2])
+    return {"tag_frequency": index.tag_frequency, "resolution": buckets[0][:2] if buckets else None,
+            "buckets": buckets}

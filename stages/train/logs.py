@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from shared.core.errors import ConfigError
 
 BINS = 10
@@ -164,3 +166,36 @@ def _wandb(project: str, folder: Path, run_config: dict) -> Any:
     except ImportError:
         raise ConfigError("--wandb: the wandb package is not installed (pip install wandb)") from None
     return wandb.init(project=project, dir=str(folder), config=run_config, resume="allow")
+
+
+class Window:
+    """Loss statistics between two log lines (summed over ranks when written)."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(2 + 2 * BINS, dtype=torch.float64, device=device)
+        self.norm = 0.0
+
+    def add(self, loss: torch.Tensor, per_sample: torch.Tensor, u: torch.Tensor | None) -> None:
+        """`u`: each sample's timestep position, binned; None where there is none (the VAE target)."""
+        self.sums[0] += loss.double()
+        self.sums[1] += 1
+        if u is None:
+            return
+        bins = (u.to(self.sums.device) * BINS).long().clamp(0, BINS - 1)
+        self.sums[2:2 + BINS].index_add_(0, bins, per_sample.double())
+        self.sums[2 + BINS:].index_add_(0, bins, torch.ones_like(per_sample, dtype=torch.float64))
+
+    def reduce(self, world: int) -> dict:
+        if world > 1:
+            torch.distributed.all_reduce(self.sums)
+        s = self.sums.cpu()
+        counts = s[2 + BINS:]
+        bins = [float(s[2 + i] / counts[i]) if counts[i] > 0 else None for i in range(BINS)]
+        return {"loss": float(s[0] / max(s[1], 1)), "grad_norm": self.norm, "bins": bins}
+
+
+def epoch_position(schedule: Any, step: int) -> float:
+    """Epochs done after `step` optimizer steps, with the fraction of the current one (1.5 = half way into the
+    second)."""
+    epoch, in_epoch = schedule.locate(step)
+    return epoch + (in_epoch / schedule.steps[epoch] if epoch < len(schedule.steps) else 0.0)

@@ -44,3 +44,19 @@ def metadata(config: dict, inputs: dict, extras: dict, *, step: int, epoch: int,
                             inputs={k: {"fingerprint": v} for k, v in inputs.items()}, weights=weights, step=step,
                             checkpoint_fingerprint=fingerprint, objective=objective)
     return info, prov
+
+
+def write_step(folder: Path, cfg: Any, record: Any, run_record: dict, weights: Any, ema: Any, extras: dict,
+               unet_config: Any) -> None:
+    """The kohya LoRA file of the live weights (and of the EMA) beside the checkpoint `record` just saved, named
+    `<out name>-step-NNNNNN[-ema]`."""
+    from stages.train.targets import sampling_objective
+
+    parts = [("", weights, f"step-{record.step:06d}")] + ([("-ema", ema, "ema")] if ema else [])
+    for suffix, part, kind in parts:
+        info, prov = metadata(run_record["config"], run_record["inputs"], extras, step=record.step,
+                              epoch=record.epoch, spec=cfg.adapter, base=cfg.model, comment=cfg.comment,
+                              fingerprint=record.fingerprint, objective=sampling_objective(cfg).to_dict(),
+                              weights=kind)
+        write(folder, f"{cfg.output.name}-step-{record.step:06d}{suffix}", part.state_dict(), cfg.adapter,
+              unet_config, info, prov, cfg.lora_file_dtype)

@@ -21,7 +21,7 @@ import torch
 from shared.core.errors import ConfigError
 from shared.core.log import warn
 from shared.core.registry import Registry
-from stages.train import bf16
+from stages.train import bf16, fused
 from stages.train.model import TrainedWeights
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -126,6 +126,16 @@ def make_optimizer(cfg: OptimizerConfig, groups: list[dict], seed: int, first_in
     if hasattr(opt, "train"):
         opt.train()  # schedule-free starts in train mode (weights at y)
     return opt
+
+
+def make_stepper(cfg: OptimizerConfig, groups: list[dict], seed: int, world: int) -> torch.optim.Optimizer:
+    """The configured optimizer, or with fused_backward one per parameter stepped in the backward pass."""
+    if not cfg.fused_backward:
+        return make_optimizer(cfg, groups, seed)
+    if world > 1:
+        raise ConfigError(f"fused_backward steps each weight before DistributedDataParallel has averaged its "
+                          f"gradient over the {world} processes: train on one process, or turn it off")
+    return fused.FusedBackward(groups, lambda one, index: make_optimizer(cfg, one, seed, index))
 
 
 def rounds_bf16(cfg: OptimizerConfig, groups: list[dict]) -> bool:

@@ -9,9 +9,11 @@ DDP and FSDP, and kill -9 resume is bitwise as with DDP (tests/test_launchers.py
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from shared.core import ranks
 
 try:   # torch >= 2.5 (public DTensor); the loop imports this module only when sharding
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -108,3 +110,17 @@ def shard_optimizer_state(opt: torch.optim.Optimizer) -> None:
             for key, value in state.items():
                 if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == p.shape:
                     state[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+
+
+def barrier(rank: ranks.Rank) -> Callable[[], None]:
+    """A wait for every rank (nothing to wait for in one process)."""
+    return torch.distributed.barrier if rank.world > 1 else lambda: None
+
+
+def init_distributed(rank: ranks.Rank, device: torch.device) -> bool:
+    if rank.world == 1 or torch.distributed.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True

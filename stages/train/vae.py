@@ -25,10 +25,10 @@ from shared.core.errors import ConfigError, InputError
 from shared.formats.samples import Sample
 from shared.models import loading as models
 from shared.models.render import to_uint8
-from stages.train import perceptual as P
+from stages.train import offload as OF, perceptual as P
 from stages.train.step import Precision, sample_generator
+from stages.train.targets import TARGETS, Setting, TargetKind
 
-TARGETS = ("unet", "vae")
 PARTS = ("decoder", "encoder+decoder")
 GRID = "vae-grid.png"
 GRID_ITEMS = 4
@@ -265,58 +265,91 @@ def grid(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
     return out
 
 
-# ---------------------------------------------------------------- the loop's evaluation and the end of a run
+# ---------------------------------------------------------------- the VAE as the loop's target
 
+class VaeTarget:
+    """The VAE target (targets.Target): VaeTraining driven by the loop, its measurements as the evaluation and
+    the original | base | fine-tuned grid at the end."""
+    method = "vae"
+    sharded = False
 
-def evaluate(run: Any) -> None:
-    """Loss, PSNR and perceptual distance on the fixed training samples (eval_*) and the held-out set (val_*),
-    noted in the progress ([step, loss, psnr, perceptual]: the first entry is the base VAE's, step 0) and in
-    metrics.jsonl / TensorBoard / WandB (main rank)."""
-    if not run.rank.main:
-        return
-    step = run.progress.step
-    held = run.holdout.samples if run.holdout is not None else []
-    row: dict[str, float] = {}
-    for name, samples, history in (("eval", run.eval_set, run.progress.eval), ("val", held, run.progress.val)):
-        m = run.vae.measure(samples)
-        if m:
-            history.append([step, m["loss"], m["psnr"], m.get("perceptual")])
-            row.update({f"{name}_{k}": v for k, v in m.items()})
-    if run.log is not None and row:
-        run.log.measures(step, row, "vae")
+    def __init__(self, at: Setting):
+        VaeTraining.check_data(at.data.index.layout, at.data.folder)
+        self.training = VaeTraining(at.cfg.vae_target, at.device, at.precision)
+        self.module = self.training.model
+        self.device, self.staging = at.device, at.staging
+        torch.manual_seed(at.cfg.seed + at.rank.rank)  # nothing draws from it; as the UNet target, for the RNG part
+        self.offload = OF.install(at.cfg.offload, self.module, at.device, at.rank.world)
 
+    def groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        return self.training.groups()
 
-def write_grid(run: Any) -> Path | None:
-    """`samples/vae-grid.png`: held-out items (else the fixed training samples), up to GRID_ITEMS, as
-    original | base VAE | fine-tuned VAE (its EMA when EMA is on: what export writes with --weights ema)."""
-    items = (run.holdout.samples if run.holdout is not None else run.eval_set)[:GRID_ITEMS]
-    if not items:
+    def weights(self) -> VaeWeights:
+        return self.training.weights()
+
+    def assemble(self, samples: list[Sample], step: int, micro: int, epoch: int) -> VaeBatch:
+        return self.training.assemble(samples, step, micro)
+
+    def loss(self, model: Any, batch: VaeBatch) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return self.training.loss(model, batch)
+
+    def after_backward(self, world: int) -> None:
         return None
-    base = build_vae(VaeConfig(**{**vars(run.vae.cfg), "vae_train": "decoder", "gradient_checkpointing": False}),
-                     run.device).eval()
-    before = run.vae.reconstructions(items, base)
-    del base
-    run.vae.vae.eval()
-    with run.ema.swapped() if run.ema is not None else contextlib.nullcontext():
-        after = run.vae.reconstructions(items, run.vae.vae)
-    run.vae.vae.train()
-    rows = [(np.asarray(s.pixels, np.uint8), b, a) for s, b, a in zip(items, before, after)]
-    from PIL import Image
 
-    folder = run.staging / "samples"
-    folder.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid(rows), "RGB").save(folder / GRID)
-    return folder / GRID
+    def evaluate(self, step: int, sets: list[tuple[str, list[Sample], list]], log: Any) -> None:
+        """Loss, PSNR and perceptual distance per set (eval_* on the fixed training samples, val_* on the held-out
+        set), noted in the progress ([step, loss, psnr, perceptual]: the first entry is the base VAE's, step 0)
+        and in metrics.jsonl / TensorBoard / WandB."""
+        row: dict[str, float] = {}
+        for name, samples, history in sets:
+            m = self.training.measure(samples)
+            if m:
+                prefix = name.removesuffix("_loss")
+                history.append([step, m["loss"], m["psnr"], m.get("perceptual")])
+                row.update({f"{prefix}_{k}": v for k, v in m.items()})
+        if log is not None and row:
+            log.measures(step, row, "vae")
+
+    def sample_images(self, step: int, total: int, ema: Any, log: Any) -> None:
+        return None
+
+    def resumed_at(self, step: int) -> None:
+        return None
+
+    def finish(self, eval_set: list[Sample], held: list[Sample], ema: Any) -> None:
+        """`samples/vae-grid.png`: held-out items (else the fixed training samples), up to GRID_ITEMS, as
+        original | base VAE | fine-tuned VAE (its EMA when EMA is on: what export writes with --weights ema)."""
+        items = (held or eval_set)[:GRID_ITEMS]
+        if not items:
+            return
+        training = self.training
+        base = build_vae(VaeConfig(**{**vars(training.cfg), "vae_train": "decoder", "gradient_checkpointing": False}),
+                         self.device).eval()
+        before = training.reconstructions(items, base)
+        del base
+        training.vae.eval()
+        with ema.swapped() if ema is not None else contextlib.nullcontext():
+            after = training.reconstructions(items, training.vae)
+        training.vae.train()
+        rows = [(np.asarray(s.pixels, np.uint8), b, a) for s, b, a in zip(items, before, after)]
+        from PIL import Image
+
+        folder = self.staging / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid(rows), "RGB").save(folder / GRID)
+
+    def summary(self, progress: Any) -> dict:
+        """What the manifest says of a VAE run: per set, its first (the base VAE) and last measurements."""
+        out: dict[str, Any] = {"vae_train": self.training.cfg.vae_train}
+        if (self.staging / "samples" / GRID).is_file():
+            out["grid"] = f"samples/{GRID}"
+        for name, history in (("eval", progress.eval), ("val", progress.val)):
+            if history:
+                first, last = history[0], history[-1]
+                out[name] = {k: {"before": first[i], "after": last[i]}
+                             for i, k in enumerate(("loss", "psnr", "perceptual"), start=1) if first[i] is not None}
+        return {"vae": out}
 
 
-def summary(run: Any) -> dict:
-    """What the manifest says of a VAE run: per set, its first (the base VAE) and last measurements."""
-    out: dict[str, Any] = {"vae_train": run.vae.cfg.vae_train}
-    if (run.staging / "samples" / GRID).is_file():
-        out["grid"] = f"samples/{GRID}"
-    for name, history in (("eval", run.progress.eval), ("val", run.progress.val)):
-        if history:
-            first, last = history[0], history[-1]
-            out[name] = {k: {"before": first[i], "after": last[i]}
-                         for i, k in enumerate(("loss", "psnr", "perceptual"), start=1) if first[i] is not None}
-    return out
+TARGETS.add(TargetKind("vae", "the VAE on the crops' pixels (encode --pixels png|webp; the vae_* and "
+                              "perceptual_* keys).", VaeTarget))

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from shared.core.config import resolve  # noqa: E402
 from stages import train  # noqa: E402
-from stages.train import fused, loop, model as M, objective, offload as OF, optim as O, planner, quant  # noqa: E402
+from stages.train import fused, model as M, objective, offload as OF, optim as O, planner, quant  # noqa: E402
 from stages.train import step as S  # noqa: E402
 
 FLOP_PER_SAMPLE = 20.2e12
@@ -111,7 +111,7 @@ def run_case(name: str, values: dict, steps: int, warmup: int) -> dict:
     off = OF.install(cfg.offload, unet, device, 1)   # before the optimizer: swapped weights are stepped on the host
     torch.cuda.reset_peak_memory_stats()              # a quantized base passed through the device at full size
     groups = O.param_groups(cfg.optim, M.trainable_groups(unet, cfg.method))
-    opt = loop.make_optimizer(cfg.optim, groups, cfg.seed, 1)
+    opt = O.make_stepper(cfg.optim, groups, cfg.seed, 1)
     params = [p for g in groups for p in g["params"]]
     ema = (O.EMA(None, params, cfg.ema_decay, cfg.ema_every, "cpu" if cfg.ema_device == "cpu" else None)
            if cfg.ema_decay else None)
