@@ -9,23 +9,21 @@ memory savers of offload.py wrap its forward and backward pass.
 """
 from __future__ import annotations
 
-import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager
 
 import torch
 
 from shared.core import ranks
 from shared.core.config import to_plain
-from shared.core.errors import DataError
 from shared.core.faults import checkpoint as fault_point
 from shared.core.log import say, warn
 from shared.core.stage import BuildResult
 from stages.train import checkpoint as ckpt
 from stages.train import data as D
-from stages.train import extend, feed, fused, holdout as H, logs, lorafiles, optim as O, sharding, step as S
+from stages.train import extend, feed, holdout as H, logs, lorafiles, optim as O, sharding, step as S
+from stages.train.stepping import backward, optimizer_step, sync
 from stages.train.data import Progress
 from stages.train.logs import Window, epoch_position
 from stages.train.config import Config
@@ -52,8 +50,8 @@ class Run:
     scaler: torch.amp.GradScaler       # built once; disabled unless fp16
     progress: Progress
     holdout: H.Holdout | None          # the held-out validation set (its samples on the main rank); None: off
-    eval_set: list = field(default_factory=list)
-    log: logs.TrainLog | None = None   # the main rank's
+    eval_set: list                     # the fixed evaluation samples (main rank, or every rank when sharded)
+    log: logs.TrainLog | None = None   # the main rank's, from the step resumed at
 
     def parts(self) -> dict[str, ckpt.Stateful]:
         """What a checkpoint holds, restored in this order (the schedule after the optimizer: it sets the
@@ -89,9 +87,13 @@ def build_run(cfg: Config, staging: Path, rank: ranks.Rank, device: torch.device
     opt = O.make_stepper(cfg.optim, groups, cfg.seed, rank.world)
     ema = (O.EMA(weights, params, cfg.optim.ema_decay, cfg.optim.ema_every,
                  "cpu" if cfg.optim.ema_device == "cpu" else None) if cfg.optim.ema_decay else None)
+    evaluated = rank.main or target.sharded   # sharded: every process runs the evaluation's forward passes
+    eval_set = feed.first_samples(data, cfg.logging.eval_samples, set(holdout.ids) if holdout else set()) \
+        if evaluated else []
     run = Run(cfg, staging, rank, device, record, data, schedule, target, target.module, params, weights, opt,
               O.LRSchedule(opt, cfg.optim, schedule.total), ema,
-              torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16"), Progress(schedule), holdout)
+              torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16"), Progress(schedule), holdout,
+              eval_set)
     start = ckpt.resolve_resume(cfg.checkpointing.resume, staging, rank.main)
     if start is not None:
         restore(run, start)
@@ -99,9 +101,6 @@ def build_run(cfg: Config, staging: Path, rank: ranks.Rank, device: torch.device
         ids = [device.index] if device.type == "cuda" else None
         run.model = torch.nn.parallel.DistributedDataParallel(target.module, device_ids=ids,
                                                               gradient_as_bucket_view=True)
-    if rank.main or target.sharded:   # sharded: every process runs the evaluation's forward passes
-        held = set(holdout.ids) if holdout is not None else set()
-        run.eval_set = feed.first_samples(data, cfg.logging.eval_samples, held)
     if rank.main:
         run.log = logs.TrainLog(cfg.logging, staging / "logs", schedule.total, run.progress.step,
                                 cfg.batch_size * cfg.accumulate * rank.world, to_plain(cfg))
@@ -161,74 +160,6 @@ def checkpoint_due(run: Run, step: int) -> bool:
     every = run.cfg.checkpointing
     end_of_epoch = every.checkpoint_epochs and run.schedule.locate(step)[1] == 0
     return step % every.checkpoint_every == 0 or step == run.schedule.total or bool(end_of_epoch)
-
-
-def sync(run: Run, last: bool) -> ContextManager:
-    """DDP all-reduces gradients only on the last micro-batch of a step."""
-    if run.model is run.target.module or last:
-        return contextlib.nullcontext()
-    return run.model.no_sync()
-
-
-def backward(run: Run, loss: torch.Tensor, accumulate: int) -> None:
-    """The backward pass; with fused backward it also steps every parameter (never for a non-finite loss)."""
-    if isinstance(run.opt, fused.FusedBackward):
-        run.opt.begin()
-        if torch.isfinite(loss):
-            loss.backward()
-        return
-    run.scaler.scale(loss / accumulate).backward()
-
-
-def optimizer_step(run: Run, step: int, loss: torch.Tensor) -> float:
-    """Clip, then step — unless the loss or the gradient is not finite: then the step is skipped and counted,
-    and `max_bad_steps` such steps in a row stop the run with an error. (With fp16 the scaler skips a step
-    whose gradient overflowed by itself, lowering its scale; that is not a bad step.) With fused backward the
-    parameters were stepped in the backward pass; one whose gradient was not finite was left as it was."""
-    cfg = run.cfg.optim
-    if isinstance(run.opt, fused.FusedBackward):
-        norm, unstepped = run.opt.end()
-        bad = unstepped > 0 or not bool(torch.isfinite(loss))
-    else:
-        run.target.after_backward(run.rank.world)   # what DDP does not average (the text encoders' gradients)
-        norm, bad = clip(run, loss, cfg.max_grad_norm)
-        if not bad:
-            run.scaler.step(run.opt)
-            run.scaler.update()
-            run.opt.zero_grad(set_to_none=True)
-    if bad:
-        skip_step(run, step, float(loss), norm, cfg.max_bad_steps)
-        return norm
-    run.progress.bad_in_row = 0
-    if run.ema is not None:
-        run.ema.update(step)
-    return norm
-
-
-def clip(run: Run, loss: torch.Tensor, max_grad_norm: float) -> tuple[float, bool]:
-    """(the gradient's global norm after unscaling, whether the step is bad: a non-finite loss on any rank, or a
-    non-finite gradient without the fp16 scaler, which handles its own)."""
-    run.scaler.unscale_(run.opt)
-    norm = torch.nn.utils.clip_grad_norm_(run.params, max_grad_norm or float("inf"))
-    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=run.device)
-    if run.rank.world > 1:
-        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-    return float(norm), bool(bad.item()) or (not run.scaler.is_enabled() and not torch.isfinite(norm))
-
-
-def skip_step(run: Run, step: int, loss: float, norm: float, max_bad_steps: int) -> None:
-    run.opt.zero_grad(set_to_none=True)
-    run.scaler.update()  # ends this step's unscale_ (and lowers an fp16 scale); no-op when disabled
-    progress = run.progress
-    progress.skipped += 1
-    progress.bad_in_row += 1
-    if run.rank.main:
-        warn(f"step {step + 1}: non-finite loss or gradient (loss {loss:.4g}, grad norm {norm:.4g}); step "
-             f"skipped ({progress.skipped} so far)")
-    if progress.bad_in_row >= max_bad_steps:
-        raise DataError(f"{progress.bad_in_row} steps in a row had a non-finite loss or gradient (last at "
-                        f"step {step + 1}); lower the learning rate, use --mixed-precision bf16 instead of "
-                        f"fp16, or check the shards (latents from an fp16 VAE overflow)")
 
 
 def report(run: Run, step: int, stats: dict, lr: float) -> None:
