@@ -328,7 +328,9 @@ def test_two_ddp_ranks_match_one_process_with_the_doubled_batch(encoded, tmp_pat
         assert moved > 1e-3, prefix  # the weights really changed (lora_B starts at 0)
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     control = max(float((a[k] - c[k]).abs().max()) for k in a)
-    assert worst < 2e-5 and control > 100 * worst, (worst, control)  # seen: 5.0e-6 vs 7.9e-2
+    # seen: 5.0e-6 vs 7.9e-2 (transformers 5.17), 4.4e-5 vs 7.9e-2 (5.25: a text encoder 2 lora_A, AdamW at
+    # lr 1e-2 amplifying float summation order); without the text encoders' all-reduce: 3.5e-2
+    assert worst < 1e-4 and control > 100 * worst, (worst, control)
 
 
 def test_block_swap_and_activation_offload_train_exactly_as_without(encoded, tmp_path):
