@@ -1,6 +1,6 @@
-"""The `sdxl` command: one sub-command per stage, plus `run`, `demo` and the `bench` group. The plugins named in
-SDXL_PLUGINS are imported first (shared/core/registry.py), so their registry entries are in every command's
---help and accepted as values."""
+"""The `sdxl` command: one sub-command per stage of the stage graph (shared/core/graph.py), plus `run`, `demo` and
+the `bench` group. The plugins named in SDXL_PLUGINS are imported first (shared/core/registry.py), so their
+registry entries (a stage, too) are in every command's --help and accepted as values."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from shared.core import graph
 from shared.core.command import config_option, stage_command, user_errors
 from shared.core.errors import PipelineError
 from shared.core.registry import load_plugins
@@ -38,8 +39,8 @@ def build_app() -> typer.Typer:
     app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                       rich_markup_mode=None,
                       help="sdxl stages: a staged, offline pipeline for fine-tuning Stable Diffusion XL.")
-    for table, module in pipeline.STAGES + pipeline.OPTIONAL:
-        app.command(table)(stage_command(module.Config, table, module.run, module.__doc__ or "", pipeline.TABLES))
+    for node in graph.order():   # the stage graph (built-in stages and plugins' ones), in run order
+        app.command(node.name)(stage_command(node.Config, node.name, node.run, node.doc, graph.TABLES))
     app.command("compare")(export.compare_command)
     app.command("run")(run_command)
     app.command("demo")(demo_command)

@@ -1,39 +1,72 @@
-"""`sdxl run` and `sdxl demo`: the stages in order. The only module that imports stage modules.
+"""`sdxl run` and `sdxl demo`; the built-in stages' registration in the stage graph (shared/core/graph.py), whose
+order `sdxl run` follows. The only module that imports stage modules.
 
 Each stage skips itself when its output's fingerprint matches (see shared/core/stage.py), so `run` is cheap to
 repeat and prints, per stage, why it runs or that it is skipped.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import Any, Iterator
 
+from shared.core import graph
 from shared.core.config import load_toml, resolve
 from shared.core.errors import ConfigError
 from shared.core.log import say
+from shared.formats.checkpoints import CHECKPOINTS
+from shared.formats.samples import SAMPLES
 from stages.synthetic import generate_dataset
 from stages import bucket, encode, export, generate, ingest, train
 
-#: (pipeline.toml table, stage module) in execution order: the one list of the stages
-STAGES: list[tuple[str, ModuleType]] = [("ingest", ingest), ("bucket", bucket), ("encode", encode),
-                                          ("train", train), ("export", export)]
+#: the built-in stages, registered here and nowhere else (a plugin registers its own with graph.STAGES.add):
+#: the `sdxl` commands, the pipeline.toml tables and what `sdxl run` runs all come from graph.STAGES; the run
+#: order follows from what each stage reads and writes (its Stage declaration), not from this list's order
+for _node in (graph.node(ingest), graph.node(bucket), graph.node(encode),
+              graph.node(train, reads=(SAMPLES,), writes=(CHECKPOINTS,)),  # until train's STAGE declares them
+              graph.node(export, reads=(CHECKPOINTS,)),                    # until export's STAGE declares it
+              graph.node(generate, folder="classes", runs=False)):
+    if _node.name not in graph.STAGES:
+        graph.STAGES.add(_node)
+
+
+class _Stages(Sequence):
+    """(table, stage module) of the stages `sdxl run` runs, in run order (read from graph.STAGES when used)."""
+
+    def __init__(self, runs: bool):
+        self._runs = runs
+
+    def _pairs(self) -> list[tuple[str, Any]]:
+        return [(n.name, n.module) for n in graph.order() if n.runs == self._runs]
+
+    def __getitem__(self, k: Any) -> Any:
+        return self._pairs()[k]
+
+    def __len__(self) -> int:
+        return len(self._pairs())
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        return iter(self._pairs())
+
+
+#: (pipeline.toml table, stage module) of the stages `sdxl run` runs, in run order
+STAGES: Sequence[tuple[str, Any]] = _Stages(runs=True)
 #: stages that `sdxl run` does not run (their own command makes input for one that it does)
-OPTIONAL: list[tuple[str, ModuleType]] = [("generate", generate)]
+OPTIONAL: Sequence[tuple[str, Any]] = _Stages(runs=False)
 #: the tables a pipeline.toml may hold besides [pipeline], with their config classes
-TABLES: dict[str, type] = {table: module.Config for table, module in STAGES + OPTIONAL}
+TABLES = graph.TABLES
 
 
 def run_all(config_path: Path | None, force: bool = False, overrides: dict[str, dict] | None = None) -> list:
-    """Every stage in order, configured from pipeline.toml (plus per-stage overrides)."""
+    """Every stage `sdxl run` runs, in graph order, configured from pipeline.toml (plus per-stage overrides)."""
     toml = load_toml(config_path, TABLES)
     if "ingest" not in toml or "sources" not in toml["ingest"]:
         if not (overrides or {}).get("ingest", {}).get("sources"):
             raise ConfigError("sdxl run needs [ingest] sources in the config (or use the stage commands)")
     manifests = []
-    for table, module in STAGES:
-        cfg = resolve(module.Config, table, toml, (overrides or {}).get(table))
-        manifests.append(module.run(cfg, force=force))
+    for node in graph.nodes(runs_only=True):
+        cfg = resolve(node.Config, node.name, toml, (overrides or {}).get(node.name))
+        manifests.append(node.run(cfg, force=force))
     return manifests
 
 
@@ -52,7 +85,8 @@ def demo(workdir: Path, images: int, seed: int, force: bool = False, steps: int 
         "export": {"format": ("kohya", "peft"), "workdir": workdir},
     }
     manifests = run_all(None, force=force, overrides=overrides)
-    ingested, bucketed, encoded, trained, exported = manifests
+    done = dict(zip((n.name for n in graph.nodes(runs_only=True)), manifests))
+    ingested, bucketed, encoded, trained = done["ingest"], done["bucket"], done["encode"], done["train"]
     say(f"demo: {ingested.counts['out']} images accepted ({ingested.counts['in']} files with captions); "
         f"{bucketed.counts['out']} items planned into {bucketed.extra.get('buckets_used')} buckets; "
         f"{encoded.counts['out']} encoded into {encoded.extra.get('shards')} shards ({workdir / 'encode'}); "

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from shared.core import integrity
+from shared.core import graph, integrity
 from shared.core.errors import InputError
+from shared.core.graph import Format
 from shared.core.integrity import sha256_file  # noqa: F401  (one file hasher, re-exported)
 from shared.formats.jsonl import dumps_utf8
 
@@ -25,8 +26,8 @@ JOB = "job.json"
 PACKAGE_VERSION = "0.1.0"
 
 
-CORE = ("stage", "version", "code_version", "config", "inputs", "fingerprint", "counts", "created", "files",
-        "trees")
+CORE = ("stage", "version", "code_version", "config", "inputs", "fingerprint", "counts", "created", "holds",
+        "files", "trees")
 
 
 @dataclass
@@ -42,9 +43,14 @@ class Manifest:
     extra: dict = field(default_factory=dict)
     files: dict | None = None   # relative path -> {bytes, sha256, mtime_ns} (see shared/core/integrity.py)
     trees: dict = field(default_factory=dict)  # bulky subfolder -> stamp (their own index holds the hashes)
+    #: the formats this output holds, {name: version} (shared/core/graph.py); None: not recorded (an output of
+    #: an older sdxl, or of a stage that declares none), read as the formats its `stage` makes
+    holds: dict | None = None
 
     def to_json(self) -> str:
-        data = {k: getattr(self, k) for k in CORE if k not in ("files", "trees")}
+        data = {k: getattr(self, k) for k in CORE if k not in ("files", "trees", "holds")}
+        if self.holds is not None:
+            data["holds"] = self.holds
         data.update(self.extra)
         data.update(files=self.files, trees=self.trees)
         return dumps_utf8(data, indent=2) + "\n"
@@ -56,6 +62,10 @@ class Manifest:
             raise KeyError(missing[0])
         return cls(**{k: data[k] for k in CORE if k in data},
                    extra={k: v for k, v in data.items() if k not in CORE})
+
+    def held(self, wanted: Format | None = None) -> dict[str, int]:
+        """The formats this output holds, {name: version} (derived from `stage` and `version` when unrecorded)."""
+        return graph.held(self.stage, self.holds, self.version, wanted)
 
     def verified(self, folder: Path, rel: str, fix: str) -> Path:
         """`folder/rel` once checked against this manifest's record of it (see integrity.verified)."""
@@ -146,34 +156,60 @@ def read_manifest(folder: Path) -> Manifest | None:
         return None
 
 
-def require_input(folder: Path, stage: str, versions: Iterable[int], fix: str) -> Manifest:
-    """The finished output of `stage` at `folder`, or an InputError. `fix` (the command that writes that
-    output) is proposed only where running it cannot replace anything but the stage's own output."""
+def wanted_format(wanted: Format | str, versions: Iterable[int] | None = None) -> Format:
+    """`wanted` as a Format: a declared format's name, or (as callers wrote before formats were declared) the
+    name of the stage whose output is wanted: the format it makes, else its output by that name alone."""
+    if isinstance(wanted, Format):
+        return wanted
+    found = graph.FORMATS.get(wanted) or next((f for f in graph.FORMATS.entries() if f.made_by == wanted), None)
+    if found is not None:
+        return found
+    versions = tuple(versions or (1,))
+    return Format(wanted, max(versions), f"the output of `sdxl {wanted}`", made_by=wanted, readable=versions)
+
+
+def require_input(folder: Path, wanted: Format | str, versions: Iterable[int] | None = None,
+                  fix: str | None = None) -> Manifest:
+    """The finished output at `folder` that holds the format `wanted` (a Format, or a format's or its producing
+    stage's name), of a version in `versions` [default: the ones the format's owner reads]; else an InputError.
+    Whichever stage wrote it, under whatever folder name. `fix` (the command that writes that output)
+    [default: the stage graph's, graph.fix] is proposed only where running it cannot replace anything but the
+    stage's own output."""
+    fmt = wanted_format(wanted, versions)
     folder = Path(folder)
+    who = graph.who(fmt)
     if folder.name.endswith(".staging"):
-        raise InputError(f"{folder}: the staging folder of an unfinished run, not a finished `{stage}` output; "
+        raise InputError(f"{folder}: the staging folder of an unfinished run, not a finished {who} output; "
                          f"give --in the folder without .staging once its run has finished")
     if not folder.exists():
+        fix = fix or graph.fix(fmt, folder)
         if staging_dir(folder).exists():
-            raise InputError(f"{folder}: `{stage}` did not finish there (only {staging_dir(folder).name} "
+            raise InputError(f"{folder}: {who} did not finish there (only {staging_dir(folder).name} "
                              f"exists); rerun: {fix}")
-        raise InputError(f"{folder}: no `{stage}` output found; run: {fix}")
+        raise InputError(f"{folder}: no {who} output found; run: {fix}")
     manifest = read_manifest(folder)
     if manifest is None:
-        raise InputError(f"{folder}: no readable {MANIFEST}, so it is not a finished `{stage}` output; give --in "
-                         f"a folder that `sdxl {stage}` wrote")
-    return check_manifest(manifest, folder, stage, versions, fix)
+        raise InputError(f"{folder}: no readable {MANIFEST}, so it is not a finished {who} output; give --in "
+                         f"a folder that {graph.who(fmt, '`sdxl {}`')} wrote")
+    return check_manifest(manifest, folder, fmt, versions, fix)
 
 
-def check_manifest(manifest: Manifest, where: Path | str, stage: str, versions: Any, fix: str) -> Manifest:
-    """`manifest` when it is `stage`'s, of a format version in `versions` (read from `where`, a folder or URL);
-    else an InputError naming what it holds and the fix."""
-    if manifest.stage != stage:
-        raise InputError(f"{where}: holds `{manifest.stage}` output, expected `{stage}` output; give --in a "
-                         f"folder that `sdxl {stage}` wrote")
-    if manifest.version not in set(versions):
-        raise InputError(f"{where}: `{stage}` output of format version {manifest.version}, which this "
-                         f"version of sdxl cannot read; rerun: {fix}")
+def check_manifest(manifest: Manifest, where: Path | str, wanted: Format | str, versions: Any = None,
+                   fix: str | None = None) -> Manifest:
+    """`manifest` when its output holds the format `wanted` at a version in `versions` [default: the format's
+    readable ones] (read from `where`, a folder or URL); else an InputError naming what it holds and the fix."""
+    fmt = wanted_format(wanted, versions)
+    versions = set(versions if versions is not None else fmt.readable)
+    holds = manifest.held(fmt)
+    if fmt.name not in holds:
+        has = ", ".join(f"{k} v{v}" for k, v in holds.items()) or "no format a stage reads"
+        raise InputError(f"{where}: holds `{manifest.stage}` output, expected {graph.who(fmt)} output (format "
+                         f"{fmt.name}; it holds {has}); give --in a folder that {graph.who(fmt, '`sdxl {}`')} "
+                         f"wrote")
+    if holds[fmt.name] not in versions:
+        fix = fix or graph.fix(fmt, where, manifest.stage)
+        raise InputError(f"{where}: `{manifest.stage}` output of {fmt.name} format version {holds[fmt.name]}, "
+                         f"which this version of sdxl cannot read; rerun: {fix}")
     return manifest
 
 

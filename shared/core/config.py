@@ -16,6 +16,7 @@ from dataclasses import MISSING, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from shared.core import graph
 from shared.core.errors import ConfigError
 
 
@@ -120,7 +121,7 @@ def load_toml(path: Path | str | None, tables: dict[str, type]) -> dict:
 
 
 _K, _D, _KD = "kohya's", "diffusers'", "kohya's and diffusers'"  # whose name it is
-_ANY_STAGE = ("export", "train", "encode", "bucket", "ingest")
+_ANY_STAGE = graph.NAMES  # every stage's table (the stage graph's, read when used)
 _ATTENTION = "attention is PyTorch's scaled_dot_product_attention, always"
 _LOGS = "set tensorboard = true or wandb = true"
 

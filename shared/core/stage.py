@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 from shared.core import artifacts, integrity, outputs, ranks
 from shared.core.artifacts import Manifest
 from shared.core.config import fingerprinted, to_plain
+from shared.core.graph import Format
 from shared.core.log import say
 
 
@@ -50,6 +51,11 @@ class Stage:
     repair: Callable[[Any, Path], None] | None = None
     #: what an interrupted run leaves in its staging folder, for the one line printed on SIGINT / SIGTERM
     kept: Callable[[Path], str] | None = None
+    #: the artifact formats it reads from its input folder and writes into its output (shared/core/graph.py):
+    #: its place in `sdxl run`, its default --in and which folders it accepts follow from them; the manifest
+    #: records the written ones with their versions (`holds`)
+    reads: tuple[Format, ...] = ()
+    writes: tuple[Format, ...] = ()
 
 
 @dataclass
@@ -188,7 +194,8 @@ def _execute(stage: Stage, cfg: Any, force: bool, decision: Decision) -> Manifes
         return None
     manifest = Manifest(stage=stage.name, version=stage.version, code_version=decision.code_version,
                         config=to_plain(cfg), inputs=decision.inputs, fingerprint=decision.fingerprint,
-                        counts=result.counts, created=artifacts.now(), extra=result.extra)
+                        counts=result.counts, created=artifacts.now(), extra=result.extra,
+                        holds={f.name: f.version for f in stage.writes} or None)
     artifacts.commit(staging, out, manifest, stage.trees, stage.skip)
     say(f"{stage.name}: done -> {out}")
     return manifest

@@ -22,12 +22,18 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from shared.core import integrity
+from shared.core import graph, integrity
 from shared.core.errors import InputError
 from shared.models.lora import LoraSpec
 
 CHECKPOINT_STAGE = "train-checkpoint"
 VERSION = 3
+#: a training (train's output: `checkpoints/step-N/` of format VERSION, logs/, train's manifest), as the stage
+#: graph knows it; its version is train's manifest version
+TRAINING_VERSION = 1
+CHECKPOINTS = graph.declare(graph.Format(
+    "checkpoints", TRAINING_VERSION, "a training: checkpoints/step-NNNNNN/ (weights, optimizer, EMA...) and logs/",
+    made_by="train"))
 MANIFEST = "manifest.json"
 NAME = re.compile(r"step-\d{6,}")  # not .partial (being written) nor .damaged (set aside)
 REWRITE = "train again with `sdxl train --resume never` (an unfinished run is set aside, not deleted)"

@@ -15,8 +15,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from shared.core import integrity
-from shared.core.artifacts import MANIFEST, Manifest, check_manifest
+from shared.core import graph, integrity
+from shared.core.artifacts import MANIFEST, Manifest, check_manifest, wanted_format
+from shared.core.graph import Format
 from shared.core.errors import InputError
 
 SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -147,17 +148,19 @@ def verified_bytes(folder: str | Path, rel: str, files: dict | None, fix: str) -
     return bytes(data)
 
 
-def require_remote(url: str, stage: str, versions: tuple[int, ...], fix: str) -> Manifest:
-    """The manifest of the finished `stage` output at `url` (what artifacts.require_input checks of a local
-    folder), or an InputError."""
+def require_remote(url: str, wanted: Format | str, versions: tuple[int, ...] | None = None,
+                   fix: str | None = None) -> Manifest:
+    """The manifest of the finished output holding the format `wanted` at `url` (what artifacts.require_input
+    checks of a local folder), or an InputError."""
     where = join(url, MANIFEST)
+    fmt = wanted_format(wanted, versions)
+    wrote = graph.who(fmt, "`sdxl {}`")
     try:
         data = json.loads(bytes(read_bytes(where)).decode("utf-8"))
         manifest = Manifest.from_dict(data)
     except OSError as e:
-        raise InputError(f"{where}: unreadable ({e}); give --in the URL of a folder that `sdxl {stage}` "
-                         f"wrote") from None
+        raise InputError(f"{where}: unreadable ({e}); give --in the URL of a folder that {wrote} wrote") from None
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise InputError(f"{where}: not a readable manifest, so {url} is not a finished `{stage}` output; give "
-                         f"--in the URL of a folder that `sdxl {stage}` wrote") from None
-    return check_manifest(manifest, url, stage, versions, fix)
+        raise InputError(f"{where}: not a readable manifest, so {url} is not a finished {graph.who(fmt)} output; "
+                         f"give --in the URL of a folder that {wrote} wrote") from None
+    return check_manifest(manifest, url, fmt, versions, fix)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from shared.core import artifacts
+from shared.core import artifacts, graph
 from shared.core.errors import InputError
 from shared.formats import location, shards
 
@@ -34,14 +34,17 @@ ENCODER_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenize
 #: > 1 the extra crops' latents and time ids (`latent_crops` …, `Layout.crops`); each shard's sample keys in
 #: index.json)
 ENCODE_VERSION = 6
+SAMPLES = graph.declare(graph.Format(
+    "samples", ENCODE_VERSION, "encoded samples: tar shards and/or a zarr store, index.json and empty/",
+    made_by="encode"))
 #: how the planned crop's pixels are stored besides the latents (none: not stored)
 PIXEL_FORMATS = ("none", "png", "webp")
 EMPTY = "empty"
 
 
 def fix_for(folder: Path | str) -> str:
-    """The command that rewrites the encode output at `folder`."""
-    return f"sdxl encode --out {folder}"
+    """The command that rewrites the encoded samples at `folder` (from the stage graph)."""
+    return graph.fix(SAMPLES, folder)
 
 
 def check_version(found: Any, where: str, fix: str) -> None:
@@ -56,8 +59,8 @@ def require_encode(folder: Path | str) -> artifacts.Manifest:
     """The finished encode output at `folder` (a local folder or an fsspec URL), of this format version (else one
     line naming the fix)."""
     if location.is_url(folder):
-        return location.require_remote(str(folder), "encode", (ENCODE_VERSION,), fix_for(folder))
-    return artifacts.require_input(Path(folder), "encode", (ENCODE_VERSION,), fix_for(folder))
+        return location.require_remote(str(folder), SAMPLES)
+    return artifacts.require_input(Path(folder), SAMPLES)
 
 
 @dataclass(frozen=True)

@@ -10,28 +10,30 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-from shared.core import artifacts
+from shared.core import artifacts, graph
 from stages.bucket import geometry as bucketing
 from shared.core.artifacts import Manifest
 from shared.core.config import SEED_RANGE, opt
 from shared.core.errors import ConfigError
 from shared.core.faults import checkpoint
-from shared.formats.jsonl import JsonlWriter, read_jsonl
-from shared.formats.plan import PLAN_VERSION, PlanRow, PlanWriter
+from shared.formats import items as itemfile
+from shared.formats.items import ITEMS, Item, Rejection, RejectedWriter
+from shared.formats.plan import PLAN, PLAN_VERSION, PlanRow, PlanWriter
 from shared.core.log import progress, say, table, warn
 from stages.bucket.plots import bar_chart
 from shared.core.stage import BuildResult, Stage, execute
 
 VERSION = PLAN_VERSION  # the bucket output's format is its plan's (shared/formats/plan.py)
-INGEST_VERSIONS = (1,)
 
 
 @dataclass(frozen=True)
 class Config:
     workdir: Path = opt(Path("work"), "Pipeline work folder; default parent of every stage's output.",
                         pipeline=True, fingerprint=False)
-    input: Path | None = opt(None, "Ingest output folder [default: <workdir>/ingest].", flag="--in",
+    input: Path | None = opt(None, "A folder holding items (ingest's output) [default: the output of the stage "
+                                   "before bucket in the stage graph: <workdir>/ingest].", flag="--in",
                              fingerprint=False)
     output: Path | None = opt(None, "Output folder [default: <workdir>/bucket].", flag="--out",
                               fingerprint=False)
@@ -60,7 +62,7 @@ class Config:
                 raise ConfigError(f"buckets: [{w}, {h}] is not a pair of positive multiples of 64")
             if w * h > self.max_area:
                 raise ConfigError(f"buckets: [{w}, {h}] has area {w * h} > max_area {self.max_area}")
-        object.__setattr__(self, "input", self.input or self.workdir / "ingest")  # resolved, as recorded
+        object.__setattr__(self, "input", self.input or graph.default_input(self.workdir, "bucket"))  # as recorded
         object.__setattr__(self, "output", self.output or self.workdir / "bucket")
 
     @property
@@ -81,12 +83,12 @@ class Config:
 
 
 def _ingested(cfg: Config) -> artifacts.Manifest:
-    return artifacts.require_input(cfg.in_dir, "ingest", INGEST_VERSIONS, f"sdxl ingest SOURCE... --out {cfg.in_dir}")
+    return itemfile.require(cfg.in_dir)
 
 
-def _items(cfg: Config) -> Path:
-    """items.jsonl, checked against ingest's record of it."""
-    return _ingested(cfg).verified(cfg.in_dir, "items.jsonl", f"sdxl ingest SOURCE... --out {cfg.in_dir}")
+def _items(cfg: Config) -> Iterator[Item]:
+    """The items, checked against their manifest's record of items.jsonl."""
+    return itemfile.read_items(cfg.in_dir, _ingested(cfg))
 
 
 def _inputs(cfg: Config) -> dict:
@@ -99,9 +101,9 @@ def _assign(cfg: Config, buckets: list) -> tuple[Counter, Counter]:
     """First pass: nearest bucket counts, and how many items are too small for theirs (by reason)."""
     counts: Counter = Counter()
     too_small: Counter = Counter()
-    for item in read_jsonl(_items(cfg)):
-        b = bucketing.nearest_bucket(item["width"], item["height"], buckets)
-        if bucketing.cover_resize(item["width"], item["height"], b)[2] > cfg.max_upscale:
+    for item in _items(cfg):
+        b = bucketing.nearest_bucket(item.width, item.height, buckets)
+        if bucketing.cover_resize(item.width, item.height, b)[2] > cfg.max_upscale:
             too_small[b] += 1
             if cfg.on_too_small == "reject":
                 continue
@@ -115,15 +117,14 @@ def _build(cfg: Config, staging: Path, inputs: dict) -> BuildResult:
     merged = bucketing.merge_small(counts, cfg.min_bucket_items)
     stats: dict = defaultdict(lambda: {"count": 0, "samples": 0, "aspect_error": 0.0, "cropped": 0.0})
     seen = 0
-    with PlanWriter(staging) as plan, JsonlWriter(staging / "rejected.jsonl") as rejected:
-        for item in progress(read_jsonl(_items(cfg)), None, "bucket", "item"):
+    with PlanWriter(staging) as plan, RejectedWriter(staging / itemfile.REJECTED) as rejected:
+        for item in progress(_items(cfg), None, "bucket", "item"):
             seen += 1
             row = _plan_item(cfg, item, buckets, merged)
             if row is None:
-                rejected.write({"id": item["id"], "path": item["path"], "source": item["source"],
-                                "reason": "too_small_for_bucket",
-                                "detail": f"{item['width']}x{item['height']} needs more than "
-                                          f"{cfg.max_upscale}x upscaling"})
+                rejected.write(Rejection.from_json({
+                    "id": item.id, "path": item.path, "source": item.source, "reason": "too_small_for_bucket",
+                    "detail": f"{item.width}x{item.height} needs more than {cfg.max_upscale}x upscaling"}))
                 continue
             plan.write(row)
             s = stats[row.bucket]
@@ -142,16 +143,16 @@ def _build(cfg: Config, staging: Path, inputs: dict) -> BuildResult:
                        {"buckets_used": sum(1 for r in report if r["count"]), "upscaled_beyond_limit": kept_small})
 
 
-def _plan_item(cfg: Config, item: dict, buckets: list, merged: dict) -> PlanRow | None:
-    nearest = bucketing.nearest_bucket(item["width"], item["height"], buckets)
+def _plan_item(cfg: Config, item: Item, buckets: list, merged: dict) -> PlanRow | None:
+    nearest = bucketing.nearest_bucket(item.width, item.height, buckets)
     if nearest not in merged:  # only rejected items are missing from the first pass's counts
         return None
     if cfg.on_too_small == "reject" and \
-            bucketing.cover_resize(item["width"], item["height"], nearest)[2] > cfg.max_upscale:
+            bucketing.cover_resize(item.width, item.height, nearest)[2] > cfg.max_upscale:
         return None  # judged on the nearest bucket, as in the first pass, so both passes agree
     bucket = merged[nearest]
-    rw, rh, scale = bucketing.cover_resize(item["width"], item["height"], bucket)
-    rng = random.Random(f"{cfg.seed}:{item['id']}") if cfg.crop == "random" else None
+    rw, rh, scale = bucketing.cover_resize(item.width, item.height, bucket)
+    rng = random.Random(f"{cfg.seed}:{item.id}") if cfg.crop == "random" else None
     left, top = bucketing.crop_offset((rw, rh), bucket, cfg.crop, rng)
     return PlanRow.planned(item, bucket, (rw, rh), (left, top), round(scale, 6))
 
@@ -185,7 +186,7 @@ def _write_outputs(cfg: Config, staging: Path, buckets: list, report: list[dict]
 
 STAGE = Stage(name="bucket", version=VERSION, module=__name__,
               out_dir=lambda cfg: cfg.out_dir, inputs=_inputs, build=_build,
-              protected=lambda cfg: [("input folder", cfg.in_dir)])
+              protected=lambda cfg: [("input folder", cfg.in_dir)], reads=(ITEMS,), writes=(PLAN,))
 
 
 def run(cfg: Config, force: bool = False) -> Manifest:

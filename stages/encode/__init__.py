@@ -27,8 +27,8 @@ from shared.core.log import progress, say, table, warn
 from shared.core.stage import BuildResult, Stage, execute
 from shared.formats import plan as plans
 from shared.formats import shards
-from shared.formats.plan import PlanRow
-from shared.formats.samples import ENCODE_VERSION, ENCODER_PARTS, EmptyCaption, Layout, Sample
+from shared.formats.plan import PLAN, PlanRow
+from shared.formats.samples import ENCODE_VERSION, ENCODER_PARTS, SAMPLES, EmptyCaption, Layout, Sample
 from shared.formats.shard_index import FILE as INDEX, BucketEntry, Index, write_index
 from shared.models import loading as models
 from stages.encode import items, writer
@@ -301,7 +301,8 @@ def _protected(cfg: Config) -> list[tuple[str, Path]]:
 STAGE = Stage(name="encode", version=VERSION,
               module=__name__,
               out_dir=lambda cfg: cfg.output, inputs=_inputs, build=_build, resumable=True,
-              protected=_protected, trees=("shards", "zarr"), repair=repair, kept=_kept)
+              protected=_protected, trees=("shards", "zarr"), repair=repair, kept=_kept, reads=(PLAN,),
+              writes=(SAMPLES,))
 
 
 def run(cfg: Config, force: bool = False) -> Manifest | None:

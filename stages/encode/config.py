@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.core import graph
 from shared.core.config import SEED_RANGE, opt
 from shared.core.errors import ConfigError
 from shared.formats.samples import PIXEL_FORMATS, WINDOW_TOKENS
@@ -15,7 +16,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 class Config:
     workdir: Path = opt(Path("work"), "Pipeline work folder; default parent of every stage's output.",
                         pipeline=True, fingerprint=False)
-    input: Path | None = opt(None, "Bucket output folder [default: <workdir>/bucket].", flag="--in",
+    input: Path | None = opt(None, "A folder holding a plan (bucket's output, or that of a stage that rewrites the "
+                                   "plan) [default: the output of the stage before encode in the stage graph: "
+                                   "<workdir>/bucket unless a plugin stage rewrites the plan].", flag="--in",
                              fingerprint=False)
     output: Path | None = opt(None, "Output folder [default: <workdir>/encode].", flag="--out",
                               fingerprint=False)
@@ -79,7 +82,7 @@ class Config:
         if self.zarr_compression in ("lz4", "blosc") and self.zarr_level > 9:  # each field's own range: config.build
             raise ConfigError(f"zarr_level: {self.zarr_level} is outside [0, 9], the levels of "
                               f"{self.zarr_compression} (zstd takes up to 22: --zarr-compression zstd)")
-        object.__setattr__(self, "input", self.input or self.workdir / "bucket")
+        object.__setattr__(self, "input", self.input or graph.default_input(self.workdir, "encode"))
         object.__setattr__(self, "output", self.output or self.workdir / "encode")
 
     @property

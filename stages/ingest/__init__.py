@@ -13,7 +13,7 @@ import json
 import multiprocessing
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -24,7 +24,8 @@ from shared.core.faults import checkpoint
 from shared.core.log import progress, say, table, warn
 from shared.core.ranks import die_with_parent
 from shared.core.stage import BuildResult, Stage, execute
-from shared.formats.jsonl import JsonlWriter, read_jsonl
+from shared.formats import items as itemfile
+from shared.formats.items import ITEMS, ITEMS_VERSION, Item, ItemWriter, Rejection, RejectedWriter
 from shared.images import Rejected, probe
 from stages.ingest import kohya, metadata
 from stages.ingest import tags as tagging
@@ -35,7 +36,7 @@ from stages.ingest.walk import listing_fingerprint, walk
 __all__ = ["Config", "Source", "Task", "examine", "listing_fingerprint", "read_caption", "run", "tasks_for",
            "walk"]
 
-VERSION = 1
+VERSION = ITEMS_VERSION  # the ingest output's format is its items' (shared/formats/items.py)
 
 
 # ---------------------------------------------------------------- per file (runs in workers)
@@ -187,14 +188,14 @@ def _build(cfg: Config, staging: Path, inputs: dict) -> BuildResult:
     _say_layouts(sources, layouts, cfg.own_folders())
     tasks = list(tasks_for(sources, cfg.own_folders(), [layout.name for layout in layouts]))
     partial = staging / "items.partial.jsonl"
-    tally, accepted = _write_rows(cfg, sources, tasks, partial, staging / "rejected.jsonl")
+    tally, accepted = _write_rows(cfg, sources, tasks, partial, staging / itemfile.REJECTED)
     for line in tally.warnings:
         warn(line)
     metadata_files = tally.reasons.pop("metadata", 0)  # read for captions: counted apart from files dropped
     if accepted == 0:
         raise DataError(f"no usable images in {', '.join(str(s.path) for s in sources)} "
                         f"({sum(tally.reasons.values())} files rejected: {dict(tally.reasons)})")
-    _write_weighted(cfg, partial, staging / "items.jsonl", tally.tag_counts)
+    _write_weighted(cfg, partial, staging / itemfile.FILE, tally.tag_counts)
     partial.unlink()
     artifacts.write_atomic(staging / "tag_counts.json", _tag_counts_json(tally.tag_counts))
     paired = sum(1 for t in tasks if t.caption_rel)
@@ -216,7 +217,7 @@ def _write_rows(cfg: Config, sources: list[Source], tasks: list[Task], items_pat
     with given content is kept, later ones are duplicates."""
     tally = _Tally()
     first_by_sha: dict[str, tuple[str, str]] = {}
-    with JsonlWriter(items_path) as items, JsonlWriter(rejected_path) as rejected:
+    with ItemWriter(items_path) as items, RejectedWriter(rejected_path) as rejected:
         for row in progress(_results(cfg, sources, tasks), len(tasks), "ingest", "file"):
             ok = row.pop("ok")
             if ok and row["sha256"] in first_by_sha:
@@ -230,11 +231,11 @@ def _write_rows(cfg: Config, sources: list[Source], tasks: list[Task], items_pat
                 tally.tag_counts.update(row["tags"])
                 tally.uncaptioned += not row["caption"]
                 tally.caption_from[row.get("caption_from")] += 1
-                items.write(row)
+                items.write(Item.from_json(row))
                 checkpoint("ingest.item")
             else:
                 tally.reasons[row["reason"]] += 1
-                rejected.write(row)
+                rejected.write(Rejection.from_json(row))
                 trouble = metadata.problems(row) if row["reason"] == "metadata" else None
                 if trouble:
                     tally.warnings.append(f"{os.path.join(row['source'], row['path'])}: {trouble}")
@@ -257,12 +258,11 @@ def _write_weighted(cfg: Config, partial: Path, final: Path, tag_counts: Counter
     """Second pass: the tag weights need the whole dataset's tag counts."""
     if cfg.tag_weighting:
         per_tag = tagging.tag_weights(tag_counts, cfg.tag_weight_power)
-        raw = [tagging.raw_item_weight(r["tags"], per_tag) for r in read_jsonl(partial)]
+        raw = [tagging.raw_item_weight(item.tags, per_tag) for item in itemfile.read_file(partial)]
         weights = iter(tagging.normalise_weights(raw, cfg.tag_weight_min, cfg.tag_weight_max))
-    with JsonlWriter(final) as out:
-        for row in read_jsonl(partial):
-            row["tag_weight"] = round(next(weights), 6) if cfg.tag_weighting else 1.0
-            out.write(row)
+    with ItemWriter(final) as out:
+        for item in itemfile.read_file(partial):
+            out.write(replace(item, tag_weight=round(next(weights), 6) if cfg.tag_weighting else 1.0))
 
 
 def _tag_counts_json(counts: Counter) -> str:
@@ -289,7 +289,7 @@ def _protected(cfg: Config) -> list[tuple[str, Path]]:
 
 STAGE = Stage(name="ingest", version=VERSION,
               module=__name__,
-              out_dir=lambda cfg: cfg.out_dir, inputs=_inputs, build=_build, protected=_protected)
+              out_dir=lambda cfg: cfg.out_dir, inputs=_inputs, build=_build, protected=_protected, writes=(ITEMS,))
 
 
 def run(cfg: Config, force: bool = False) -> Manifest:
