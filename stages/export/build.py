@@ -5,7 +5,7 @@ import gc
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.core import artifacts, ranks
 from shared.formats import kohya
@@ -17,11 +17,14 @@ from stages.export import formats, source, verify
 from stages.export import vae as vae_export
 from stages.export.formats import FORMATS, formats_for
 
+if TYPE_CHECKING:
+    from stages.export import Config
+
 
 @dataclass
 class Job:
     """What every format writer and verifier of one export needs."""
-    cfg: Any
+    cfg: Config
     ckpt: source.Checkpoint
     weights: dict
     model: models.SDXLModel | None   # dropped once references are taken and full-model files written
@@ -36,7 +39,7 @@ class Job:
         return {n: getattr(self.model, n) for n in names if getattr(self.model, n, None) is not None}
 
 
-def _info(cfg: Any, ckpt: source.Checkpoint) -> dict:
+def _info(cfg: Config, ckpt: source.Checkpoint) -> dict:
     """What kohya metadata and the single file's modelspec record, from the checkpoint and the training."""
     train = ckpt.train.config if ckpt.train else {}
     extra = ckpt.train.extra if ckpt.train else {}
@@ -166,7 +169,7 @@ def verify_models(job: Job, written: dict[str, Path], inputs: dict, ref: Referen
     return records
 
 
-def build(cfg: Any, staging: Path, inputs: dict) -> BuildResult:
+def build(cfg: Config, staging: Path, inputs: dict) -> BuildResult:
     """The stage's build. Only one full model is held at a time: references are taken and full-model files
     written from the trained model, which is then dropped before anything is loaded back."""
     ckpt = source.locate(cfg.input, cfg.weights, cfg.model)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from shared.formats import kohya
 from shared.models import loading as models
@@ -17,6 +17,9 @@ from shared.core.log import warn
 from shared.core.registry import Registry
 from stages.export import verify
 from stages.export.verify import VerificationError
+
+if TYPE_CHECKING:
+    from stages.export import Config
 
 PEFT_FILE = "pytorch_lora_weights.safetensors"
 PROVENANCE = kohya.PROVENANCE  # metadata key / file stem holding the pipeline's fingerprints
@@ -126,7 +129,8 @@ def write_single_file(path: Path, model: Any, dtype: str, info: dict, provenance
     """One SGM-layout SDXL checkpoint (shared.models.sgm), with the markers ComfyUI reads for v-prediction
     (`v_pred`) and zero terminal SNR (`ztsnr`), and modelspec metadata."""
     import torch
-    from safetensors.torch import save_file
+
+    from shared.formats.tensorfile import save_file  # sorted metadata (the same bytes every time), umask's mode
 
     state = sgm.to_sgm(model.unet, model.vae, model.text_encoder, model.text_encoder_2, torch_dtype(dtype))
     if info.get("prediction") == "v_prediction":
@@ -280,7 +284,7 @@ for _entry in (
     FORMATS.add(_entry)
 
 
-def formats_for(cfg: Any, method: str, adapter: str = "lora") -> tuple[str, ...]:
+def formats_for(cfg: Config, method: str, adapter: str = "lora") -> tuple[str, ...]:
     """The formats to write for a training of `method` (lora | full | vae; lora: of the adapter type `adapter`):
     the asked ones, else the formats whose entry is a default for it and can hold it; a format that cannot hold
     it is refused in one line."""

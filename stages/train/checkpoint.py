@@ -15,7 +15,7 @@ import random
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from shared.formats.checkpoints import (CheckpointManifest, complete, damage, fo
                                         read_manifest, require_intact)
 from shared.core.errors import ConfigError, InputError
 from shared.core.log import warn
+
+if TYPE_CHECKING:
+    from stages.train.config import Config
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,7 @@ class RNGState:
         np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, cached))
 
 
-def record(cfg: Any, inputs: dict) -> dict:
+def record(cfg: Config, inputs: dict) -> dict:
     """What a run's checkpoints record of it: its fingerprinted config and its inputs' fingerprints."""
     return {"config": fingerprinted(cfg), "inputs": {k: v["fingerprint"] for k, v in inputs.items()}}
 
@@ -181,7 +184,7 @@ def config_defaults(config_class: type) -> dict:
     return {f.name: to_plain(default_of(f)) for f in fields(config_class) if f.metadata.get("fingerprint", True)}
 
 
-def save_run(root: Path, cfg: Any, method: str, step: int, epoch: int, run_record: dict,
+def save_run(root: Path, cfg: Config, method: str, step: int, epoch: int, run_record: dict,
              parts: dict[str, Stateful], rank_parts: dict[str, Stateful], sharded: bool, main: bool,
              barrier: Callable[[], None]) -> CheckpointManifest:
     """Checkpoint a run at `step`: its manifest (what export reads: method lora | full | vae and the adapter's

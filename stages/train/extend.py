@@ -11,12 +11,16 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shared.core import artifacts
 from shared.core.log import say, warn
+
+if TYPE_CHECKING:
+    from stages.train.config import Config
+    from stages.train.optim import OptimizerConfig
 
 LENGTH = ("max_steps", "epochs")   # the config keys an extension may change
 
@@ -69,7 +73,7 @@ def prepare(out: Path, previous: Any, fingerprint: str, job: str) -> Path:
     return staging
 
 
-def schedule_change(make_scheduler: Any, optim_cfg: Any, old_total: int, new_total: int, done: int) -> str | None:
+def schedule_change(make_scheduler: Any, optim_cfg: OptimizerConfig, old_total: int, new_total: int, done: int) -> str | None:
     """How the learning rate of the `done` steps already trained differs between the two lengths (None: it does
     not, so the extension is exact), and where the new schedule continues."""
     def rates(total: int) -> list[float]:
@@ -89,7 +93,7 @@ def schedule_change(make_scheduler: Any, optim_cfg: Any, old_total: int, new_tot
             f"{new[done]:.3g} x the peak rate (the {old_total}-step schedule had reached {old[done]:.3g} x)")
 
 
-def check_length(folder: Path, saved: Any, cfg: Any, schedule: Any, infos: list, world: int) -> None:
+def check_length(folder: Path, saved: Any, cfg: Config, schedule: Any, infos: list, world: int) -> None:
     """A checkpoint resumed by a run of another length: refused beyond the run's end; else what changes in the
     learning-rate schedule is printed."""
     from shared.core.errors import ConfigError

@@ -5,12 +5,15 @@ part of the fingerprinted result (`sdxl export` still makes the verified files).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shared.core import artifacts
 from shared.formats import kohya
+
+if TYPE_CHECKING:
+    from stages.train.config import Config
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -46,7 +49,7 @@ def metadata(config: dict, inputs: dict, extras: dict, *, step: int, epoch: int,
     return info, prov
 
 
-def write_step(folder: Path, cfg: Any, record: Any, run_record: dict, weights: Any, ema: Any, extras: dict,
+def write_step(folder: Path, cfg: Config, record: Any, run_record: dict, weights: Any, ema: Any, extras: dict,
                unet_config: Any) -> None:
     """The kohya LoRA file of the live weights (and of the EMA) beside the checkpoint `record` just saved, named
     `<out name>-step-NNNNNN[-ema]`."""

@@ -31,7 +31,7 @@ import tomllib
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -41,6 +41,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 from shared.core.errors import ConfigError, PipelineError
 from shared.models import loading as models
 from stages.train import model as M, objective, offload as OF, optim as O, quant, step as S, textenc
+
+if TYPE_CHECKING:
+    from stages.train.config import Config
 
 GIB = 2 ** 30
 TOKENS = 77                           # one caption window (the cross-attention's share of memory is small)
@@ -239,7 +242,7 @@ class OffloadedBytes(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(pack, unpack)
 
 
-def forward_backward(cfg: Any, unet: Any, groups: list[dict], mode: Any, size: tuple[int, int], batch: int,
+def forward_backward(cfg: Config, unet: Any, groups: list[dict], mode: Any, size: tuple[int, int], batch: int,
                      text: textenc.TextEncoders | None = None) -> LiveBytes:
     """The live bytes of one training forward + backward pass on fake tensors; with `text` the batch's one
     caption window runs through the text encoders first (as the step's `condition`), and `live.text` holds
@@ -270,7 +273,7 @@ def forward_backward(cfg: Any, unet: Any, groups: list[dict], mode: Any, size: t
     return live
 
 
-def step_temporaries(cfg: Any, groups: list[dict], mode: Any) -> tuple[int, str]:
+def step_temporaries(cfg: Config, groups: list[dict], mode: Any) -> tuple[int, str]:
     """The bytes an optimizer step allocates besides its state: measured on the largest parameter (on all of
     them for schedule-free, whose step is one foreach over every parameter)."""
     entry, params = O.OPTIMIZERS[cfg.optim.optimizer], [p for g in groups for p in g["params"]]
@@ -296,7 +299,7 @@ def step_temporaries(cfg: Any, groups: list[dict], mode: Any) -> tuple[int, str]
         return 3 * 4 * chosen[0].numel(), "estimated: 3 float32 copies of the largest parameter"
 
 
-def plan(cfg: Any, size: tuple[int, int], batch: int) -> Plan:
+def plan(cfg: Config, size: tuple[int, int], batch: int) -> Plan:
     """The memory plan of `cfg` (a train Config) at `size` (width, height) and `batch` samples per micro-batch."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -346,7 +349,7 @@ class TextBytes:
     parts: list = dataclasses.field(default_factory=list)
 
 
-def text_parts(cfg: Any, text: textenc.TextEncoders | None, groups: list[dict], every: list[dict]) -> TextBytes:
+def text_parts(cfg: Config, text: textenc.TextEncoders | None, groups: list[dict], every: list[dict]) -> TextBytes:
     """Both encoders' weights (in the step whenever it encodes the captions), and the trained ones' gradients,
     optimizer state and EMA, counted as the UNet's are."""
     if text is None:
@@ -376,7 +379,7 @@ def quantized_savings(unet: Any, kind: str) -> int:
                for _, _, layer in quant.frozen_layers(unet, kind))
 
 
-def swapped_blocks(unet: Any, cfg: Any) -> list[tuple[str, Any]]:
+def swapped_blocks(unet: Any, cfg: Config) -> list[tuple[str, Any]]:
     """The blocks block swap keeps on the host (a ConfigError when there are not that many)."""
     why = OF.problem(cfg.offload, len(OF.swap_units(unet)), 1)
     if why:
@@ -390,7 +393,7 @@ def swap_savings(swapped: list[tuple[str, Any]]) -> int:
     return sum(sizes) - sum(sizes[:2])
 
 
-def _parts(cfg: Any, unet: Any, trained: list, weights: int, grads: int, state: int, ema: int, activations: int,
+def _parts(cfg: Config, unet: Any, trained: list, weights: int, grads: int, state: int, ema: int, activations: int,
            temporaries: tuple[int, str], size: tuple[int, int], batch: int, text: int = 0) -> list[Part]:
     total = sum(p.numel() for p in unet.parameters())
     largest = max(nbytes(p) for p in trained)
@@ -417,14 +420,14 @@ def _parts(cfg: Any, unet: Any, trained: list, weights: int, grads: int, state: 
     ]
 
 
-def _title(cfg: Any, size: tuple[int, int], batch: int) -> str:
+def _title(cfg: Config, size: tuple[int, int], batch: int) -> str:
     what = (f"LoRA rank {cfg.lora_rank} ({cfg.lora_preset})" if cfg.method == "lora" else "full fine-tune")
     fused = " with fused backward" if cfg.fused_backward else ""
     return (f"memory plan: {cfg.model}, {what}, {cfg.optimizer}{fused}, {cfg.weights_dtype} weights, mixed precision "
             f"{cfg.mixed_precision}, {size[0]}x{size[1]} x batch {batch}")
 
 
-def largest_bucket(cfg: Any) -> tuple[tuple[int, int], str]:
+def largest_bucket(cfg: Config) -> tuple[tuple[int, int], str]:
     """The largest bucket of the encode output the run reads, or 1024x1024 when there is none yet."""
     from stages.train import feed
 
@@ -436,7 +439,7 @@ def largest_bucket(cfg: Any) -> tuple[tuple[int, int], str]:
     return (int(w), int(h)), f"the largest of {len(buckets)} buckets in {cfg.input}"
 
 
-def print_plan(cfg: Any) -> Plan:
+def print_plan(cfg: Config) -> Plan:
     from shared.core.log import say
 
     size, where = largest_bucket(cfg)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 
@@ -21,6 +21,9 @@ from stages.train import checkpoint as ckpt
 from stages.train import feed, initlora, logs, model as M, objective, offload as OF, previews, sharding
 from stages.train import step as S, textenc
 from stages.train.optim import EMA
+
+if TYPE_CHECKING:
+    from stages.train.config import Config
 
 
 class Target(Protocol):
@@ -52,7 +55,7 @@ class Target(Protocol):
 @dataclass(frozen=True)
 class Setting:
     """Where a target is built: the run's config, data, process and folder."""
-    cfg: Any                 # the train Config
+    cfg: Config              # the train config
     data: feed.Data
     rank: ranks.Rank
     device: torch.device
@@ -71,7 +74,7 @@ class TargetKind:
 TARGETS: Registry[TargetKind] = Registry("training target")
 
 
-def sampling_objective(cfg: Any) -> Objective:
+def sampling_objective(cfg: Config) -> Objective:
     """What the trained UNet predicts, as the samplers (previews, export, compare) read it."""
     return Objective(cfg.prediction, cfg.schedule, cfg.flow_shift, cfg.resolution_base if cfg.resolution_noise else 0)
 

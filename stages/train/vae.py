@@ -16,7 +16,7 @@ import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from shared.models.render import to_uint8
 from stages.train import offload as OF, perceptual as P
 from stages.train.step import Precision, sample_generator
 from stages.train.targets import TARGETS, Setting, TargetKind
+
+if TYPE_CHECKING:
+    from stages.train.config import Config
 
 PARTS = ("decoder", "encoder+decoder")
 GRID = "vae-grid.png"
@@ -83,7 +86,7 @@ UNET_ONLY = (("init_lora", None), ("lora_files", False), ("quantize_base", "no")
              ("plan", False), ("train_text_encoder", "none"), ("shuffle_tags", False), ("tag_dropout", 0.0))
 
 
-def unet_only_problem(cfg: Any) -> str | None:
+def unet_only_problem(cfg: Config) -> str | None:
     """The first UNet-only option set on a VAE run (one line), or None."""
     for name, fine in UNET_ONLY:
         if getattr(cfg, name) != fine:
