@@ -91,9 +91,13 @@ def test_fsdp_two_ranks_train_as_one_process_and_resume_after_kill_9(encoded, tm
     from shared.models import loading as models
 
     start = models.load_model("builtin:tiny", ("unet",)).unet.state_dict()
-    moved = max(float((wa["unet." + k] - v).abs().max()) for k, v in start.items())
-    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-    assert worst < 1e-5 and moved > 100 * worst, (worst, moved)
+    moved = torch.cat([(wa["unet." + k] - v).abs().flatten() for k, v in start.items()])
+    differ = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
+    # AdamW's first steps are near lr·sign(g): a weight whose gradient is ~0 may step either way under another
+    # summation order, so the largest difference is compared with lr (seen 6.3e-6 with transformers 5.25 and
+    # torch 2.13, 1.7e-5 % of the weights over 1e-6), and the mean with the mean update (seen 5e-10 vs 2.3e-4)
+    assert float(differ.max()) < 1e-5 and float(differ.mean()) * 1000 < float(moved.mean()), \
+        (float(differ.max()), float(differ.mean()), float(moved.mean()))
     killed = subprocess.run([*torchrun, "stages.cli", *train_args(encoded, tmp_path / "k"), *opts],
                             capture_output=True, text=True, cwd=ROOT, timeout=600,
                             env={**os.environ, "SDXL_PROGRESS": "0", "OMP_NUM_THREADS": "1",
