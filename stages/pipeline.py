@@ -14,8 +14,6 @@ from shared.core import graph
 from shared.core.config import load_toml, resolve
 from shared.core.errors import ConfigError
 from shared.core.log import say
-from shared.formats.checkpoints import CHECKPOINTS
-from shared.formats.samples import SAMPLES
 from stages.synthetic import generate_dataset
 from stages import bucket, encode, export, generate, ingest, train
 
@@ -23,8 +21,7 @@ from stages import bucket, encode, export, generate, ingest, train
 #: the `sdxl` commands, the pipeline.toml tables and what `sdxl run` runs all come from graph.STAGES; the run
 #: order follows from what each stage reads and writes (its Stage declaration), not from this list's order
 for _node in (graph.node(ingest), graph.node(bucket), graph.node(encode),
-              graph.node(train, reads=(SAMPLES,), writes=(CHECKPOINTS,)),  # until train's STAGE declares them
-              graph.node(export, reads=(CHECKPOINTS,)),                    # until export's STAGE declares it
+              graph.node(train), graph.node(export),
               graph.node(generate, folder="classes", runs=False)):
     if _node.name not in graph.STAGES:
         graph.STAGES.add(_node)

@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.core import artifacts, outputs
+from shared.core import artifacts, graph, outputs
+from shared.formats.checkpoints import CHECKPOINTS
 from shared.models import loading as models
 from shared.core.artifacts import Manifest
 from shared.core.config import opt
@@ -78,7 +79,7 @@ class Config:
             raise ConfigError(f"name {self.name!r}: must be a plain file stem (no slashes, not hidden)")
         if not source.WEIGHTS.match(self.weights):
             raise ConfigError(f"weights {self.weights!r}: expected final, ema or step-N (e.g. step-500)")
-        object.__setattr__(self, "input", self.input or self.workdir / "train")
+        object.__setattr__(self, "input", self.input or graph.default_input(self.workdir, "export"))
         object.__setattr__(self, "output", self.output or self.workdir / "export")
 
 
@@ -98,7 +99,7 @@ def _inputs(cfg: Config) -> dict:
 
 
 STAGE = Stage(name="export", version=VERSION,
-              module=__name__,
+              module=__name__, reads=(CHECKPOINTS,),
               protected=lambda cfg: [("input folder", cfg.input)] + outputs.local_paths({"model": cfg.model}),
               out_dir=lambda cfg: cfg.output, inputs=_inputs, build=build)
 

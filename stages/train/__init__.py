@@ -21,6 +21,7 @@ from shared.core.errors import ConfigError, InputError
 from shared.core.log import say, warn
 from shared.core.stage import Stage, claimed, decide, execute
 from shared.formats import location, samples
+from shared.formats.checkpoints import CHECKPOINTS
 from typing import Any
 
 from shared.core.config import fingerprinted
@@ -81,7 +82,7 @@ def _protected(cfg: Config) -> list[tuple[str, Path]]:
 
 
 STAGE = Stage(name="train", version=VERSION,
-              module=__name__,
+              module=__name__, reads=(samples.SAMPLES,), writes=(CHECKPOINTS,),
               out_dir=lambda cfg: cfg.output, inputs=_inputs, build=loop.build, resumable=True,
               protected=_protected, trees=("checkpoints",), skip=("logs", "samples", "loras"), kept=_kept)
 

@@ -17,6 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from shared.core import graph
 from shared.core.config import SEED_RANGE, opt
 from shared.core.errors import ConfigError
 from shared.formats import location
@@ -318,7 +319,7 @@ class Config:
             if clash:
                 raise ConfigError(f"train_text_encoder {self.train_text_encoder} is not supported with {clash}: "
                                   f"turn one of them off")
-        where = self.input or self.workdir / "encode"
+        where = self.input or graph.default_input(self.workdir, "train")
         object.__setattr__(self, "input", where if location.is_url(where) else Path(where))
         object.__setattr__(self, "output", self.output or self.workdir / "train")
 
