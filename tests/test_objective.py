@@ -58,12 +58,12 @@ def test_targets_and_input_by_hand():
 
 def test_timestep_sampling():
     g = torch.Generator().manual_seed(0)
-    u = obj.sample_timesteps(20000, 1000, "uniform", g)
-    assert u.min() >= 0 and u.max() <= 999 and abs(u.float().mean().item() - 499.5) < 10
-    ln = obj.sample_timesteps(20000, 1000, "logit_normal", g)
+    u = obj.sample_u(20000, "uniform", g)
+    assert u.min() >= 0 and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+    ln = obj.sample_u(20000, "logit_normal", g)
     # logit-normal (0, 1) is symmetric about 0.5 and concentrated mid-range: P(0.25 < t < 0.75) = P(|u| < ln 3) ≈ 0.73
-    assert abs(ln.float().mean().item() - 499.5) < 10
-    assert ((ln >= 250) & (ln < 750)).float().mean().item() == pytest.approx(0.73, abs=0.02)
+    assert abs(ln.mean().item() - 0.5) < 0.01
+    assert ((ln >= 0.25) & (ln < 0.75)).double().mean().item() == pytest.approx(0.73, abs=0.02)
 
 
 def test_noise_offset_is_per_sample_and_channel():

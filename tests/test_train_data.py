@@ -6,7 +6,6 @@ import pytest
 
 from shared.core.errors import ConfigError, InputError
 from stages.train import data as D
-from stages.train.objective import learning_rate
 
 
 def infos(spec):
@@ -120,10 +119,23 @@ def test_urls_match_by_bucket_and_number():
 
 
 def test_learning_rate_schedules():
-    assert learning_rate(0, 1.0, 100, 10, "constant") == pytest.approx(0.1)
-    assert learning_rate(9, 1.0, 100, 10, "constant") == pytest.approx(1.0)
-    assert learning_rate(50, 1.0, 100, 10, "constant") == 1.0
-    # cosine: halfway through the post-warmup span -> half the peak; the end -> 0
-    assert learning_rate(55, 1.0, 100, 10, "cosine") == pytest.approx(0.5)
-    assert learning_rate(100, 1.0, 100, 10, "cosine") == pytest.approx(0.0, abs=1e-12)
-    assert learning_rate(10 + 45, 2.0, 100, 10, "linear") == pytest.approx(1.0)
+    """The schedule a run steps (optim.LRSchedule, diffusers' schedules): linear warmup from 0 over warmup_steps,
+    then constant, cosine to 0 (half the peak half way through the span after warmup) or linear to 0."""
+    import torch
+
+    from stages import train
+    from stages.train import optim as O
+
+    def rates(kind: str) -> list[float]:
+        cfg = train.Config(model="builtin:tiny", lr_schedule=kind, warmup_steps=10, learning_rate=2.0).optim
+        schedule = O.LRSchedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0), cfg, 100)
+        out = []
+        for _ in range(101):
+            out.append(schedule.lr)
+            schedule.step()
+        return out
+
+    constant, cosine, linear = rates("constant"), rates("cosine"), rates("linear")
+    assert constant[0] == 0.0 and constant[5] == pytest.approx(1.0) and constant[10:] == [2.0] * 91
+    assert cosine[55] == pytest.approx(1.0) and cosine[100] == pytest.approx(0.0, abs=1e-12)
+    assert linear[55] == pytest.approx(1.0) and linear[5] == pytest.approx(1.0)

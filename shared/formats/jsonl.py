@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 
 def read_jsonl(path: Path) -> Iterator[dict]:
@@ -45,10 +45,3 @@ class JsonlWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
-    with JsonlWriter(path) as w:
-        for row in rows:
-            w.write(row)
-        return w.count

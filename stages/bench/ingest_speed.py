@@ -2,7 +2,6 @@
 images (the demo's shapes blended with a smooth random texture, so every file is distinct and photo-sized)."""
 from __future__ import annotations
 
-import os
 import random
 import resource
 import shutil
@@ -67,7 +66,3 @@ def measure(root: Path, images: int, side: int, workers: int, modes: tuple[str, 
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         rows.append((mode, workers, n, m.counts["out"], round(dt, 2), n / dt, round(rss)))
     return rows
-
-
-def cores() -> int:
-    return os.cpu_count() or 1

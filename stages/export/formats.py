@@ -208,10 +208,6 @@ class ExportFormat:
 FORMATS: Registry[ExportFormat] = Registry("export format")
 
 
-def names_of(kind: str) -> tuple[str, ...]:
-    return FORMATS.where(kind=kind)
-
-
 def _train_config(job: Any) -> dict:
     return job.ckpt.train.config if job.ckpt.train else {}
 

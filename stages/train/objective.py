@@ -8,7 +8,6 @@ practical infinity), Karras et al. 2022 (sigma ladder), Hang et al. 2023 (min-SN
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -58,14 +57,6 @@ def sample_u(batch: int, mode: str, generator: torch.Generator, mean: float = 0.
     if mode == "logit_normal":
         return torch.sigmoid(torch.randn(batch, generator=generator, dtype=torch.float64) * std + mean)
     raise ValueError(f"unknown timestep sampling {mode!r}")
-
-
-def sample_timesteps(batch: int, steps: int, mode: str, generator: torch.Generator, mean: float = 0.0,
-                     std: float = 1.0) -> torch.Tensor:
-    """Step indices in [0, steps): uniform, or logit-normal (t = sigmoid(u), u ~ N(mean, std²), index ⌊t·steps⌋)."""
-    if mode == "uniform":
-        return torch.randint(0, steps, (batch,), generator=generator)
-    return (sample_u(batch, mode, generator, mean, std) * steps).long().clamp(0, steps - 1)
 
 
 def offset_noise(shape: tuple, offset: float, generator: torch.Generator, dtype=torch.float32) -> torch.Tensor:
@@ -170,19 +161,3 @@ def flow_input(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[
     """Rectified flow: x_t = (1 − t)·x0 + t·ε and its target ε − x0."""
     tt = _col(t, x0)
     return (1 - tt) * x0 + tt * noise, noise - x0
-
-
-def learning_rate(step: int, peak: float, total: int, warmup: int, kind: str) -> float:
-    """The learning rate at optimizer step `step` (0-based): linear warmup to `peak` over `warmup` steps, then
-    constant, cosine to 0, or linear to 0 at `total`."""
-    if warmup and step < warmup:
-        return peak * (step + 1) / warmup
-    if kind == "constant":
-        return peak
-    span = max(1, total - warmup)
-    progress = min(1.0, (step - warmup) / span)
-    if kind == "cosine":
-        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if kind == "linear":
-        return peak * (1.0 - progress)
-    raise ValueError(f"unknown lr schedule {kind!r}")

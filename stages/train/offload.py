@@ -40,10 +40,6 @@ class OffloadConfig:
     activation_offload: bool   # saved activations kept in (pinned) CPU memory between forward and backward
     blocks_to_swap: int        # the UNet's largest N blocks live in CPU memory, streamed in when they run
 
-    @property
-    def active(self) -> bool:
-        return self.activation_offload or self.blocks_to_swap > 0
-
 
 class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
     """Saved tensors (not parameters) copied to the host when saved and back to their device when used."""
