@@ -6,18 +6,22 @@ manifest, and refuse anything else with one line that says which command to run.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from shared.core import graph, integrity
-from shared.core.errors import InputError
+from shared.core.errors import ConfigError, InputError
 from shared.core.graph import Format
+from shared.core.faults import checkpoint
 from shared.core.integrity import sha256_file  # noqa: F401  (one file hasher, re-exported)
 from shared.formats.jsonl import dumps_utf8
 
@@ -81,6 +85,15 @@ def _trash_dir(out: Path) -> Path:
 
 
 def now() -> str:
+    """The time as recorded in manifests and file metadata: SOURCE_DATE_EPOCH when it is set (reproducible
+    builds: identical runs then write identical checkpoints and exports), else the current time (UTC)."""
+    fixed = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if fixed:
+        try:
+            return _dt.datetime.fromtimestamp(int(fixed), _dt.timezone.utc).isoformat(timespec="seconds")
+        except (ValueError, OverflowError, OSError):
+            raise ConfigError(f"SOURCE_DATE_EPOCH={fixed!r}: not a time (whole seconds since 1970-01-01 UTC); "
+                              f"set it to one, or unset it") from None
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -97,30 +110,121 @@ def write_atomic(path: Path, text: str) -> None:
 def commit(staging: Path, out: Path, manifest: Manifest, trees: tuple[str, ...] = (),
            skip: tuple[str, ...] = ()) -> None:
     """Record the files, write the manifest last, then move the staging folder into place (replacing an old
-    output of the same stage, which `outputs.check_target` made sure of before the stage began)."""
-    (staging / JOB).unlink(missing_ok=True)
+    output of the same stage, which `outputs.check_target` made sure of before the stage began).
+
+    Killed at any step (the `commit.*` fault points), what is left is recognisable to a rerun, which then
+    finishes or redoes the work: the staging folder names its stage in job.json until its manifest is written
+    (and by the manifest after), the old output and `<out>.replaced` keep their manifest until last (see
+    `remove_output`), and the new output has its manifest before it has its name."""
+    normalise_modes(staging)
     manifest.files, manifest.trees = integrity.record(staging, trees, skip)
+    checkpoint("commit.recorded")
     write_atomic(staging / MANIFEST, manifest.to_json())
+    checkpoint("commit.manifest")
+    (staging / JOB).unlink(missing_ok=True)  # the manifest (same stage) names the folder from here on
+    checkpoint("commit.job_removed")
     trash = _trash_dir(out)
-    if trash.exists():
-        shutil.rmtree(trash)
+    remove_output(trash)
+    checkpoint("commit.trash_cleared")
     if out.exists():
         os.replace(out, trash)
+        checkpoint("commit.old_moved")
     os.replace(staging, out)
-    if trash.exists():
-        shutil.rmtree(trash)
+    checkpoint("commit.renamed")
+    remove_output(trash)
+
+
+def finish_commit(out: Path, stage: str) -> str | None:
+    """Complete what a commit killed after writing its manifest left undone (called by the main rank once it
+    holds the output's lock, before it decides whether the stage must run): move the finished staging folder
+    into place and remove `<out>.replaced` when it is this stage's. What was done, in words, or None."""
+    staging, trash = staging_dir(out), _trash_dir(out)
+    done = None
+    found = read_manifest(staging) if os.path.isdir(staging) and not os.path.islink(staging) else None
+    if found is not None and found.stage == stage and not read_job(staging).get("repair"):
+        (staging / JOB).unlink(missing_ok=True)
+        if _ours(trash, stage):
+            remove_output(trash)
+        if os.path.isdir(out) and not os.path.islink(out):
+            os.replace(out, trash)
+        os.replace(staging, out)
+        done = f"finished the commit of an interrupted run ({staging.name} -> {out.name})"
+    if _ours(trash, stage) and os.path.lexists(trash):
+        remove_output(trash)
+        done = done or f"removed {trash.name}, left by an interrupted run"
+    return done
+
+
+def _ours(folder: Path, stage: str) -> bool:
+    """A real folder that is empty or holds this stage's manifest (a replaced output being removed)."""
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        return False
+    found = read_manifest(folder)
+    return (found is not None and found.stage == stage) or not any(os.scandir(folder))
+
+
+def remove_output(folder: Path) -> None:
+    """Delete a folder sdxl made (an old output, a staging folder) so that, killed at any moment, what is left
+    is still recognisable as ours: everything but its markers (job.json, manifest.json) first, then the
+    markers, then the empty folder. Never follows a symbolic link (`outputs.check_target` refuses them)."""
+    if not os.path.lexists(folder):
+        return
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        raise OSError(errno.ENOTDIR, "not a folder sdxl made (a symbolic link or a file); left as it is",
+                      str(folder))
+    with os.scandir(folder) as entries:
+        rest = [e for e in entries if e.name not in _MARKERS]
+    for number, entry in enumerate(rest):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+        if number == 0:
+            checkpoint("remove.partial")
+    for name in _MARKERS:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(folder / name)
+    os.rmdir(folder)
+
+
+_MARKERS = (JOB, MANIFEST)  # in removal order: a staging folder may hold both; the manifest goes last
+
+
+def umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (/proc/self/status)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normalise_modes(folder: Path) -> None:
+    """Give every regular file under `folder` the mode a plain `open` gives (0666 less the umask): some writers
+    (safetensors' save_file) create theirs 0600, which would make an output unreadable to the people it is
+    shared with although the umask allows it."""
+    mode = 0o666 & ~umask()
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != mode:
+                os.chmod(path, mode)
 
 
 def fresh_staging(out: Path, stage: str = "?") -> Path:
     """An empty staging folder for a stage that does not resume (leftovers of a crash are discarded); its
     job.json says whose it is, so a later run knows it may replace it."""
     staging = staging_dir(out)
-    if staging.exists():
-        shutil.rmtree(staging)
+    remove_output(staging)
     staging.mkdir(parents=True)
     write_atomic(staging / JOB, json.dumps({"stage": stage, "started": now()}) + "\n")
     return staging
-
 
 
 def read_job(staging: Path) -> dict:
@@ -131,20 +235,34 @@ def read_job(staging: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def write_job(staging: Path, stage: str, fingerprint: str, job: str) -> None:
+def write_job(staging: Path, stage: str, fingerprint: str, job: str, **more: Any) -> None:
     write_atomic(staging / JOB, json.dumps({"stage": stage, "fingerprint": fingerprint, "job": job,
-                                            "started": now()}) + "\n")
+                                            "started": now(), **more}) + "\n")
 
 
 def resumable_staging(out: Path, stage: str, fingerprint: str, job: str) -> Path:
     """The staging folder of a stage that resumes (made by the main rank): kept when it was started for the
-    same fingerprint, emptied otherwise; its job.json names this job, which the other ranks wait for."""
+    same fingerprint (its job.json, or the manifest of a commit killed before its rename, says so), emptied
+    otherwise; its job.json names this job, which the other ranks wait for. A kept folder's manifest is
+    dropped (after job.json names the folder again): the commit writes it anew."""
     staging = staging_dir(out)
-    if staging.exists() and read_job(staging).get("fingerprint") != fingerprint:
-        shutil.rmtree(staging)
+    if staging.exists() and _started_for(staging) != fingerprint:
+        remove_output(staging)
     staging.mkdir(parents=True, exist_ok=True)
     write_job(staging, stage, fingerprint, job)
+    for name in (MANIFEST, MANIFEST + ".tmp"):
+        (staging / name).unlink(missing_ok=True)
     return staging
+
+
+def _started_for(staging: Path) -> str | None:
+    """The fingerprint a staging folder is being built for: its job.json's, else its manifest's (a commit
+    killed between writing the manifest and renaming the folder)."""
+    found = read_job(staging).get("fingerprint")
+    if found is None:
+        manifest = read_manifest(staging)
+        found = manifest.fingerprint if manifest is not None else None
+    return found
 
 
 def read_manifest(folder: Path) -> Manifest | None:

@@ -2,8 +2,12 @@
 OS lock) that keeps a second run off an output while the first is alive.
 
 Safety: a stage replaces a folder only when it is a finished or unfinished output of the same stage (its
-manifest, or its staging folder's job.json, says so) or an empty folder. `--out` that is a regular file, lies
-under one, is, contains or lies inside an input or a source, or is any other folder is refused in one line.
+manifest, or its staging folder's job.json or, once a commit has written it, manifest, says so) or an empty
+folder. `--out` that is a regular file, lies under one, is, contains or lies inside an input or a source, or is
+any other folder is refused in one line; so is `--out` when it, `<out>.staging` or `<out>.replaced` is a
+symbolic link (outputs are replaced by renaming folders, which would replace the link, not what it leads to).
+Once the claim is held, the main rank finishes what a commit killed after writing its manifest left undone
+(`artifacts.finish_commit`).
 
 Claim: `<parent>/.<name>.lock` (rank 0) or `.<name>.rank<R>.lock` (rank R of a launched job), locked for the
 stage's life and released by the OS when the process dies, so kill -9 and a rerun still resume. The lock file
@@ -39,7 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from shared.core import artifacts
 from shared.core.errors import ConfigError, PipelineError
+from shared.core.log import say
 
 try:
     import fcntl
@@ -87,6 +93,11 @@ def _is_empty_dir(folder: Path, temporary_ok: bool = False) -> bool:
 def check_target(out: Path, stage: str) -> None:
     """Refuse an output path this stage may not write to (before anything is written)."""
     out = _real(out)
+    for path in (out, _with_suffix(out, ".staging"), _with_suffix(out, ".replaced")):
+        if os.path.islink(path):
+            raise ConfigError(f"--out {out}: {_link(path)}; sdxl replaces an output by renaming folders, which "
+                              f"would replace the link, not the folder it leads to, so it writes only real "
+                              f"folders: give --out the folder itself, or move the link away")
     if out.is_file() or (out.exists() and not out.is_dir()):
         raise ConfigError(f"--out {out}: is a file, not a folder; choose a folder for the `{stage}` output")
     for parent in out.parents:
@@ -101,10 +112,17 @@ def check_target(out: Path, stage: str) -> None:
     for sibling, marker in ((_with_suffix(out, ".staging"), JOB), (_with_suffix(out, ".replaced"), MANIFEST)):
         if sibling.exists() and not _is_empty_dir(sibling, temporary_ok=True) and \
                 _stage_of(sibling, marker) not in (stage, "?"):
-            if marker == JOB and _legacy_job(sibling):
-                continue
+            if marker == JOB and (_legacy_job(sibling) or _stage_of(sibling, MANIFEST) == stage):
+                continue  # an older version's, or one whose commit was killed after it wrote the manifest
             raise ConfigError(f"--out {out}: {sibling} exists and is not an unfinished `{stage}` output; "
                               f"move it away or choose another --out")
+
+
+def _link(path: Path) -> str:
+    try:
+        return f"{path} is a symbolic link (to {os.readlink(path)})"
+    except OSError:
+        return f"{path} is a symbolic link"
 
 
 def _legacy_job(staging: Path) -> bool:
@@ -235,12 +253,35 @@ def claim(out: Path, stage: str, rank: int, job: str) -> Claim:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "job": job, "stage": stage, "rank": rank,
                 "command": " ".join(sys.argv)[:300], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         _write_holder(fd, path, (json.dumps(info) + "\n").encode("utf-8", "surrogateescape"))
+        if rank == 0:  # the output is ours now: finish what a killed commit left (before anything is decided)
+            done = artifacts.finish_commit(_real(out), stage)
+            if done:
+                say(f"{stage}: {done}")
     except BaseException:
         os.close(fd)
         raise
     found = Claim(_real(out), path, fd, job)
     _held[path] = found
+    _claimed.append(found.out)
     return found
+
+
+_claimed: list[Path] = []  # every output this process has claimed, in order (kept after release)
+
+
+def claims_made() -> int:
+    return len(_claimed)
+
+
+def last_written(since: int = 0) -> Path | None:
+    """The output folder this process claimed last (after its first `since` claims): its staging folder while
+    that exists, else the folder itself; None when none was claimed since. What an error that names no file
+    (a full disk) is reported against."""
+    if len(_claimed) <= since:
+        return None
+    out = _claimed[-1]
+    staging = _with_suffix(out, ".staging")
+    return staging if staging.is_dir() else out
 
 
 def release(c: Claim) -> None:

@@ -216,9 +216,13 @@ def _staging(stage: Stage, cfg: Any, decision: Decision, rank: ranks.Rank, job: 
                        alive=lambda: outputs.partner_alive(out, 0, job))
         return staging
     if decision.damaged and out.is_dir() and not staging.exists():
+        # job.json first, so the folder is recognisable whenever a kill stops this; it says a repair is due
+        # (redone after a kill until resumable_staging rewrites it) and names no job: the other ranks wait
+        artifacts.write_job(out, stage.name, decision.fingerprint, "", repair=True)
         os.replace(out, staging)
+    found = artifacts.read_job(staging)
+    if found.get("repair") and found.get("fingerprint") == decision.fingerprint:
         (staging / artifacts.MANIFEST).unlink(missing_ok=True)
-        artifacts.write_job(staging, stage.name, decision.fingerprint, job)
         if stage.repair is not None:
             stage.repair(cfg, staging)
     return artifacts.resumable_staging(out, stage.name, decision.fingerprint, job)
