@@ -188,7 +188,8 @@ def write(root: Path, record: CheckpointManifest, write_files: Callable[[Path], 
 def write_state(folder: Path, name: str, state: Any, metadata: dict[str, str] | None = None) -> None:
     """Store one part's state_dict as `<name>.safetensors` and/or `<name>.json` (see the module's doc)."""
     import torch
-    from safetensors.torch import save_file
+
+    from shared.formats.tensorfile import save_file  # the same bytes every time, the umask's mode
 
     flat = isinstance(state, dict) and state and all(isinstance(k, str) and torch.is_tensor(v)
                                                       for k, v in state.items())

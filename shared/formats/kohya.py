@@ -19,8 +19,11 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 from typing import Any
 
+from shared.core import artifacts
+from shared.formats.tensorfile import canonical_bytes, save_file
 from shared.models import sgm
 
 PROVENANCE = "sdxl_stages"  # metadata key / file stem holding the pipeline's fingerprints
@@ -98,6 +101,14 @@ def _epoch_seconds(iso: str | None) -> str | None:
         return None
 
 
+def _date(finished: str | None) -> str:
+    """modelspec.date: SOURCE_DATE_EPOCH when set (reproducible builds), else when the training finished, else
+    now (a LoRA written mid-training); so exporting one training twice gives the same bytes."""
+    if os.environ.get("SOURCE_DATE_EPOCH") or not finished:
+        return artifacts.now()
+    return finished
+
+
 def metadata(info: dict) -> dict[str, str]:
     """`ss_*` and `modelspec.*` metadata as kohya writes it, from what the training recorded (`info` keys:
     name, rank, alpha, dropout, preset, dora, base_model, resolution [w, h], steps, epoch, max_steps,
@@ -130,7 +141,7 @@ def metadata(info: dict) -> dict[str, str]:
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": info.get("name"), "modelspec.resolution": f"{w}x{h}",
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
-        "modelspec.date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "modelspec.date": _date(info.get("finished")),
     }
     args = network_args(info.get("preset", "attn"), info.get("rank", 0), info.get("alpha", 0), info.get("dora", False))
     if args:
@@ -180,16 +191,15 @@ def hashes(tensors: dict, meta: dict[str, str]) -> tuple[str, str]:
     """(sshs_model_hash, sshs_legacy_hash) as kohya precalculates them for sd-webui-additional-networks."""
     from safetensors.torch import save
 
-    blob = save(tensors, {k: v for k, v in meta.items() if k.startswith("ss_")})
+    blob = canonical_bytes(save(tensors, {k: v for k, v in meta.items() if k.startswith("ss_")}))
     header = int.from_bytes(blob[:8], "little")
     return (hashlib.sha256(blob[8 + header:]).hexdigest(),
             hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8])
 
 
 def save(tensors: dict, meta: dict[str, str], path: Any) -> None:
-    """Write a kohya LoRA file with its metadata and the two sd-webui hashes."""
-    from safetensors.torch import save_file
-
+    """Write a kohya LoRA file with its metadata (in sorted order, see shared/formats/tensorfile.py) and the two
+    sd-webui hashes."""
     model_hash, legacy_hash = hashes(tensors, meta)
     save_file(tensors, str(path), metadata={**meta, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash})
 
