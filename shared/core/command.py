@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterator, List, Optional
 import typer
 
 from shared.core.config import Range, default_of, load_toml, resolve
-from shared.core.errors import PipelineError, os_error_line
+from shared.core import outputs
+from shared.core.errors import PipelineError, full_disk_line, os_error_line
 from shared.core.registry import Registry
 
 
@@ -28,14 +29,21 @@ def fail(error: PipelineError | str) -> typer.Exit:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """A PipelineError, or an OSError a user can fix (see errors.os_error_line), becomes one line on stderr and
-    exit 2; anything else propagates with its traceback (a bug)."""
+    """A PipelineError, or an OSError a user can fix (see errors.os_error_line), or any error saying the disk is
+    full (safetensors' SafetensorError; named by the output folder being written), becomes one line on stderr
+    and exit 2; anything else propagates with its traceback (a bug)."""
+    since = outputs.claims_made()
     try:
         yield
     except PipelineError as e:
         raise fail(e) from None
     except OSError as e:
-        line = os_error_line(e)
+        line = os_error_line(e, outputs.last_written(since))
+        if line is None:
+            raise
+        raise fail(line) from None
+    except Exception as e:  # noqa: BLE001 - only a full disk said by another error type (SafetensorError)
+        line = full_disk_line(e, outputs.last_written(since))
         if line is None:
             raise
         raise fail(line) from None
