@@ -102,8 +102,8 @@ def load_toml(path: Path | str | None, tables: dict[str, type]) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    try:  # a byte-order mark (as Windows editors save UTF-8) is not TOML, but tells nothing wrong: skip it
+        data = tomllib.loads(path.read_text(encoding="utf-8").removeprefix("\ufeff"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     known_tables = {"pipeline", *tables}
@@ -344,12 +344,16 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {_kind(value)}")
+        if "\0" in value:  # no file name, model name or option holds one; the OS refuses it in a path
+            raise ConfigError(f"{where}: {value!r} holds a NUL character (\\0), which no value may hold")
         return value
     if tp is Path:
         if not isinstance(value, (str, Path)):
             raise ConfigError(f"{where}: expected a path string, got {_kind(value)}")
         if value == "":  # Path("") is the current folder: never what an empty value meant
             raise ConfigError(f"{where}: expected a path, got an empty string")
+        if "\0" in str(value):  # the OS cannot open it: `ValueError: embedded null byte` later
+            raise ConfigError(f"{where}: {str(value)!r} holds a NUL character (\\0), which no path may hold")
         return Path(value)
     raise TypeError(f"unsupported config type {tp!r} at {where}")
 
