@@ -58,7 +58,7 @@ CASES = [
     ("ingest", "tag_weight_min", 0.0, "tag_weight_min: 0.0 is outside (0, 1]"),
     ("ingest", "tag_weight_max", 0.5, "tag_weight_max: 0.5 is outside [1, inf)"),
     ("ingest", "caption_ext", "", "caption_ext: must not be empty"),
-    ("ingest", "sources", [{"path": "src", "repeats": 0}], "sources[0] repeats: 0 is outside [1, 2147483647]"),
+    ("ingest", "sources", [{"path": "src", "repeats": 0}], "sources[0] repeats: 0 is outside [1, 10000]"),
     ("ingest", "sources", [{"path": "src", "tag_separator": ""}], "sources[0] tag_separator: must not be empty"),
     ("ingest", "sources", [""], "sources[0] path: expected a path, got an empty string"),
     ("ingest", "output", "", "output: expected a path, got an empty string"),

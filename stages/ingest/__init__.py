@@ -8,10 +8,14 @@ the folder's name. Headers only by default; `--verify` decodes every pixel.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
+import sys
+import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +34,7 @@ from shared.images import Rejected, probe
 from stages.ingest import kohya, metadata
 from stages.ingest import tags as tagging
 from stages.ingest.config import Config, Source
+from stages.ingest.files import MAX_CAPTION_BYTES, image_limit, read_regular
 from stages.ingest.tasks import Layout, Task, resolve_layout, tasks_for
 from stages.ingest.walk import listing_fingerprint, walk
 
@@ -44,10 +49,28 @@ VERSION = ITEMS_VERSION  # the ingest output's format is its items' (shared/form
 _worker_state: dict = {}
 
 
-def _init_worker(cfg: Config, sources: list[Source], in_pool: bool = False) -> None:
-    if in_pool:
-        die_with_parent()
+def _init_worker(cfg: Config, sources: list[Source], parent: int | None = None) -> None:
+    """A worker's start; in a pool (`parent`: the stage's pid) it ends itself as soon as the stage is gone."""
+    if parent is not None:
+        checkpoint("ingest.worker")
+        _leave_with(parent)
     _worker_state["cfg"], _worker_state["sources"] = cfg, sources
+
+
+def _leave_with(parent: int) -> None:
+    """End this worker when `parent` dies, even by kill -9: Linux's parent-death signal, set now and so too
+    late if the parent died while this process was starting (checked right after), and a watch of the parent
+    pid twice a second where that signal does not exist."""
+    die_with_parent()
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def read_caption(data: bytes) -> tuple[str, str]:
@@ -107,7 +130,7 @@ def examine(task: Task) -> dict:
         return {"ok": False, **base, **dict(task.row)}
     base["caption_path"] = task.caption_rel
     try:
-        data = (src.path / task.rel).read_bytes()
+        data = read_regular(src.path / task.rel, image_limit(cfg.max_pixels), "image file")
         info = probe(data, max_pixels=cfg.max_pixels, min_side=cfg.min_side, verify=cfg.verify)
         caption, encoding = _caption(src, task)
     except Rejected as r:
@@ -135,7 +158,8 @@ def _caption(src: Source, task: Task) -> tuple[str, str | None]:
     """(caption, encoding): from the caption file, else from metadata.jsonl (JSON is UTF-8) or the kohya
     folder's name (no encoding: a file name), else empty."""
     if task.caption_rel:
-        return read_caption((src.path / task.caption_rel).read_bytes())
+        return read_caption(read_regular(src.path / task.caption_rel, MAX_CAPTION_BYTES,
+                                         f"its caption file {os.path.basename(task.caption_rel)}"))
     if task.caption:
         return task.caption[0], "utf-8" if task.caption[1] == "metadata" else None
     return "", None
@@ -156,8 +180,28 @@ def _results(cfg: Config, sources: list[Source], tasks: list[Task]) -> Iterator[
         yield from map(examine, tasks)
         return
     ctx = multiprocessing.get_context("spawn")  # fork after torch/threads is unsafe; spawn always is
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, sources, True)) as pool:
+    with _without_main():
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, sources, os.getpid()))
+    with pool:
         yield from pool.imap(examine, tasks, chunksize=16)
+
+
+@contextlib.contextmanager
+def _without_main() -> Iterator[None]:
+    """While workers are spawned: hide the main module from multiprocessing, which would have each worker run
+    it first (`sdxl`'s imports torch and every stage: seconds per worker, in which a worker cannot notice that
+    the stage has died). The workers need stages.ingest only, which they import to unpickle their work."""
+    main = sys.modules.get("__main__")
+    saved = {k: vars(main)[k] for k in ("__spec__", "__file__") if main is not None and k in vars(main)}
+    try:
+        if "__spec__" in saved:
+            main.__spec__ = None  # type: ignore[union-attr]
+        if "__file__" in saved:
+            del main.__file__  # type: ignore[union-attr]
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(main, k, v)
 
 
 # ---------------------------------------------------------------- the stage
@@ -168,6 +212,8 @@ def _inputs(cfg: Config) -> dict:
     for src in (cfg.effective(s) for s in cfg.sources):
         if not src.path.is_dir():
             raise DataError(f"source folder not found: {src.path}")
+        if src.layout == "kohya":
+            kohya.check_repeats(src.path, cfg.own_folders())
         found[f"source:{src.path}"] = {"path": str(src.path), "fingerprint": listing_fingerprint(src.path, cfg.own_folders()),
                                        "what": "files added, removed or modified"}
     return found

@@ -8,6 +8,10 @@ from shared.core import artifacts
 from shared.core.config import opt
 from shared.core.errors import ConfigError
 
+#: the most repeats a source or a kohya folder may ask for: each repeat is an entry of train's epoch, so a
+#: folder `999999999_x` would need gigabytes before the first step (kohya's own folders name tens)
+MAX_REPEATS = 10_000
+
 LAYOUTS = ("plain", "kohya", "auto")
 #: what a source's images are for: the subject trained (instance), or DreamBooth's class images, whose loss
 #: train weights by prior_loss_weight (prior preservation)
@@ -18,7 +22,7 @@ ROLES = ("instance", "class")
 class Source:
     """One source folder; unset options fall back to the [ingest] table's values."""
     path: Path = opt(Path("."), "Folder walked recursively for images and captions.")
-    repeats: int | None = opt(None, "Times each image of this source is seen per epoch.", ge=1, le=2 ** 31 - 1)
+    repeats: int | None = opt(None, "Times each image of this source is seen per epoch.", ge=1, le=MAX_REPEATS)
     caption_ext: str | None = opt(None, "Extension of sidecar caption files.", nonempty=True)
     caption_required: bool | None = opt(None, "Reject images without a caption (reason no_caption).")
     tag_separator: str | None = opt(None, "Separator between tags in a caption.", nonempty=True)
@@ -41,7 +45,7 @@ class Config:
                         pipeline=True, fingerprint=False)
     output: Path | None = opt(None, "Output folder [default: <workdir>/ingest].", flag="--out",
                               fingerprint=False)
-    repeats: int = opt(1, "Default times each image is seen per epoch.", ge=1, le=2 ** 31 - 1)
+    repeats: int = opt(1, "Default times each image is seen per epoch.", ge=1, le=MAX_REPEATS)
     caption_ext: str = opt(".txt", "Default sidecar caption extension (image.png -> image.txt).", nonempty=True)
     caption_required: bool = opt(False, "Reject images without a caption instead of keeping an empty one.")
     tag_separator: str = opt(",", "Default separator between tags in a caption.", nonempty=True)

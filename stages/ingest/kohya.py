@@ -16,10 +16,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.core.errors import DataError
 from shared.images import IMAGE_EXTENSIONS
+from stages.ingest.config import MAX_REPEATS
 
-#: the largest repeats a folder may name: the encode stage stores repeats as int32
-MAX_REPEATS = 2 ** 31 - 1
 #: "auto" takes a source for kohya's layout only if no folder asks for more repeats than this, so folders
 #: named after a year or a date (`2023_summer`) are not read as 2023 repeats
 AUTO_MAX_REPEATS = 1000
@@ -72,6 +72,22 @@ def folder_problem(name: str) -> str | None:
     if subset.repeats > MAX_REPEATS:
         return f"folder {name!r} asks for {subset.repeats} repeats, more than {MAX_REPEATS}"
     return None
+
+
+def check_repeats(root: Path, skip: frozenset[Path] = frozenset()) -> None:
+    """A DataError naming the first subfolder of `root` (a source read with kohya's layout) whose name asks for
+    more than MAX_REPEATS repeats: refused before anything is read, rather than its images being dropped."""
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError:
+        return  # the walk reports an unreadable source
+    for entry in entries:
+        subset = parse_folder_name(entry.name)
+        if subset is not None and subset.repeats > MAX_REPEATS and _is_dir(entry) \
+                and Path(entry.path) not in skip:
+            raise DataError(f"{entry.path}: a kohya folder asking for {subset.repeats} repeats, more than "
+                            f"{MAX_REPEATS}; rename it (e.g. {MAX_REPEATS}_{subset.tokens or 'name'}), or read "
+                            f"the source with layout = \"plain\"")
 
 
 def placement(folder_rel: str) -> Subset | str:

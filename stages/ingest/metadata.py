@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.images import Rejected
+from stages.ingest.files import MAX_METADATA_BYTES, read_regular
 from stages.ingest.tags import clean_caption
 
 FILE = "metadata.jsonl"
@@ -37,6 +39,7 @@ class Table:
     entries: dict[str, Entry] = field(default_factory=dict)   # by image path relative to the source root
     bad_lines: list[str] = field(default_factory=list)
     error: str | None = None                                  # the file could not be read
+    error_reason: str = "unreadable"                          # ... or was not read: not_regular, too_large
 
 
 def parse(data: bytes, column: str | None = None) -> tuple[dict[str, Entry], list[str]]:
@@ -108,7 +111,10 @@ class Tables:
         rel = os.path.join(folder_rel, FILE)
         table = Table(rel)
         try:
-            entries, table.bad_lines = parse((self.root / rel).read_bytes(), self.column)
+            entries, table.bad_lines = parse(read_regular(self.root / rel, MAX_METADATA_BYTES, "metadata file"),
+                                             self.column)
+        except Rejected as r:
+            table.error, table.error_reason = r.detail, r.reason
         except OSError as e:
             table.error = f"{type(e).__name__}: {e.strerror or e}"
         else:
@@ -136,7 +142,7 @@ class Tables:
         """The metadata file's row (reason, detail and problem lists), once every image has been claimed."""
         table = self.by_folder[folder_rel]
         if table.error:
-            return {"reason": "unreadable", "detail": table.error}
+            return {"reason": table.error_reason, "detail": table.error}
         states: dict[str, list[str]] = {}
         for key, entry in table.entries.items():
             state = entry.state if entry.state != "unclaimed" else self._unclaimed(key)

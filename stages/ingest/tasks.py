@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from shared.core.log import warn
 from shared.images import IMAGE_EXTENSIONS
 from stages.ingest import kohya, metadata
 from stages.ingest.config import Source
@@ -69,6 +70,7 @@ def _file_tasks(index: int, src: Source, folder: Folder, layout: str,
     place = kohya.placement(folder.rel) if layout == "kohya" else None
     if tables is not None and metadata.FILE in names:
         tables.read(folder.rel)  # before this folder's images claim their captions
+    _say_shared_captions(src, folder, captions)
     for name in names:
         stem, ext = os.path.splitext(name)
         rel = os.path.join(folder.rel, name)
@@ -82,6 +84,20 @@ def _file_tasks(index: int, src: Source, folder: Folder, layout: str,
             yield Task("metadata", index, rel)  # its row is filled in once the source is walked
         else:
             yield Task("not_image", index, rel)
+
+
+def _say_shared_captions(src: Source, folder: Folder, captions: dict[str, str]) -> None:
+    """Warn about a caption file that captions more than one image (`anim.txt` for `anim.gif` and `anim.webp`):
+    each of them takes it, which is seldom what was meant."""
+    by_stem: dict[str, list[str]] = {}
+    for name in folder.names:
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in IMAGE_EXTENSIONS and stem in captions:
+            by_stem.setdefault(stem, []).append(name)
+    for stem, images in by_stem.items():
+        if len(images) > 1:
+            warn(f"{os.path.join(src.path, folder.rel, captions[stem])}: one caption file for {len(images)} images "
+                 f"({', '.join(images)}); each of them is captioned by it")
 
 
 def _image_task(index: int, src: Source, rel: str, caption_rel: str | None, place: kohya.Subset | str | None,
