@@ -133,7 +133,7 @@ def test_encode_with_a_missing_vae_names_the_vae_folder(tmp_path, runner):
 
 
 def test_os_errors_without_a_path(tmp_path):
-    assert os_error_line(OSError(errno.ENOSPC, "No space left on device")) == "No space left on device"
+    assert os_error_line(OSError(errno.ENOSPC, "No space left on device")).startswith("no space left on device; ")
     assert os_error_line(OSError(errno.EROFS, "Read-only file system", "/mnt/x")) == "/mnt/x: Read-only file system"
     assert os_error_line(OSError("something else")) is None         # no path, no known cause: a bug
     assert os_error_line(OSError(errno.EEXIST, "File exists", str(tmp_path))) == f"{tmp_path}: File exists"
