@@ -50,7 +50,8 @@ def encoded(tmp_path_factory):
 
 
 def _samples(folder: Path, source: str = "wds") -> dict[str, Sample]:
-    data = feed.open_data(DataConfig(folder, (), source, 2, 1, 4, 1, 0, 0, 2))
+    data = feed.open_data(DataConfig(input=folder, shards=(), source=source, batch_size=2, accumulate=1,
+                                          shuffle_buffer=4, epochs=1, max_steps=0, seed=0, prefetch=2))
     return {s.key: s for info in data.infos for _, s in data.read(info.number)}
 
 
@@ -178,8 +179,9 @@ def test_training_takes_the_epochs_crop_and_holdout_reads_no_shard_to_choose(enc
     real_load = ShardReader.load
     monkeypatch.setattr(ShardReader, "load", lambda self, n: loads.append(n) or real_load(self, n))
     folder = encoded["three"]
-    data = feed.open_data(DataConfig(folder, (), "wds", 2, 1, 4, 1, 0, 0, 2))
-    cfg = H.HoldoutConfig(0.0, 2, False)
+    data = feed.open_data(DataConfig(input=folder, shards=(), source="wds", batch_size=2, accumulate=1,
+                                          shuffle_buffer=4, epochs=1, max_steps=0, seed=0, prefetch=2))
+    cfg = H.HoldoutConfig(holdout=0.0, holdout_count=2, item_losses=False)
     chosen = H.from_index(data.infos, cfg)
     assert loads == []
     every = [(s.key, info.number, j) for info in data.infos for j, s in data.read(info.number)]

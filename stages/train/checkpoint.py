@@ -28,19 +28,25 @@ from shared.formats.checkpoints import (CheckpointManifest, complete, damage, fo
                                         read_manifest, require_intact)
 from shared.core.errors import ConfigError, InputError
 from shared.core.log import warn
+from shared.core.config import opt
 
 if TYPE_CHECKING:
     from stages.train.config import Config
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
-    """When checkpoints are written, how many are kept, and where a run starts (flat keys of the same names)."""
-    checkpoint_every: int   # save every N optimizer steps, and always after the last
-    checkpoint_epochs: bool  # also save at the end of every epoch
-    keep_checkpoints: int   # the newest K finished checkpoints are kept
-    resume: str             # auto (this run's newest intact checkpoint) | never | a checkpoint or train output
-    force_resume: bool      # resume even when the checkpoint's fingerprinted config or inputs differ
+    """When checkpoints are written, how many are kept, and where a run starts: options of `sdxl train`
+    (config.py composes them)."""
+    checkpoint_every: int = opt(500, "Save a checkpoint every N optimizer steps (and always at the end).",
+                                fingerprint=False, ge=1)
+    checkpoint_epochs: bool = opt(False, "Also save a checkpoint at the end of every epoch.", fingerprint=False)
+    keep_checkpoints: int = opt(3, "Keep the newest K checkpoints.", fingerprint=False, ge=1)
+    resume: str = opt("auto", "auto (continue an unfinished run of this config from its newest checkpoint), "
+                              "never (set an unfinished run aside and start over), or a checkpoint / train "
+                              "output folder to start from.", fingerprint=False, nonempty=True)
+    force_resume: bool = opt(False, "Resume even from a checkpoint made with a config that changes the training "
+                                    "(the differences are printed).", fingerprint=False)
 
 
 class Stateful(Protocol):

@@ -12,24 +12,33 @@ from shared.core.log import say
 from shared.formats import samples
 from shared.formats.samples import EmptyCaption, Sample
 from shared.formats.shard_index import Index
+from shared.core.config import opt
+from shared.core.groups import borrowed, derived
 from stages.train import data as D
 from stages.train.reader import ShardReader
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """Where the samples come from and how they are dealt into steps (flat keys of the same names)."""
-    input: Path | str           # encode's output folder or URL (manifest, index.json, empty/, shards, zarr)
-    shards: tuple[str, ...]     # tar shard URLs read instead of <input>/shards (matched by <bucket>/<NNNNNN>.tar)
-    source: str                 # auto | wds | zarr
-    batch_size: int             # samples per micro-batch per process (one bucket per batch)
-    accumulate: int             # micro-batches per optimizer step
-    shuffle_buffer: int         # samples in the seeded shuffle buffer (1 = stream order)
-    epochs: int                 # epochs to train when max_steps is 0
-    max_steps: int              # optimizer steps to train; 0 = `epochs` epochs
-    seed: int                   # shard order per epoch and the shuffle buffer
-    prefetch: int               # micro-batches read ahead by the loader thread
-    decode_pixels: bool = True  # decode the crops' stored images (what the VAE target trains on; else unread)
+    """Where the samples come from and how they are dealt into steps: options of `sdxl train` (config.py
+    composes them)."""
+    input: str | Path | None = opt(None, "Encode output folder or fsspec URL (its manifest, index.json and empty/ are "
+                                  "read from there) [default: <workdir>/encode].", flag="--in", fingerprint=False,
+                            nonempty=True)
+    shards: tuple[str, ...] = opt((), "Read the tar shards from these URLs instead of <in>/shards (repeatable; "
+                                      "brace notation {000000..000031} and webdataset pipe: / http(s) URLs). "
+                                      "Each is matched to index.json by its last two path parts "
+                                      "(<bucket>/<NNNNNN>.tar).", fingerprint=False)
+    source: str = opt("auto", "Read tar shards or the zarr store (auto: tar when encode wrote them).",
+                      choices=("auto", "wds", "zarr"), fingerprint=False)
+    batch_size: int = opt(4, "Samples per micro-batch per process (one bucket per batch).", ge=1)
+    accumulate: int = opt(1, "Micro-batches accumulated per optimizer step.", ge=1)
+    shuffle_buffer: int = opt(256, "Samples in the shuffle buffer (1 = stream order).", ge=1)
+    epochs: int = opt(1, "Epochs to train when max_steps is 0.", ge=1)
+    max_steps: int = opt(0, "Optimizer steps to train; 0 = `epochs` epochs.", ge=0)
+    seed: int = borrowed()
+    prefetch: int = opt(4, "Batches read ahead by the loader thread.", fingerprint=False, ge=1)
+    decode_pixels: bool = derived(True)   # decode the crops' stored images (the VAE target trains on them)
 
 
 @dataclass

@@ -21,16 +21,21 @@ from typing import Any
 
 from shared.core import artifacts
 from shared.core.errors import InputError
+from shared.core.config import opt
+from shared.core.groups import borrowed
 
 FILE = "holdout.json"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HoldoutConfig:
-    """The held-out set (flat keys of the same names)."""
-    holdout: float          # fraction of items held out (by hash); 0 = off
-    holdout_count: int      # or this many items (the smallest hashes); 0 = off
-    item_losses: bool       # also log each evaluated item's loss (id, caption, loss) to logs/item_losses.jsonl
+    """The held-out set: options of `sdxl train` (config.py composes them)."""
+    holdout: float = opt(0.0, "Fraction of the items held out for validation, chosen by a hash of the item id "
+                              "(adding items never moves an existing one in or out); never trained on, recorded in "
+                              "<out>/holdout.json, their loss (fixed noise and timesteps) logged as val_loss at "
+                              "every evaluation; 0 = off.", ge=0, le=0.5)
+    holdout_count: int = opt(0, "Or hold out this many items (the smallest id hashes); 0 = off.", ge=0)
+    item_losses: bool = borrowed()
 
     @property
     def on(self) -> bool:

@@ -14,19 +14,23 @@ from typing import Any
 import torch
 
 from shared.core.errors import ConfigError
+from shared.core.config import opt
 
 BINS = 10
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LogConfig:
-    """What the main rank measures and where it goes (flat keys of the same names)."""
-    log_every: int        # optimizer steps between metrics lines
-    eval_samples: int     # fixed evaluation samples (fixed noise and timesteps); 0 = no evaluation loss
-    tensorboard: bool     # TensorBoard scalars under <out>/logs/tensorboard
-    wandb: bool           # also Weights & Biases (the wandb package)
-    wandb_project: str
-    item_losses: bool     # each evaluated item's loss (id, caption) in logs/item_losses.jsonl
+    """What the main rank measures and where it goes: options of `sdxl train` (config.py composes them)."""
+    log_every: int = opt(10, "Write metrics every N optimizer steps.", fingerprint=False, ge=1)
+    eval_samples: int = opt(8, "Samples in the fixed evaluation set (loss on fixed noise and timesteps, at the "
+                               "start, at each checkpoint and at the end); 0 = off.", fingerprint=False, ge=0)
+    tensorboard: bool = opt(True, "Write TensorBoard scalars to <out>/logs/tensorboard.", fingerprint=False)
+    wandb: bool = opt(False, "Also log to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline "
+                             "works without an account).", fingerprint=False)
+    wandb_project: str = opt("sdxl-stages", "WandB project name.", fingerprint=False, nonempty=True)
+    item_losses: bool = opt(False, "Log each evaluated item's loss with its id and caption to "
+                                   "<out>/logs/item_losses.jsonl (to find bad captions).", fingerprint=False)
 
 
 class TrainLog:

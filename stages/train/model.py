@@ -4,33 +4,47 @@ checkpoint part (plain tensors; checkpoints hold no pickle)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from shared.core.errors import ConfigError
 from shared.models import lora, loading as models
+from shared.core.config import opt
+from shared.core.groups import borrowed, derived
 from stages.train import quant
 
 ATTENTION = ("sdpa", "xformers", "eager")
+DTYPES = ("float32", "bfloat16")
 COMPILE = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class UnetConfig:
-    """The UNet being trained and how it is held (flat keys of the same names; `adapter` is made from the
+    """The UNet being trained and how it is held (options of `sdxl train`; `adapter` is made from the
     lora_* keys and `dora`)."""
-    model: str                     # builtin:tiny | builtin:sdxl-random | a diffusers folder | a single file
-    method: str                    # lora (an adapter on the frozen UNet) | full (every UNet weight)
-    adapter: lora.LoraSpec | None  # the LoRA's shape (method lora), else None
-    weights_dtype: str             # the UNet's dtype (float32 | bfloat16); LoRA weights stay float32
-    mixed_precision: str           # autocast of the forward pass: no | bf16 | fp16 (with a gradient scaler)
-    gradient_checkpointing: bool   # recompute activations in the backward pass
-    tf32: bool                     # TF32 matmuls on NVIDIA GPUs
-    seed: int                      # the adapter's initialisation follows it alone
-    quantize_base: str             # no | fp8 | nf4 | int8: the frozen base's storage (method lora)
-    attention: str                 # sdpa | xformers | eager: the attention kernel
-    compile: str                   # off | a torch.compile mode, applied to each block
+    model: str | None = opt(None, "The model whose UNet is trained: builtin:tiny, builtin:sdxl-random, a "
+                                  "diffusers SDXL folder or a single-file checkpoint.", pipeline=True,
+                            fingerprint=False)
+    method: str = opt("lora", "Train a LoRA on the UNet, or fine-tune the whole UNet.", choices=("lora", "full"))
+    adapter: lora.LoraSpec | None = derived()
+    weights_dtype: str = opt("float32", "dtype of the UNet's weights (LoRA weights stay float32).", choices=DTYPES)
+    mixed_precision: str = opt("no", "Autocast the forward pass: no, bf16, or fp16 (with a gradient scaler).",
+                               choices=("no", "bf16", "fp16"))
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, slower).",
+                                       fingerprint=False)
+    tf32: bool = opt(True, "Allow TF32 matmuls on NVIDIA GPUs.", fingerprint=False)
+    seed: int = borrowed()
+    quantize_base: str = opt("no", "Method lora: store the frozen UNet's weights quantized, the LoRA in float32 "
+                                   "beside them: fp8 (float8 e4m3 with a scale per output channel, Linear and "
+                                   "Conv2d, upcast layer by layer), nf4 / int8 (bitsandbytes' 4-bit NormalFloat "
+                                   "(QLoRA) / LLM.int8() Linear layers).", choices=quant.KINDS)
+    attention: str = opt("sdpa", "Attention kernel: torch's scaled_dot_product_attention, xformers (when "
+                                 "installed), or eager (plain softmax(QK^T)V math).", choices=ATTENTION,
+                         fingerprint=False)
+    compile: str = opt("off", "torch.compile each UNet block (ResNet, transformer, up/downsampler) with this mode; "
+                              "off = eager.", choices=COMPILE, fingerprint=False)
 
     def problem(self) -> str | None:
         """Why these choices cannot be trained (None: they can)."""
@@ -38,6 +52,31 @@ class UnetConfig:
             return (f"quantize_base {self.quantize_base} freezes a quantized base under a LoRA, but method full "
                     f"trains every weight: use method lora, or quantize_base no")
         return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterOptions:
+    """Method lora: the adapter's kind and shape (what `adapter`, a LoraSpec, is made from), the LoRA file it may
+    start from and the LoRA files written with each checkpoint."""
+    adapter_type: str = opt("lora", "Method lora: the adapter's kind.", choices=lora.ADAPTERS)
+    lora_preset: str = opt("attn", "LoRA targets: attn (attention projections), self-attn (self-attention "
+                                   "only), kohya (every Linear of the transformer blocks, as kohya's "
+                                   "networks.lora), and attn+conv / kohya+conv (those plus the ResNet and "
+                                   "down/upsampler convolutions).", choices=lora.PRESETS)
+    lora_rank: int = opt(16, "LoRA rank (network dim).", ge=1)
+    lora_alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank.", gt=0)
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.", ge=0, lt=1)
+    dora: bool = opt(False, "DoRA: weight-decomposed LoRA (a learned magnitude per output channel).")
+    init_lora: Path | None = opt(None, "Start the LoRA from this LoRA file (kohya, as ComfyUI loads it, or peft / "
+                                       "diffusers) instead of zero: same rank, targets and DoRA as configured (a "
+                                       "different alpha is rescaled); its content is an input of the run.",
+                                 fingerprint=False)
+    lora_files: bool = opt(False, "With each checkpoint, also write the kohya LoRA file (what ComfyUI / A1111 / "
+                                  "Forge load; the metadata export writes) to <out>/loras/<out name>-step-NNNNNN"
+                                  ".safetensors, and …-ema from the EMA weights when EMA is on (method lora).",
+                           fingerprint=False)
+    lora_file_dtype: str = opt("float16", "dtype of those LoRA files' weights.",
+                               choices=("float16", "bfloat16", "float32"), fingerprint=False)
 
 
 def build_unet(cfg: UnetConfig, device: torch.device) -> Any:

@@ -13,35 +13,84 @@ from typing import Callable
 
 import torch
 
+from shared.core.config import SEED_RANGE, opt
 from shared.core.registry import Registry
-
 from shared.models.schedules import (  # noqa: F401  (part of the objective's vocabulary)
     NOVELAI_SIGMA_MAX, alpha_s, flow_shift, karras_sigmas, resolution_scale, rescale_zero_terminal_snr,
     scaled_linear_alphas_cumprod, schedule, sigmas)
 
 
+# --- the registries: loss functions and loss weightings, one entry per name ---------------------------------
 
 @dataclass(frozen=True)
+class Loss:
+    """A loss function users pick by name (`loss = ...`): the loss of each element of the prediction against the
+    target, given each sample's noise level (σ, or t for flow) and the objective (for schedules of a threshold);
+    the step averages it over the elements of each sample."""
+    name: str
+    help: str
+    elementwise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ObjectiveConfig], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """A per-sample loss weighting by noise level users pick by name (`loss_weighting = ...`): the weight of each
+    sample from its σ (t for flow) and the objective; `problem` says why a config cannot use it."""
+    name: str
+    help: str
+    weight: Callable[[torch.Tensor, ObjectiveConfig], torch.Tensor]
+    problem: Callable[[ObjectiveConfig], str | None] = lambda cfg: None
+
+
+LOSSES: Registry[Loss] = Registry("loss")
+WEIGHTINGS: Registry[Weighting] = Registry("loss weighting")
+
+LOSSES.add(Loss("l2", "squared error (the usual diffusion loss).",
+                lambda pred, target, level, cfg: (pred.float() - target.float()) ** 2))
+WEIGHTINGS.add(Weighting("none", "every noise level weighs 1.", lambda level, cfg: torch.ones_like(level).float()))
+
+
+def _min_snr_problem(cfg: ObjectiveConfig) -> str | None:
+    if cfg.prediction == "flow":
+        return "min_snr weighting (min_snr_gamma) applies to epsilon / v prediction, not to flow"
+    if not cfg.min_snr_gamma:
+        return "loss_weighting min_snr needs its γ: set min_snr_gamma (5 is usual)"
+    return None
+
+
+WEIGHTINGS.add(Weighting("min_snr", "min-SNR-γ (Hang et al. 2023; γ = min_snr_gamma).",
+                         lambda level, cfg: min_snr_weight(level, cfg.min_snr_gamma, cfg.prediction), _min_snr_problem))
+
+
+@dataclass(frozen=True, kw_only=True)
 class ObjectiveConfig:
-    """What a training step optimises and the per-sample draws it makes (flat keys of the same names; used by
+    """What a training step optimises and the per-sample draws it makes (options of `sdxl train`; used by
     step.py, which passes these functions plain values)."""
-    prediction: str         # epsilon | v_prediction | flow (the UNet's target: ε, v, or ε − x0)
-    schedule: str           # sdxl | ztsnr | novelai: the training sigmas (`schedule()`)
-    timesteps: str          # uniform | logit_normal: how the timestep position u in [0, 1) is drawn
-    logit_mean: float       # logit_normal: u = sigmoid(n), n ~ N(logit_mean, logit_std²)
-    logit_std: float
-    flow_shift: float       # flow: SD3's shift of t (`flow_shift()`)
-    min_snr_gamma: float    # min-SNR-γ loss weight (`min_snr_weight()`); 0 = off
-    noise_offset: float     # `offset_noise()`'s offset; 0 = off
-    tag_weighting: bool     # multiply each sample's loss by its tag-frequency weight from ingest
-    caption_dropout: float  # probability of the empty caption's embedding
-    flip_rate: float        # probability of the flipped latent (when encode stored it)
-    seed: int               # keys every per-sample draw (caption variant, dropout, flip, timestep, noise)
-    resolution_noise: bool = False   # scale σ (flow: the shift) by the batch's bucket, `resolution_scale()`
-    resolution_base: int = 1024      # the side at which that scale is 1
-    prior_loss_weight: float = 1.0   # DreamBooth: λ, the class images' loss weight (instance images: 1)
-    loss: str = "l2"                 # a name in LOSSES: the per-element loss of prediction and target
-    loss_weighting: str = "none"     # a name in WEIGHTINGS (min_snr_gamma > 0 alone selects min_snr)
+    prediction: str = opt("epsilon", "What the UNet predicts: noise, v (needed with zero-terminal-SNR), or "
+                                     "the rectified-flow velocity ε − x0.", choices=("epsilon", "v_prediction", "flow"))
+    schedule: str = opt("sdxl", "Noise schedule: SDXL's scaled linear (σ 0.029 … 14.6), zero terminal SNR, or "
+                                "NovelAI's (zero terminal SNR with σ_max 20000).", choices=("sdxl", "ztsnr", "novelai"))
+    timesteps: str = opt("uniform", "Timestep sampling.", choices=("uniform", "logit_normal"))
+    logit_mean: float = opt(0.0, "Mean of the logit-normal timestep distribution.")
+    logit_std: float = opt(1.0, "Standard deviation of the logit-normal timestep distribution.", gt=0)
+    flow_shift: float = opt(1.0, "Rectified flow only: SD3's timestep shift (> 1 puts more weight on noise).", gt=0)
+    min_snr_gamma: float = opt(0.0, "γ of min-SNR-γ loss weighting (5 is usual); 0 = off.", ge=0)
+    noise_offset: float = opt(0.0, "Noise offset (0.03–0.1 typical); 0 = off.", ge=0)
+    tag_weighting: bool = opt(True, "Weight each sample's loss by its tag-frequency weight from ingest.")
+    caption_dropout: float = opt(0.0, "Probability of training a sample with the empty caption's embedding.",
+                                 ge=0, le=1)
+    flip_rate: float = opt(0.5, "Probability of using the flipped latent (when encode stored latent_flip).", ge=0, le=1)
+    seed: int = opt(0, "Seed of shard order, shuffling, noise, timesteps, caption and flip choices.", **SEED_RANGE)
+    resolution_noise: bool = opt(False, "Resolution-aware noise: multiply σ (flow: the shift) by sqrt(H·W)/"
+                                        "resolution_base of each batch's bucket (twice the side, twice the σ; "
+                                        "NovelAI V3, SD3); the UNet is given the timestep of the σ it sees.")
+    resolution_base: int = opt(1024, "The image side at which resolution-aware noise leaves σ unchanged.", ge=64)
+    prior_loss_weight: float = opt(1.0, "DreamBooth prior preservation: the loss weight λ of class images (an "
+                                         "ingest source with role = \"class\"); instance images weigh 1.",
+                                   ge=0, le=1000)
+    loss: str = opt("l2", "The loss of the prediction against the target, per element.", choices=LOSSES)
+    loss_weighting: str = opt("none", "The per-sample loss weighting by noise level (min_snr_gamma > 0 alone "
+                                      "selects min_snr).", choices=WEIGHTINGS)
 
     @property
     def weighting(self) -> str:
@@ -106,48 +155,6 @@ def min_snr_weight(sigma: torch.Tensor, gamma: float, prediction: str) -> torch.
     else:
         raise ValueError(f"unknown prediction type {prediction!r}")
     return w.float()
-
-
-# --- the registries: loss functions and loss weightings, one entry per name ---------------------------------
-
-@dataclass(frozen=True)
-class Loss:
-    """A loss function users pick by name (`loss = ...`): the loss of each element of the prediction against the
-    target, given each sample's noise level (σ, or t for flow) and the objective (for schedules of a threshold);
-    the step averages it over the elements of each sample."""
-    name: str
-    help: str
-    elementwise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ObjectiveConfig], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Weighting:
-    """A per-sample loss weighting by noise level users pick by name (`loss_weighting = ...`): the weight of each
-    sample from its σ (t for flow) and the objective; `problem` says why a config cannot use it."""
-    name: str
-    help: str
-    weight: Callable[[torch.Tensor, ObjectiveConfig], torch.Tensor]
-    problem: Callable[[ObjectiveConfig], str | None] = lambda cfg: None
-
-
-LOSSES: Registry[Loss] = Registry("loss")
-WEIGHTINGS: Registry[Weighting] = Registry("loss weighting")
-
-LOSSES.add(Loss("l2", "squared error (the usual diffusion loss).",
-                lambda pred, target, level, cfg: (pred.float() - target.float()) ** 2))
-WEIGHTINGS.add(Weighting("none", "every noise level weighs 1.", lambda level, cfg: torch.ones_like(level).float()))
-
-
-def _min_snr_problem(cfg: ObjectiveConfig) -> str | None:
-    if cfg.prediction == "flow":
-        return "min_snr weighting (min_snr_gamma) applies to epsilon / v prediction, not to flow"
-    if not cfg.min_snr_gamma:
-        return "loss_weighting min_snr needs its γ: set min_snr_gamma (5 is usual)"
-    return None
-
-
-WEIGHTINGS.add(Weighting("min_snr", "min-SNR-γ (Hang et al. 2023; γ = min_snr_gamma).",
-                         lambda level, cfg: min_snr_weight(level, cfg.min_snr_gamma, cfg.prediction), _min_snr_problem))
 
 
 def weighting_problem(cfg: ObjectiveConfig) -> str | None:

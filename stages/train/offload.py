@@ -22,6 +22,8 @@ lives on the host, where the optimizer, the EMA and checkpoints read it. The lat
 """
 from __future__ import annotations
 
+from shared.core.config import opt
+
 import collections
 import contextlib
 from dataclasses import dataclass
@@ -34,11 +36,16 @@ from torch.utils._pytree import tree_flatten
 UNITS = ("ResnetBlock2D", "BasicTransformerBlock", "Downsample2D", "Upsample2D")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OffloadConfig:
-    """What leaves the device during a step (flat keys of the same names)."""
-    activation_offload: bool   # saved activations kept in (pinned) CPU memory between forward and backward
-    blocks_to_swap: int        # the UNet's largest N blocks live in CPU memory, streamed in when they run
+    """What leaves the device during a step: options of `sdxl train` (config.py composes them)."""
+    activation_offload: bool = opt(False, "Keep the activations saved for the backward pass in CPU memory (pinned "
+                                          "on CUDA) instead of on the device (less device memory, a copy each way "
+                                          "per step; results unchanged).", fingerprint=False)
+    blocks_to_swap: int = opt(0, "Keep the UNet's N largest blocks (ResNet, transformer, up/downsampler) in CPU "
+                                 "memory and stream each to the device just before it runs, on a side CUDA stream "
+                                 "overlapping compute; their weights are stepped on the CPU (results unchanged; "
+                                 "one process; 0 = off).", ge=0, fingerprint=False)
 
 
 class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):

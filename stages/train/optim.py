@@ -21,6 +21,8 @@ import torch
 from shared.core.errors import ConfigError
 from shared.core.log import warn
 from shared.core.registry import Registry
+from shared.core.config import opt
+from shared.core.groups import borrowed
 from stages.train import bf16, fused
 from stages.train.model import TrainedWeights
 
@@ -30,43 +32,71 @@ SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wit
 BNB_MIN_8BIT, BNB_BLOCK = 4096, 256
 
 
-@dataclass(frozen=True)
+#: the optimizers by name (their entries are added below, after the makers)
+OPTIMIZERS: Registry[Optimizer] = Registry("optimizer")
+
+
+@dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
-    """The optimizer, its learning-rate schedule, clipping, the EMA and the bad-step guard (flat keys of the same
-    names)."""
-    optimizer: str                 # a name in OPTIMIZERS
-    learning_rate: float           # peak learning rate of every group without its own (reached after warmup)
-    unet_lr: float | None          # the UNet's own weights (method full); None = learning_rate
-    adapter_lr: float | None       # the LoRA weights on the UNet (method lora); None = learning_rate
-    vae_lr: float | None           # the VAE's weights (target vae); None = learning_rate
-    lr_schedule: str               # one of SCHEDULES, after `warmup_steps` of linear warmup from 0
-    warmup_steps: int              # linear warmup steps (every schedule, constant included)
-    lr_cycles: int                 # cosine_with_restarts: number of cosine cycles (hard restarts)
-    lr_power: float                # polynomial: the decay's power (1 = linear)
-    lr_end: float                  # polynomial: the learning rate at the last step
-    adam_beta1: float              # β1 of adamw, the 8-bit ones, lion, prodigy, schedule-free
-    adam_beta2: float
-    adam_eps: float
-    weight_decay: float            # decoupled weight decay (every optimizer)
-    stochastic_rounding: bool      # bf16 weights (adamw, adafactor): round the update stochastically
-    kahan_summation: bool          # bf16 weights (adamw, adafactor): keep the rounding error in a buffer
-    adafactor_relative_step: bool  # Adafactor's own 1/sqrt(step) step size (learning_rate and schedule unused)
-    adafactor_scale_parameter: bool  # scale the step by the weight's RMS
-    adafactor_warmup_init: bool    # relative step: warm up from 1e-6·step
-    prodigy_d_coef: float          # Prodigy: multiplier of the estimated step size d
-    prodigy_decouple: bool         # Prodigy: AdamW-style decoupled weight decay
-    prodigy_bias_correction: bool  # Prodigy: Adam's bias correction
-    prodigy_safeguard_warmup: bool  # Prodigy: leave the lr out of d's denominator during warmup
-    fused_backward: bool           # step each parameter inside the backward pass (fused.py)
-    max_grad_norm: float           # clip the global gradient norm to this; 0 = no clipping
-    max_bad_steps: int             # stop after this many non-finite steps in a row
-    ema_decay: float               # EMA of the trained weights; 0 = none
-    ema_device: str                # device (where the weights are) | cpu
-    ema_every: int                 # update the EMA every N optimizer steps
-    accumulate: int                # micro-batches per optimizer step
-    mixed_precision: str           # no | bf16 | fp16
-    text_encoder_lr: float | None = None   # the text encoders' groups (LoRA or own weights); None = learning_rate
-    text_encoder_2_lr: float | None = None  # text encoder 2's group; None = text_encoder_lr
+    """The optimizer, its learning-rate schedule, clipping, the EMA and the bad-step guard: options of `sdxl
+    train` (config.py composes them)."""
+    optimizer: str = opt("adamw", "The optimizer (those of other packages say which `pip install` they need).",
+                         choices=OPTIMIZERS)
+    learning_rate: float = opt(1e-4, "Peak learning rate of every parameter group without its own (unet_lr, "
+                                     "adapter_lr); prodigy: the multiplier of its estimated step (1.0 usual).", gt=0)
+    unet_lr: float | None = opt(None, "Peak learning rate of the UNet's own weights (method full) "
+                                      "[default: learning_rate].", gt=0)
+    adapter_lr: float | None = opt(None, "Peak learning rate of the LoRA weights on the UNet (method lora) "
+                                         "[default: learning_rate].", gt=0)
+    vae_lr: float | None = opt(None, "Target vae: peak learning rate of the VAE's weights [default: "
+                                     "learning_rate].", gt=0)
+    lr_schedule: str = opt("constant", "Learning-rate schedule after warmup (diffusers' schedules): constant, linear "
+                                       "or cosine to 0, cosine_with_restarts (lr_cycles cycles), polynomial (power "
+                                       "lr_power down to lr_end); constant_with_warmup is constant.", choices=SCHEDULES)
+    warmup_steps: int = opt(0, "Linear warmup steps from 0 to the peak learning rate.", ge=0)
+    lr_cycles: int = opt(1, "cosine_with_restarts: number of cosine cycles (hard restarts).", ge=1)
+    lr_power: float = opt(1.0, "polynomial: power of the decay (1 = linear).", gt=0)
+    lr_end: float = opt(1e-7, "polynomial: learning rate at the last step (below learning_rate).", ge=0)
+    adam_beta1: float = opt(0.9, "AdamW β1.", ge=0, lt=1)
+    adam_beta2: float = opt(0.999, "AdamW β2.", ge=0, lt=1)
+    adam_eps: float = opt(1e-8, "AdamW ε.", gt=0)
+    weight_decay: float = opt(0.01, "AdamW decoupled weight decay.", ge=0)
+    stochastic_rounding: bool = opt(True, "bf16 weights (full fine-tune, weights_dtype bfloat16) with adamw or "
+                                          "adafactor: round each update (and AdamW's bf16 moments) to bf16 "
+                                          "stochastically, so updates below bf16's resolution add up in "
+                                          "expectation instead of being lost; false = round to nearest.")
+    kahan_summation: bool = opt(False, "bf16 weights with adamw or adafactor: keep each update's rounding error in "
+                                       "a bf16 buffer (2 more bytes per weight) and add it into the next update.")
+    adafactor_relative_step: bool = opt(False, "adafactor: its own step size 1/sqrt(step) instead of "
+                                               "learning_rate and its schedule (kohya's full fine-tune: false).")
+    adafactor_scale_parameter: bool = opt(False, "adafactor: scale the step by each weight's RMS.")
+    adafactor_warmup_init: bool = opt(False, "adafactor with relative step: warm the step up from 1e-6 per step.")
+    prodigy_d_coef: float = opt(1.0, "prodigy: multiplier of the estimated step size d.", gt=0)
+    prodigy_decouple: bool = opt(True, "prodigy: AdamW-style decoupled weight decay.")
+    prodigy_bias_correction: bool = opt(True, "prodigy: Adam's bias correction.")
+    prodigy_safeguard_warmup: bool = opt(True, "prodigy: leave the learning rate out of d's denominator during "
+                                               "warmup.")
+    fused_backward: bool = opt(False, "Step each weight inside the backward pass as soon as its gradient is ready, "
+                                      "and free that gradient: the whole model's gradients never exist together "
+                                      "(adamw, adafactor; needs accumulate 1 and max_grad_norm 0; one process).",
+                               fingerprint=False)
+    max_grad_norm: float = opt(1.0, "Clip the gradient's global norm to this; 0 = no clipping.", ge=0)
+    max_bad_steps: int = opt(5, "Stop after this many optimizer steps in a row with a NaN/inf loss or "
+                                "gradient (each is skipped and counted).", fingerprint=False, ge=1)
+    ema_decay: float = opt(0.0, "Keep an exponential moving average of the trained weights (e.g. 0.999); 0 = off.",
+                           ge=0, lt=1)
+    ema_device: str = opt("device", "Where the EMA (float32, 4 bytes per trained weight) is kept: beside the "
+                                    "weights, or in CPU memory (device memory spared; each update copies the "
+                                    "weights over).", choices=("device", "cpu"), fingerprint=False)
+    ema_every: int = opt(1, "Update the EMA every N optimizer steps (its decay raised to the power N, so it "
+                            "averages over as many steps).", ge=1)
+    accumulate: int = borrowed()
+    mixed_precision: str = borrowed()
+    text_encoder_lr: float | None = opt(None, "Peak learning rate of the trained text encoders (their LoRA or "
+                                              "their own weights; 5e-6 is usual for a full fine-tune) "
+                                              "[default: learning_rate].", gt=0)
+    text_encoder_2_lr: float | None = opt(None, "Peak learning rate of text encoder 2 (OpenCLIP ViT-bigG) alone "
+                                                "[default: text_encoder_lr].", gt=0)
 
     def problem(self) -> str | None:
         """Why this combination cannot be trained (None: it can)."""
@@ -226,7 +256,6 @@ class Optimizer:
     problem: Callable[[OptimizerConfig], str | None] | None = None  # its own options' consistency
 
 
-OPTIMIZERS: Registry[Optimizer] = Registry("optimizer")
 
 
 def _kahan(cfg: OptimizerConfig, n: int, size: int, dtype: torch.dtype, rounding: bool) -> int:

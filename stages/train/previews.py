@@ -29,19 +29,32 @@ from shared.core.errors import ConfigError
 from shared.models import loading as models
 from shared.models import render as R
 from shared.models import sampling
+from shared.core.config import opt
 
 TEXT_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 PROMPT_KEYS = {f.name for f in fields(R.Prompt)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PreviewConfig:
-    """Sample images (flat keys of the same names)."""
-    sample_prompts: Path | None        # the TOML prompts file; None = no samples
-    sample_every: int                  # optimizer steps between renders (0 = only at the start and the end)
-    sample_sampler: str                # auto | euler | dpmpp_2m
-    sample_sigmas: str                 # auto | karras | trailing | novelai
-    sample_guidance_rescale: float | None   # None: by objective (0.7 with zero terminal SNR)
+    """Sample images: options of `sdxl train` (config.py composes them)."""
+    sample_prompts: Path | None = opt(None, "TOML file of prompts rendered during training ([[prompt]] tables: "
+                                            "prompt, negative, seed, width, height, steps, cfg), with the model "
+                                            "as it is training (EMA weights when EMA is on), at the start, every "
+                                            "sample_every steps and at the end, into <out>/samples (grid.png) and "
+                                            "TensorBoard.", fingerprint=False)
+    sample_every: int = opt(0, "Render the sample prompts every N optimizer steps; 0 = only at the start and the "
+                               "end.", fingerprint=False, ge=0)
+    sample_sampler: str = opt("auto", "Sampler of the sample images: auto (by objective: DPM++ 2M for epsilon, "
+                                      "Euler for zero-terminal-SNR v-prediction and flow), euler, dpmpp_2m.",
+                              choices=("auto", "euler", "dpmpp_2m"), fingerprint=False)
+    sample_sigmas: str = opt("auto", "Noise levels of the sample images: auto (Karras for epsilon, trailing "
+                                     "timesteps for zero terminal SNR, the trained shift for flow), karras, "
+                                     "trailing, novelai (NovelAI's 10-step ladder from σ 20000; v-prediction).",
+                             choices=("auto", "karras", "trailing", "novelai"), fingerprint=False)
+    sample_guidance_rescale: float | None = opt(None, "Guidance rescale φ of the sample images [default: 0.7 "
+                                                      "with zero terminal SNR, else 0].", fingerprint=False,
+                                                ge=0, le=1)
 
 
 def load_prompts(path: Path) -> list[R.Prompt]:

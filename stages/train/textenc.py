@@ -19,25 +19,36 @@ import torch
 from shared.formats.samples import WINDOW_TOKENS
 from shared.models import lora, loading as models
 from shared.models.text import encode_windows, token_windows
+from shared.core.config import opt
+from shared.core.groups import borrowed, derived
 from stages.train import model as M
 
 TRAIN = ("none", "te1", "te2", "both")
 COMPONENTS = {"te1": "text_encoder", "te2": "text_encoder_2"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TextConfig:
-    """Which text encoders train and the per-step caption augmentation (flat keys of the same names)."""
-    model: str
-    method: str                    # lora | full: as the UNet (one LoRA spec for all, as kohya's network)
-    adapter: lora.LoraSpec | None
-    train_text_encoder: str        # none | te1 | te2 | both
-    weights_dtype: str             # of the encoders' base weights (LoRA weights float32)
-    gradient_checkpointing: bool
-    seed: int                      # the adapters' initialisation
-    shuffle_tags: bool             # shuffle the comma-separated tags every step
-    keep_tags: int                 # leading tags kept in place (shuffle and tag dropout)
-    tag_dropout: float             # probability of dropping each other tag every step
+    """Which text encoders train and the per-step caption augmentation: options of `sdxl train` (config.py
+    composes them)."""
+    model: str = borrowed()
+    method: str = borrowed()
+    adapter: lora.LoraSpec | None = derived()
+    train_text_encoder: str = opt("none", "Also train the text encoders: te1 (CLIP ViT-L), te2 (OpenCLIP ViT-bigG), "
+                                          "or both, as `method` says (a LoRA on their q/k/v/out_proj and fc1/fc2 "
+                                          "with the UNet's rank and alpha, or all their weights). They then run "
+                                          "in the step from the token ids encode stored (sdxl encode "
+                                          "--token-ids). Not with fused_backward, blocks_to_swap or parallel "
+                                          "fsdp.", choices=TRAIN)
+    weights_dtype: str = borrowed()
+    gradient_checkpointing: bool = borrowed()
+    seed: int = borrowed()
+    shuffle_tags: bool = opt(False, "Shuffle the caption's comma-separated tags every step (on its token ids; the "
+                                    "text encoders run in the step, trained or not; needs sdxl encode "
+                                    "--token-ids).")
+    keep_tags: int = opt(1, "Leading tags kept in place by shuffle_tags and tag_dropout.", ge=0)
+    tag_dropout: float = opt(0.0, "Probability of dropping each tag after the first keep_tags, every step (on the "
+                                  "token ids, as shuffle_tags).", ge=0, le=1)
 
     @property
     def trained(self) -> tuple[str, ...]:

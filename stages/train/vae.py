@@ -25,6 +25,8 @@ from shared.core.errors import ConfigError, InputError
 from shared.formats.samples import Sample
 from shared.models import loading as models
 from shared.models.render import to_uint8
+from shared.core.config import opt
+from shared.core.groups import borrowed
 from stages.train import offload as OF, perceptual as P
 from stages.train.step import Precision, sample_generator
 from stages.train.targets import TARGETS, Setting, TargetKind
@@ -37,21 +39,30 @@ GRID = "vae-grid.png"
 GRID_ITEMS = 4
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VaeConfig:
-    """The VAE target (flat keys of the same names)."""
-    target: str                          # unet | vae: what `sdxl train` trains
-    model: str                           # whose VAE is fine-tuned
-    vae_train: str                       # decoder | encoder+decoder
-    vae_loss: str                        # l1 | l2: the reconstruction term
-    perceptual_weight: float             # weight of the LPIPS-style distance; 0 = off
-    perceptual_weights: Path | None      # the VGG16 / LPIPS weights file
-    perceptual_layers: str               # per tapped VGG16 layer (relu1_2 … relu5_3), comma-separated
-    kl_weight: float                     # weight of KL(q(z|x) || N(0, 1)); trains the encoder only
-    weights_dtype: str                   # float32 | bfloat16
-    gradient_checkpointing: bool
-    flip_rate: float                     # probability of training a sample mirrored
-    seed: int
+    """The VAE target: options of `sdxl train` (config.py composes them)."""
+    target: str = opt("unet", "What is trained.", choices=TARGETS)
+    model: str = borrowed()
+    vae_train: str = opt("decoder", "Target vae: fine-tune the decoder (latents encoded before stay valid) or the "
+                                    "encoder and the decoder (re-encode afterwards).", choices=PARTS)
+    vae_loss: str = opt("l1", "Target vae: the reconstruction term, mean absolute (l1) or squared (l2) error.",
+                        choices=("l1", "l2"))
+    perceptual_weight: float = opt(1.0, "Target vae: weight of the LPIPS-style perceptual distance (VGG16 "
+                                        "features); needs perceptual_weights; 0 = off.", ge=0, le=1000)
+    perceptual_weights: Path | None = opt(None, "Target vae: the perceptual network's weights, a local file: "
+                                                "torchvision VGG16 or LPIPS (vgg) weights, .safetensors or a "
+                                                "weights-only torch file (nothing is downloaded); its content is "
+                                                "an input of the run.", fingerprint=False)
+    perceptual_layers: str = opt("1,1,1,1,1", "Target vae: weight of each VGG16 layer of the perceptual distance, "
+                                               "comma-separated (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3); "
+                                               "layers after the last non-zero one are not run.", nonempty=True)
+    kl_weight: float = opt(0.0, "Target vae, encoder+decoder: weight of the KL divergence of the encoder's "
+                                "posterior from N(0, 1) (1e-6 as SD's VAE); 0 = off.", ge=0, le=1)
+    weights_dtype: str = borrowed()
+    gradient_checkpointing: bool = borrowed()
+    flip_rate: float = borrowed()
+    seed: int = borrowed()
 
     def problem(self) -> str | None:
         """Why these choices cannot be trained (None: they can)."""
