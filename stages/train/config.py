@@ -23,7 +23,7 @@ from shared.core.config import opt
 from shared.core.errors import ConfigError
 from shared.core.groups import compose, view
 from shared.formats import location
-from shared.models.lora import ADAPTERS, LoraSpec
+from shared.models.lora import LoraSpec
 from stages.train import objective, sharding
 from stages.train.checkpoint import CheckpointConfig
 from stages.train.feed import DataConfig
@@ -66,55 +66,45 @@ class _Checks:
         if not self.model:
             raise ConfigError("train needs a model: --model builtin:tiny | builtin:sdxl-random | FOLDER | FILE "
                               "(or `model` in [pipeline])")
-        # each field's own range is checked by shared.core.config.build; what is left here concerns two fields
-        if self.prediction == "epsilon" and self.schedule != "sdxl":
-            raise ConfigError(f"schedule {self.schedule} reaches zero SNR, where epsilon prediction is trivial "
-                              f"(the input is the noise); use --prediction v_prediction")
-        problem = objective.weighting_problem(self.objective)
+        # each field's own range is checked by shared.core.config.build; these concern several fields
+        problem = self._problem() or self._memory_problem()
         if problem:
             raise ConfigError(problem)
-        if self.init_lora is not None and self.method != "lora":
-            raise ConfigError("init_lora starts a LoRA; this run fine-tunes the whole UNet (method full)")
-        if self.adapter_type != "lora" and (self.init_lora is not None or self.lora_files):
-            what = "init_lora reads" if self.init_lora is not None else "lora_files writes"
-            raise ConfigError(f"{what} LoRA files, which hold no adapter_type {self.adapter_type}: leave it out "
-                              f"(export the adapter after training)")
-        if self.dora and not ADAPTERS[self.adapter_type].dora:
-            raise ConfigError(f"dora decomposes a LoRA's weights; adapter_type {self.adapter_type} has no DoRA form")
-        if self.lora_files and self.method != "lora":
-            raise ConfigError("lora_files writes LoRA files; this run fine-tunes the whole UNet (method full): "
-                              "export it with sdxl export --format single-file")
-        if self.holdout and self.holdout_count:
-            raise ConfigError(f"holdout {self.holdout:g} and holdout_count {self.holdout_count}: give one of them")
-        if self.lr_schedule == "polynomial" and self.lr_end >= self.learning_rate:
-            raise ConfigError(f"lr_end {self.lr_end:g} must be below learning_rate {self.learning_rate:g} "
-                              f"(the polynomial schedule decays from one to the other)")
-        if self.blocks_to_swap and self.fused_backward:
-            raise ConfigError("fused_backward steps each weight on the device inside the backward pass, but a swapped "
-                              "block's weights are stepped on the CPU: turn one of fused_backward and blocks_to_swap "
-                              "off")
-        problem = self.vae_target.problem() or (unet_only_problem(self) if self.target == "vae" else None)
-        if problem:
-            raise ConfigError(problem)
-        problem = (self.optim.problem() or self.unet.problem() or
-                   sharding.problem(self.parallel, self.method, self.optimizer, OPTIMIZERS[self.optimizer].shardable,
-                                    self.weights_dtype, self.mixed_precision,
-                                    self.ema_decay > 0 and self.ema_device == "cpu"))
-        if problem:
-            raise ConfigError(problem)
-        if self.blocks_to_swap and (self.compile != "off" or self.quantize_base in ("nf4", "int8")):
-            what = f"compile {self.compile}" if self.compile != "off" else f"quantize_base {self.quantize_base}"
-            raise ConfigError(f"blocks_to_swap moves a block's tensors between host and device by hand, which "
-                              f"{what} does not allow (its own kernels / quantized parameters): use one of them")
-        if self.text.trained:
-            clash = ("fused_backward" if self.fused_backward else "blocks_to_swap" if self.blocks_to_swap else
-                     "parallel fsdp" if self.parallel == "fsdp" else "")
-            if clash:
-                raise ConfigError(f"train_text_encoder {self.train_text_encoder} is not supported with {clash}: "
-                                  f"turn one of them off")
         where = self.input or graph.default_input(self.workdir, "train")
         object.__setattr__(self, "input", where if location.is_url(where) else Path(where))
         object.__setattr__(self, "output", self.output or self.workdir / "train")
+
+    def _problem(self) -> str | None:
+        """The first reason, across the groups, why this config cannot be trained (None: it can)."""
+        if self.prediction == "epsilon" and self.schedule != "sdxl":
+            return (f"schedule {self.schedule} reaches zero SNR, where epsilon prediction is trivial (the input is "
+                    f"the noise); use --prediction v_prediction")
+        if self.holdout and self.holdout_count:
+            return f"holdout {self.holdout:g} and holdout_count {self.holdout_count}: give one of them"
+        if self.lr_schedule == "polynomial" and self.lr_end >= self.learning_rate:
+            return (f"lr_end {self.lr_end:g} must be below learning_rate {self.learning_rate:g} (the polynomial "
+                    f"schedule decays from one to the other)")
+        return (objective.weighting_problem(self.objective) or view(self, AdapterOptions).problem() or
+                self.vae_target.problem() or (unet_only_problem(self) if self.target == "vae" else None) or
+                self.optim.problem() or self.unet.problem() or
+                sharding.problem(self.parallel, self.method, self.optimizer, OPTIMIZERS[self.optimizer].shardable,
+                                 self.weights_dtype, self.mixed_precision,
+                                 self.ema_decay > 0 and self.ema_device == "cpu"))
+
+    def _memory_problem(self) -> str | None:
+        """Memory savers that cannot work together (None: these can)."""
+        if self.blocks_to_swap and self.fused_backward:
+            return ("fused_backward steps each weight on the device inside the backward pass, but a swapped block's "
+                    "weights are stepped on the CPU: turn one of fused_backward and blocks_to_swap off")
+        if self.blocks_to_swap and (self.compile != "off" or self.quantize_base in ("nf4", "int8")):
+            what = f"compile {self.compile}" if self.compile != "off" else f"quantize_base {self.quantize_base}"
+            return (f"blocks_to_swap moves a block's tensors between host and device by hand, which {what} does "
+                    f"not allow (its own kernels / quantized parameters): use one of them")
+        clash = ("fused_backward" if self.fused_backward else "blocks_to_swap" if self.blocks_to_swap else
+                 "parallel fsdp" if self.parallel == "fsdp" else "")
+        if self.text.trained and clash:
+            return f"train_text_encoder {self.train_text_encoder} is not supported with {clash}: turn one of them off"
+        return None
 
     @cached_property
     def objective(self) -> ObjectiveConfig:

@@ -77,6 +77,21 @@ class AdapterOptions:
                            fingerprint=False)
     lora_file_dtype: str = opt("float16", "dtype of those LoRA files' weights.",
                                choices=("float16", "bfloat16", "float32"), fingerprint=False)
+    method: str = borrowed()
+
+    def problem(self) -> str | None:
+        """Why these choices cannot be trained (None: they can)."""
+        if self.method != "lora" and (self.init_lora is not None or self.lora_files):
+            what = "init_lora starts a LoRA" if self.init_lora is not None else "lora_files writes LoRA files"
+            return (f"{what}; this run fine-tunes the whole UNet (method full)" +
+                    ("" if self.init_lora is not None else ": export it with sdxl export --format single-file"))
+        if self.adapter_type != "lora" and (self.init_lora is not None or self.lora_files):
+            what = "init_lora reads" if self.init_lora is not None else "lora_files writes"
+            return (f"{what} LoRA files, which hold no adapter_type {self.adapter_type}: leave it out (export the "
+                    f"adapter after training)")
+        if self.dora and not lora.ADAPTERS[self.adapter_type].dora:
+            return f"dora decomposes a LoRA's weights; adapter_type {self.adapter_type} has no DoRA form"
+        return None
 
 
 def build_unet(cfg: UnetConfig, device: torch.device) -> Any:
