@@ -77,6 +77,13 @@ def encode_windows(text_encoder: Any, text_encoder_2: Any, ids1: Any, ids2: Any)
     return torch.cat([h1, h2.to(h1.device, h1.dtype)], dim=-1), pooled
 
 
+def encode_caption(model: Any, caption: str, max_windows: int | None = None) -> tuple[Any, Any]:
+    """(hidden [n*77, d1+d2], pooled [d_proj]) for one caption with both SDXL text encoders (the tests' reference
+    of what encode stores for a caption)."""
+    (one,) = encode_captions(model, [caption], max_windows)
+    return one["hidden"], one["pooled"]
+
+
 def time_ids(original_hw: tuple[int, int], crop_top_left: tuple[int, int], target_hw: tuple[int, int]) -> list[float]:
     """SDXL micro-conditioning: [orig_h, orig_w, crop_top, crop_left, target_h, target_w] (heights first)."""
     return [float(original_hw[0]), float(original_hw[1]), float(crop_top_left[0]), float(crop_top_left[1]),
