@@ -134,6 +134,8 @@ RESUMED = {
     "adamw8bit-per-group-lr": dict(optimizer="adamw8bit", adapter_lr=1e-2, lora_dropout=0.2),
     "schedulefree": dict(optimizer="schedulefree_adamw", warmup_steps=2),
     "prodigy": dict(optimizer="prodigy", learning_rate=1.0),
+    # issue 24: 16 samples in batches of 3: each epoch ends with a batch of 1 (a bucket's remainder, scaled)
+    "bucket-remainder-batch3": dict(batch_size=3),
     # issue 12: memory savers under kill -9 (fp8 base, swapped blocks stepped on the host, offloaded activations)
     "fp8-base-swap-offload": dict(quantize_base="fp8", blocks_to_swap=6, activation_offload=True, lora_dropout=0.2,
                                   gradient_checkpointing=True, ema_decay=0.9),
@@ -181,6 +183,28 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(encoded, uninterrupted,
     # two processes differ there; the torch generator, which LoRA dropout draws from, is compared above)
     for name in ("optimizer", "scheduler", "scaler", "progress"):
         assert json.loads((a / f"{name}.json").read_text()) == json.loads((b / f"{name}.json").read_text()), name
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())   # issue 24: the time of both parts
+    parts = manifest["parts"]
+    assert [(p["from_step"], p["to_step"]) for p in parts] == [(0, 3), (3, 8)] and parts[0]["seconds"] > 0
+    assert manifest["seconds"] == round(sum(p["seconds"] for p in parts), 1)
+
+
+def test_train_says_its_plan_and_what_a_dropped_remainder_leaves_out(encoded):
+    """Issue 24: the plan line train prints before the first step; 16 samples in batches of 3 leave one sample an
+    epoch untrained only when the remainder is dropped (said, with the reason)."""
+    from stages.train import feed
+
+    def described(remainder):
+        cfg = resolve(train.Config, "train", {}, {"workdir": encoded, **BASE, "batch_size": 3,
+                                                   "bucket_remainder": remainder})
+        data = feed.open_data(cfg.data)
+        return feed.describe(data, feed.plan(data, cfg.data, 1), cfg.data, 1)
+
+    line, unused = described("drop")
+    assert unused == 1 and "6 steps (2 epochs of 5 steps, batch 3) over 16 samples per epoch" in line
+    assert "1 of them are not trained in the first epoch: the buckets' remainders are dropped" in line
+    line, unused = described("train")
+    assert unused == 0 and line.startswith("6 steps (1 epoch of 6 steps, batch 3)") and "smaller batch" in line
 
 
 def test_changed_config_on_resume_is_refused_unless_forced(encoded, tmp_path):

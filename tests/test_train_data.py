@@ -44,6 +44,28 @@ def test_batches_are_one_bucket_and_honour_repeats():
     assert used[(3, 0)] == 2 and used[(5, 1)] == 3  # repeats 2 and 3
 
 
+def test_a_buckets_remainder_is_a_smaller_batch_so_every_item_trains_every_epoch():
+    """Issue 24: buckets of 10 and 6 with batch 8 used to train 8 of the 16 items an epoch (the 6 never). With
+    partial batches every occurrence is used exactly as often as its repeats say, each batch one bucket, the smaller
+    batches last; the step count follows; the plan stays a pure function of (seed, epoch, rank)."""
+    shards = infos([("64x64", [1] * 10), ("128x64", [1] * 6)])
+    for epoch in range(3):
+        dropped = D.epoch_plan(shards, 0, 1, seed=5, epoch=epoch, batch=8, buffer=4)
+        assert [len(b) for b in dropped] == [8] and D.count_batches(shards, 0, 1, 5, epoch, 8) == 1
+        plan = D.epoch_plan(shards, 0, 1, seed=5, epoch=epoch, batch=8, buffer=4, partial=True)
+        assert sorted(len(b) for b in plan) == [2, 6, 8] and len(plan[0]) == 8   # the remainders at the end
+        assert all(len({shards[n].group for n, _ in b}) == 1 for b in plan)
+        assert sorted(ref for b in plan for ref in b) == sorted((n, j) for n, s in enumerate(shards)
+                                                                for j in range(s.samples))
+        assert plan == D.epoch_plan(shards, 0, 1, seed=5, epoch=epoch, batch=8, buffer=4, partial=True)
+        assert D.count_batches(shards, 0, 1, 5, epoch, 8, partial=True) == 3
+    assert D.Schedule.make(shards, 1, 5, 8, 1, epochs=3, max_steps=0, partial=True).steps == (3, 3, 3)
+    assert D.Schedule.make(shards, 1, 5, 8, 1, epochs=3, max_steps=0).steps == (1, 1, 1)
+    repeated = infos([("64x64", [3, 1, 2])])
+    plan = D.epoch_plan(repeated, 0, 1, seed=0, epoch=0, batch=4, buffer=2, partial=True)
+    assert Counter(ref for b in plan for ref in b) == {(0, 0): 3, (0, 1): 1, (0, 2): 2}
+
+
 def test_plan_is_deterministic_and_buffer_shuffles():
     shards = infos(SPEC)
     a = D.epoch_plan(shards, 0, 1, 1, 0, 2, 16)

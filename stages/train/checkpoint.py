@@ -184,10 +184,16 @@ def record(cfg: Config, inputs: dict) -> dict:
     return {"config": fingerprinted(cfg), "inputs": {k: v["fingerprint"] for k, v in inputs.items()}}
 
 
+#: keys whose absence from an older checkpoint stands for another value than today's default: what runs written
+#: before the key existed did (a bucket's remainder was dropped)
+BEFORE_THE_KEY = {"bucket_remainder": "drop"}
+
+
 def config_defaults(config_class: type) -> dict:
-    """Every fingerprinted key's default, as the record holds values (what a key absent from an older checkpoint
-    stands for)."""
-    return {f.name: to_plain(default_of(f)) for f in fields(config_class) if f.metadata.get("fingerprint", True)}
+    """What a fingerprinted key absent from an older checkpoint stands for, as the record holds values: its
+    default, or what runs did before the key existed (BEFORE_THE_KEY)."""
+    return {f.name: BEFORE_THE_KEY.get(f.name, to_plain(default_of(f))) for f in fields(config_class)
+            if f.metadata.get("fingerprint", True)}
 
 
 def save_run(root: Path, cfg: Config, method: str, step: int, epoch: int, run_record: dict,

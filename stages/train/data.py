@@ -106,17 +106,26 @@ def rank_shards(infos: list[ShardInfo], rank: int, world: int, seed: int, epoch:
     return [infos[i] for i in _shard_order(len(infos), seed, epoch)[rank::world]]
 
 
-def count_batches(infos: list[ShardInfo], rank: int, world: int, seed: int, epoch: int, batch: int) -> int:
-    """Full batches rank `rank` can make in `epoch` (from the index alone)."""
+def bucket_samples(infos: list[ShardInfo], rank: int, world: int, seed: int, epoch: int) -> Counter:
+    """Samples (repeats counted) rank `rank` reads of each bucket in `epoch` (from the index alone)."""
     per_bucket: Counter = Counter()
     for s in rank_shards(infos, rank, world, seed, epoch):
         per_bucket[s.group] += sum(s.repeats)
-    return sum(n // batch for n in per_bucket.values())
+    return per_bucket
+
+
+def count_batches(infos: list[ShardInfo], rank: int, world: int, seed: int, epoch: int, batch: int,
+                  partial: bool = False) -> int:
+    """Batches rank `rank` makes in `epoch`: full ones, and with `partial` each bucket's remainder as one more."""
+    per_bucket = bucket_samples(infos, rank, world, seed, epoch)
+    return sum(-(-n // batch) if partial else n // batch for n in per_bucket.values())
 
 
 def epoch_plan(infos: list[ShardInfo], rank: int, world: int, seed: int, epoch: int, batch: int,
-               buffer: int) -> list[tuple[Ref, ...]]:
-    """This rank's batches of epoch `epoch`, in order; each batch holds references of one bucket."""
+               buffer: int, partial: bool = False) -> list[tuple[Ref, ...]]:
+    """This rank's batches of epoch `epoch`, in order; each batch holds references of one bucket. A bucket's last
+    samples that do not fill a batch are dropped, or with `partial` trained as a smaller batch at the epoch's end
+    (buckets in the order their first sample came)."""
     rng = random.Random(f"{seed}:buffer:{epoch}:{rank}")
     held: list[Ref] = []
     stream: list[Ref] = []
@@ -138,6 +147,8 @@ def epoch_plan(infos: list[ShardInfo], rank: int, world: int, seed: int, epoch: 
         if len(group) == batch:
             batches.append(tuple(group))
             group.clear()
+    if partial:
+        batches.extend(tuple(group) for group in pending.values() if group)
     return batches
 
 
@@ -149,11 +160,11 @@ class Schedule:
 
     @classmethod
     def make(cls, infos: list[ShardInfo], world: int, seed: int, batch: int, accumulate: int, epochs: int,
-             max_steps: int) -> "Schedule":
+             max_steps: int, partial: bool = False) -> "Schedule":
         out: list[int] = []
         while (max_steps and sum(out) < max_steps) or (not max_steps and len(out) < epochs):
             e = len(out)
-            n = min(count_batches(infos, r, world, seed, e, batch) for r in range(world)) // accumulate
+            n = min(count_batches(infos, r, world, seed, e, batch, partial) for r in range(world)) // accumulate
             if n == 0:
                 raise InputError(f"an epoch has no full step: some rank gets fewer than batch_size x accumulate "
                                  f"= {batch * accumulate} samples of any bucket from its shards ({len(infos)} "

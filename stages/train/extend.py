@@ -106,7 +106,7 @@ def check_length(folder: Path, saved: Any, cfg: Config, schedule: Any, infos: li
     if all(saved.config.get(k) == getattr(cfg, k) for k in LENGTH):
         return
     old = D.Schedule.make(infos, world, cfg.seed, cfg.batch_size, cfg.accumulate,
-                          saved.config.get("epochs", cfg.epochs), saved.config.get("max_steps", 0))
+                          saved.config.get("epochs", cfg.epochs), saved.config.get("max_steps", 0), cfg.data.partial)
     message = schedule_change(make_scheduler, cfg.optim, old.total, schedule.total, saved.step)
     if message:
         warn(f"extending: {message}")

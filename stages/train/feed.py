@@ -32,6 +32,10 @@ class DataConfig:
     source: str = opt("auto", "Read tar shards or the zarr store (auto: tar when encode wrote them).",
                       choices=("auto", "wds", "zarr"), fingerprint=False)
     batch_size: int = opt(4, "Samples per micro-batch per process (one bucket per batch).", ge=1)
+    bucket_remainder: str = opt("train", "A bucket's last samples of an epoch that do not fill a batch: train them as a "
+                                         "smaller batch, each weighing as in a full one (every item trained every "
+                                         "epoch), or drop them for that epoch (said before training and in the "
+                                         "manifest).", choices=("train", "drop"))
     accumulate: int = opt(1, "Micro-batches accumulated per optimizer step.", ge=1)
     shuffle_buffer: int = opt(256, "Samples in the shuffle buffer (1 = stream order).", ge=1)
     epochs: int = opt(1, "Epochs to train when max_steps is 0.", ge=1)
@@ -39,6 +43,11 @@ class DataConfig:
     seed: int = borrowed()
     prefetch: int = opt(4, "Batches read ahead by the loader thread.", fingerprint=False, ge=1)
     decode_pixels: bool = derived(True)   # decode the crops' stored images (the VAE target trains on them)
+
+    @property
+    def partial(self) -> bool:
+        """Whether a bucket's remainder is trained as a smaller batch (else dropped for the epoch)."""
+        return self.bucket_remainder == "train"
 
 
 @dataclass
@@ -71,7 +80,8 @@ def open_data(cfg: DataConfig) -> Data:
 
 def plan(data: Data, cfg: DataConfig, world: int) -> D.Schedule:
     """Optimizer steps per epoch, the same on every rank."""
-    return D.Schedule.make(data.infos, world, cfg.seed, cfg.batch_size, cfg.accumulate, cfg.epochs, cfg.max_steps)
+    return D.Schedule.make(data.infos, world, cfg.seed, cfg.batch_size, cfg.accumulate, cfg.epochs, cfg.max_steps,
+                           cfg.partial)
 
 
 def check_shapes(unet: Any, index: Index, where: Path | str) -> None:
@@ -106,13 +116,39 @@ def micro_batches(data: Data, schedule: D.Schedule, cfg: DataConfig, rank: int, 
     epoch, in_epoch = schedule.locate(step)
     base = sum(schedule.steps[:epoch])
     for e in range(epoch, len(schedule.steps)):
-        batches = D.epoch_plan(data.infos, rank, world, cfg.seed, e, cfg.batch_size,
-                               cfg.shuffle_buffer)[:schedule.steps[e] * cfg.accumulate]
+        batches = D.epoch_plan(data.infos, rank, world, cfg.seed, e, cfg.batch_size, cfg.shuffle_buffer,
+                               cfg.partial)[:schedule.steps[e] * cfg.accumulate]
         first = in_epoch * cfg.accumulate if e == epoch else 0
         read = data.read.ahead(D.shard_order(batches[first:]))
         for i, samples in enumerate(D.stream_batches(batches[first:], read, Sample.detached), start=first):
             yield samples, base + i // cfg.accumulate, i % cfg.accumulate
         base += schedule.steps[e]
+
+
+def planned_samples(data: Data, schedule: D.Schedule, cfg: DataConfig, world: int, epoch: int) -> int:
+    """Samples (repeats counted) the ranks train in `epoch` of the schedule (every rank's plan, from the index)."""
+    return sum(len(b) for rank in range(world) for b in
+               D.epoch_plan(data.infos, rank, world, cfg.seed, epoch, cfg.batch_size, cfg.shuffle_buffer,
+                            cfg.partial)[:schedule.steps[epoch] * cfg.accumulate])
+
+
+def describe(data: Data, schedule: D.Schedule, cfg: DataConfig, world: int) -> tuple[str, int]:
+    """The run's plan in one line (steps, epochs, batches), and how many samples of an epoch it leaves untrained
+    (a bucket's remainder dropped, or batches a rank or accumulation cannot use)."""
+    every = sum(sum(i.repeats) for i in data.infos)
+    unused = every - planned_samples(data, schedule, cfg, world, 0)
+    epochs = len(schedule.steps)
+    shape = f"batch {cfg.batch_size}" + (f" x {cfg.accumulate} accumulated" if cfg.accumulate > 1 else "") + \
+        (f" x {world} processes" if world > 1 else "")
+    line = (f"{schedule.total} steps ({epochs} epoch{'s' if epochs > 1 else ''} of {schedule.steps[0]} steps, "
+            f"{shape}) over {every} samples per epoch")
+    if unused:
+        why = ("the buckets' remainders are dropped (bucket_remainder drop)" if not cfg.partial else
+               "the ranks' and accumulation's last batches do not fill a step")
+        line += f"; {unused} of them are not trained in the first epoch: {why}"
+    elif cfg.partial and any(n % cfg.batch_size for n in D.bucket_samples(data.infos, 0, 1, cfg.seed, 0).values()):
+        line += "; each bucket's remainder is trained as a smaller batch"
+    return line, unused
 
 
 def dataset_extras(index: Index) -> dict:

@@ -203,3 +203,38 @@ def epoch_position(schedule: Any, step: int) -> float:
     second)."""
     epoch, in_epoch = schedule.locate(step)
     return epoch + (in_epoch / schedule.steps[epoch] if epoch < len(schedule.steps) else 0.0)
+
+
+class WallClock:
+    """Wall time of each part of a run (the first start and each resume) and in all, kept in
+    `<staging>/logs/parts.json` (main rank), noted at every log line and checkpoint: what the manifest reports, so
+    a run resumed after an interrupt reports its whole time, not its last part's."""
+
+    def __init__(self, folder: Path, step: int, main: bool):
+        self.path, self.main, self.started = folder / "parts.json", main, time.monotonic()
+        self.parts: list[dict] = self._earlier() if main else []
+        self.parts.append({"from_step": step, "to_step": step, "seconds": 0.0})
+
+    def _earlier(self) -> list[dict]:
+        try:
+            parts = json.loads(self.path.read_text(encoding="utf-8"))
+            return [{k: p[k] for k in ("from_step", "to_step", "seconds")} for p in parts]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, TypeError, KeyError):  # damaged: the earlier parts' time is unknown
+            return [{"from_step": None, "to_step": None, "seconds": None}]
+
+    def note(self, step: int) -> None:
+        if not self.main:
+            return
+        self.parts[-1].update(to_step=step, seconds=round(time.monotonic() - self.started, 1))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(self.parts) + "\n", encoding="utf-8")
+        partial.replace(self.path)
+
+    @property
+    def total(self) -> float | None:
+        """Seconds of every part (None when an earlier part's record was damaged)."""
+        known = [p["seconds"] for p in self.parts]
+        return None if None in known else round(sum(known), 1)

@@ -9,7 +9,6 @@ memory savers of offload.py wrap its forward and backward pass.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +51,7 @@ class Run:
     holdout: H.Holdout | None          # the held-out validation set (its samples on the main rank); None: off
     eval_set: list                     # the fixed evaluation samples (main rank, or every rank when sharded)
     log: logs.TrainLog | None = None   # the main rank's, from the step resumed at
+    clock: logs.WallClock | None = None   # wall time per part of the run (made when its first step is known)
 
     def parts(self) -> dict[str, ckpt.Stateful]:
         """What a checkpoint holds, restored in this order (the schedule after the optimizer: it sets the
@@ -79,6 +79,8 @@ def build_run(cfg: Config, staging: Path, rank: ranks.Rank, device: torch.device
                          samples_everywhere=cfg.parallel == "fsdp" and rank.world > 1)
                if cfg.holdout_set.on else None)
     schedule = feed.plan(data, cfg.data, rank.world)
+    if rank.main:
+        say(f"train: {feed.describe(data, schedule, cfg.data, rank.world)[0]}")
     precision = S.Precision.make(cfg.weights_dtype, cfg.mixed_precision, device.type)
     target = TARGETS[cfg.target].build(Setting(cfg, data, rank, device, staging, precision))
     groups = O.param_groups(cfg.optim, target.groups())
@@ -104,6 +106,7 @@ def build_run(cfg: Config, staging: Path, rank: ranks.Rank, device: torch.device
     if rank.main:
         run.log = logs.TrainLog(cfg.logging, staging / "logs", schedule.total, run.progress.step,
                                 cfg.batch_size * cfg.accumulate * rank.world, to_plain(cfg))
+    run.clock = logs.WallClock(staging / "logs", run.progress.step, rank.main)
     target.resumed_at(run.progress.step)
     return run
 
@@ -134,12 +137,13 @@ def train_steps(run: Run) -> None:
     for step in range(run.progress.step, total):
         lr, epoch = run.lr.lr, run.schedule.locate(step)[0]
         for micro in range(data.accumulate):
-            batch = target.assemble(*next(batches), epoch).to(run.device)
+            samples, at, index = next(batches)
+            batch = target.assemble(samples, at, index, epoch).to(run.device)
             with sync(run, last=micro == data.accumulate - 1):
                 with target.offload.forward():
                     loss, per_sample, u = target.loss(run.model, batch)
-                with target.offload.backward():
-                    backward(run, loss, data.accumulate)
+                with target.offload.backward():   # a bucket's remainder: each sample weighs as in a full batch
+                    backward(run, loss * (len(samples) / data.batch_size), data.accumulate)
             window.add(loss.detach(), per_sample, u)
         window.norm = optimizer_step(run, step, loss.detach())
         run.lr.step()
@@ -163,6 +167,7 @@ def checkpoint_due(run: Run, step: int) -> bool:
 
 
 def report(run: Run, step: int, stats: dict, lr: float) -> None:
+    run.clock.note(step)
     if run.log is not None:
         run.log.write(step, {"loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"],
                              "skipped_steps": run.progress.skipped,
@@ -181,6 +186,7 @@ def evaluate(run: Run) -> None:
 def save(run: Run) -> None:
     """Evaluate and checkpoint (schedule-free in its eval mode for both, entered once: its averaged weights)."""
     cfg, step = run.cfg, run.progress.step
+    run.clock.note(step)
     with O.eval_mode(run.opt):
         evaluate(run)
         record = ckpt.save_run(run.staging / "checkpoints", cfg, run.target.method, step,
@@ -191,7 +197,7 @@ def save(run: Run) -> None:
                                  feed.dataset_extras(run.data.index), run.target.module.config)
 
 
-def result(run: Run, started: float) -> BuildResult:
+def result(run: Run) -> BuildResult:
     cfg, index, sched = run.cfg, run.data.index, run.schedule
     evals, vals = run.progress.eval, run.progress.val
     extra = {"final_checkpoint": f"checkpoints/{ckpt.folder_name(sched.total)}",
@@ -201,21 +207,21 @@ def result(run: Run, started: float) -> BuildResult:
                            "history": evals},
              "val_loss": {"first": vals[0] if vals else None, "last": vals[-1] if vals else None,
                           "history": vals, "items": len(run.holdout.ids) if run.holdout is not None else 0},
-             **feed.dataset_extras(index), "comment": cfg.comment, "seconds": round(time.monotonic() - started, 1)}
-    per_step = cfg.batch_size * cfg.accumulate * run.rank.world
-    occurrences = sum(sum(i.repeats) for i in run.data.infos)
-    extra["epoch_samples"] = occurrences  # per epoch, counting repeats
-    extra["epoch_unused"] = occurrences - sched.steps[0] * per_step  # first epoch's remainder, not trained
+             **feed.dataset_extras(index), "comment": cfg.comment, "seconds": run.clock.total,
+             "parts": run.clock.parts}
+    trained = [feed.planned_samples(run.data, sched, cfg.data, run.rank.world, e) for e in range(len(sched.steps))]
+    extra["epoch_samples"] = sum(sum(i.repeats) for i in run.data.infos)   # per epoch, counting repeats
+    extra["epoch_unused"] = extra["epoch_samples"] - trained[0]           # of the first epoch, not trained
+    extra["bucket_remainder"] = cfg.bucket_remainder
     extra.update(run.target.summary(run.progress))
-    return BuildResult({"in": index.samples, "out": sched.total, "dropped": {},
-                        "samples_trained": sched.total * per_step}, extra)
+    return BuildResult({"in": index.samples, "out": sched.total, "dropped": {}, "samples_trained": sum(trained)},
+                       extra)
 
 
 def build(cfg: Config, staging: Path, inputs: dict) -> BuildResult | None:
     rank = ranks.current()
     device = torch.device(ranks.device(cfg.device, rank.local))
     made_group = sharding.init_distributed(rank, device)
-    started = time.monotonic()
     try:
         run = build_run(cfg, staging, rank, device, ckpt.record(cfg, inputs))
         if not run.progress.eval:
@@ -228,7 +234,8 @@ def build(cfg: Config, staging: Path, inputs: dict) -> BuildResult | None:
         if run.log is not None:
             run.log.close()
         run.barrier()
-        return result(run, started) if rank.main else None
+        run.clock.note(run.progress.step)
+        return result(run) if rank.main else None
     finally:
         if made_group:
             torch.distributed.destroy_process_group()
