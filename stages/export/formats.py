@@ -52,7 +52,9 @@ def write_peft(path: Path, states: dict[str, dict], alpha: float, provenance: di
     metadata so alpha and DoRA load back exactly), plus our provenance in its metadata."""
     from diffusers import StableDiffusionXLPipeline
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from shared.formats.tensorfile import save_file  # sorted metadata (the same bytes every time), umask's mode
 
     cast = {c: {k: v.to(torch_dtype(dtype)).contiguous() for k, v in s.items()} for c, s in states.items()}
     kwargs = {}
@@ -148,7 +150,7 @@ def write_single_file(path: Path, model: Any, dtype: str, info: dict, provenance
 
 def write_vae_single_file(vae: Any, path: Path, dtype: str, provenance: dict) -> None:
     """The VAE in the original layout (its config is written beside it by vae.build: `<out>/vae-config/`)."""
-    from safetensors.torch import save_file
+    from shared.formats.tensorfile import save_file
 
     state = {k: v.to(torch_dtype(dtype)).contiguous() for k, v in sgm.vae_state(vae).items()}
     save_file(state, str(path), metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base/vae",
