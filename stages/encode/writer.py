@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from shared.core.artifacts import sha256_file
 from shared.core.faults import checkpoint
 from shared.formats import samples as fmt
 from shared.formats import shards
 from shared.formats.plan import PlanRow
 from shared.formats.samples import EmptyCaption, Layout, Sample
-from shared.formats.shard_index import ShardEntry, group_name
+from shared.formats.shard_index import ShardEntry, group_name, matches
 
 
 @dataclass(frozen=True)
@@ -133,11 +132,12 @@ def write_shard(staging: Path, shard: Shard, made: list[Made], wds: bool, zarr: 
     if wds:
         final.parent.mkdir(parents=True, exist_ok=True)
         written = shards.write_tar(tmp, members)
-        entry.update(name=shard.tar, bytes=written["bytes"], sha256=written["sha256"])
+        entry.update(name=shard.tar, bytes=written["bytes"], sha256=written["sha256"], blake3=written["blake3"])
     if zarr:
         group = shards.open_store(staging / "zarr", mode="a")[shard.group]
         fmt.write_rows(group, shard.first, samples)
-        entry["zarr_sha256"] = zarr_rows_digest(group, shard.first, len(samples), staging / "zarr" / shard.group)
+        digests = zarr_rows_digests(group, shard.first, len(samples), staging / "zarr" / shard.group)
+        entry.update(zarr_sha256=digests["sha256"], zarr_blake3=digests["blake3"])
     if wds:
         tmp.replace(final)
     checkpoint("encode.shard")
@@ -157,10 +157,11 @@ def tar_members(samples: list[Sample], pixels: str) -> list[dict]:
         return list(pool.map(lambda s: fmt.to_tar(s, pixels), samples))
 
 
-def zarr_rows_digest(group: Any, first: int, count: int, where: Path | None = None) -> str:
-    """The digest of what the store now holds for a shard's rows (read back, from the chunk files at `where`
-    as train reads them)."""
-    return fmt.rows_digest(*fmt.read_rows(group, first, first + count, where=where))
+def zarr_rows_digests(group: Any, first: int, count: int, where: Path | None = None) -> dict[str, str]:
+    """{algorithm: digest} (shards.DIGESTS) of what the store now holds for a shard's rows (read back once, from
+    the chunk files at `where` as train reads them)."""
+    rows, keys = fmt.read_rows(group, first, first + count, where=where)
+    return {a: shards.zarr_digest(rows, keys, a) for a in shards.DIGESTS}
 
 
 def content_hash(members: list[dict]) -> str:
@@ -182,17 +183,20 @@ def tag_counts(tag_lists: Iterable[Iterable[str]]) -> dict[str, int]:
 
 
 def shard_intact(staging: Path, record: ShardRecord, store: Any) -> bool:
-    """Whether a finished shard's tar and zarr rows (`store`: the open store, or None) still match its record."""
+    """Whether a finished shard's tar and zarr rows (`store`: the open store, or None) still match its record
+    (shard_index.matches: by blake3 where it records one, else sha256)."""
     entry = record.entry
     if entry.name:
         tar = staging / entry.name
-        if not tar.is_file() or tar.stat().st_size != entry.bytes or sha256_file(tar) != entry.sha256:
+        if not tar.is_file() or tar.stat().st_size != entry.bytes \
+                or not matches(entry.tar_digests, lambda a: shards.file_digests(tar, (a,))[a]):
             return False
     if store is None:
         return True
     try:
         group = store[group_name(record.bucket)]
-        where = staging / "zarr" / group_name(record.bucket)
-        return zarr_rows_digest(group, entry.first, entry.samples, where) == entry.zarr_sha256
+        rows, keys = fmt.read_rows(group, entry.first, entry.first + entry.samples,
+                                   where=staging / "zarr" / group_name(record.bucket))
+        return matches(entry.rows_digests, lambda a: shards.zarr_digest(rows, keys, a))
     except Exception:  # noqa: BLE001 - unreadable rows are damaged rows
         return False
