@@ -1,11 +1,15 @@
 """Reading encode's shards for train: each shard loaded whole, checked, then decoded into `Sample` records,
 several shards at once ahead of the stream.
 
-A tar shard is read in one request (a path, an fsspec URL or a `pipe:` command), its size and sha256 compared
+A tar shard is read in one request (a path, an fsspec URL or a `pipe:` command), its size and digest compared
 with index.json, and only then listed; its arrays are views of the shard's bytes (no copy per sample). A zarr
 shard is one chunk per array (encode chunks the store by shard): the arrays are fetched concurrently, one object
-each, decompressed in one call each off the training thread, and the rows' digest compared with index.json. A mismatch is a DataError naming the shard, raised when the shard's turn comes —
-before any of its samples reaches a training step.
+each, decompressed in one call each off the training thread, and the rows' digest compared with index.json. A
+mismatch is a DataError naming the shard, raised when the shard's turn comes — before any of its samples reaches
+a training step. The digest checked is BLAKE3 where index.json records it (encode since 2026-12: ~5x sha256's
+speed), else sha256, which every index records and which decides when they disagree (shard_index.matches).
+`ShardInfo` carries the sha256 records only, so the reader takes the blake3 ones from the index itself
+(`recorded_entries`), each bound to its info by equal sha256 records.
 
 A local shard is hashed once per reader, not once per epoch: after a shard's check passes, the identity of its
 files (device, inode, size, modification and change times in ns) is remembered, and a later read whose files
@@ -15,10 +19,11 @@ than RACY_SECONDS before the check are not remembered (timestamps coarser than t
 second write, as in git's "racy" index entries). Shards read by URL are hashed on every read.
 
 `ShardReader.ahead(order)` loads the shards of a stream in background threads, up to `depth` beyond the one
-being consumed: reading, hashing (hashlib releases the GIL) and network waits overlap each other and the
-training step. Memory: the `depth` shards ahead, the one being read, and the shards more than a quarter of whose
-samples still wait in the stream's shuffle buffer (data.stream_batches copies out the last quarter); their
-buffers come from a `BufferPool` and are reused once free (~7 shard buffers at 256 SDXL samples a shard).
+being consumed: reading, hashing (sha256 and blake3 release the GIL; blake3 also spreads a large shard over the
+cores) and network waits overlap each other and the training step. Memory: the `depth` shards ahead, the one
+being read, and the shards more than a quarter of whose samples still wait in the stream's shuffle buffer
+(data.stream_batches copies out the last quarter); their buffers come from a `BufferPool` and are reused once
+free (~7 shard buffers at 256 SDXL samples a shard).
 """
 from __future__ import annotations
 
@@ -29,11 +34,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from shared.core.errors import DataError
-from shared.formats import location, shards
+from shared.core.errors import DataError, InputError
+from shared.formats import location, shard_index, shards
 from shared.formats.buffers import BufferPool
 from shared.formats import samples as fmt
 from shared.formats.samples import Layout, Sample
+from shared.formats.shard_index import Index, ShardEntry
 from stages.train.data import ShardInfo
 
 #: shards loaded ahead of the one being consumed (a shard of 256 SDXL samples at 1024² is ~115 MB)
@@ -47,8 +53,10 @@ class ShardReader:
     output at `folder` is a local folder or an fsspec URL."""
 
     def __init__(self, folder: Path | str, infos: list[ShardInfo], source: str, urls: dict[int, str],
-                 layout: Layout | None = None, pixels: bool = True):
+                 layout: Layout | None = None, pixels: bool = True, index: Index | None = None):
         self.folder, self.infos, self.source, self.urls = folder, infos, source, urls
+        # each shard's index entry (its blake3 records); `index`: the one `infos` came from [default: read again]
+        self.entries = recorded_entries(folder, infos, index)
         # pixels False: a tar's stored images are left undecoded (the shard's sha256 still covers them; a zarr
         # shard's pixel rows are read, since its digest covers every array, but cost no image decoding)
         self.fix, self.pixels = fmt.fix_for(folder), pixels
@@ -79,7 +87,7 @@ class ShardReader:
         data = read_tar(url, self.buffers.take)
         after = self.checked.identity([url])
         if not (self.checked.unchanged(info.number, before, after) and len(data) == info.bytes):
-            check_tar(data, url, info)
+            check_tar(data, url, info, self.entries.get(info.number))
             self.checked.remember(info.number, before, after)
         out = [fmt.from_tar(raw, url, self.fix, self.pixels) for raw in shards.tar_samples(data, url)]
         if len(out) != info.samples:
@@ -101,7 +109,7 @@ class ShardReader:
         except Exception as e:  # noqa: BLE001 - a remote store's client raises its own types
             raise DataError(f"{where}: unreadable rows {lo}..{hi - 1} ({type(e).__name__}: {e})") from None
         if not self.checked.unchanged(info.number, before, after):
-            if fmt.rows_digest(rows, keys) != info.zarr_sha256:
+            if not rows_match(rows, keys, info, self.entries.get(info.number)):
                 raise DataError(f"{where}: rows {lo}..{hi - 1} (shard {info.name or lo}) differ from what encode "
                                 f"recorded in index.json; re-encode")
             self.checked.remember(info.number, before, after)
@@ -126,13 +134,48 @@ def read_tar(url: str, alloc: Callable[[int], Any] | None = None) -> Any:
         raise DataError(f"{url}: unreadable shard ({e})") from None
 
 
-def check_tar(data: Any, url: str, info: ShardInfo) -> None:
-    """A DataError unless `data` has the size and sha256 encode recorded for the shard."""
-    digest = hashlib.sha256(data).hexdigest() if len(data) == info.bytes else ""
-    if digest != info.sha256:
-        raise DataError(f"{url}: not the shard encode wrote ({len(data)} bytes, sha256 "
-                        f"{(digest or hashlib.sha256(data).hexdigest())[:12]}; index.json: {info.bytes} bytes, "
-                        f"{str(info.sha256)[:12]}); it is damaged or another shard — re-encode, or check --shards")
+def check_tar(data: Any, url: str, info: ShardInfo, entry: ShardEntry | None = None) -> None:
+    """A DataError unless `data` has the size and digest encode recorded for the shard (shard_index.matches: its
+    blake3 where `entry`, its index entry as recorded_entries finds it, records one; else the info's sha256)."""
+    recorded = {"sha256": info.sha256, "blake3": entry.blake3 if entry is not None else None}
+    if len(data) == info.bytes and shard_index.matches(recorded, lambda a: _digest(data, a)):
+        return
+    raise DataError(f"{url}: not the shard encode wrote ({len(data)} bytes, sha256 "
+                    f"{hashlib.sha256(data).hexdigest()[:12]}; index.json: {info.bytes} bytes, "
+                    f"{str(info.sha256)[:12]}); it is damaged or another shard — re-encode, or check --shards")
+
+
+def _digest(data: Any, algorithm: str) -> str:
+    return hashlib.sha256(data).hexdigest() if algorithm == "sha256" else shards.digest(data, algorithm)
+
+
+def rows_match(rows: dict[str, Any], keys: list[str], info: ShardInfo, entry: ShardEntry | None = None) -> bool:
+    """Whether a zarr shard's rows (and keys) have the digest encode recorded (as check_tar)."""
+    recorded = {"sha256": info.zarr_sha256, "blake3": entry.zarr_blake3 if entry is not None else None}
+    return shard_index.matches(recorded, lambda a: fmt.rows_digest(rows, keys) if a == "sha256"
+                               else shards.zarr_digest(rows, keys, a))
+
+
+def recorded_entries(folder: Path | str, infos: list[ShardInfo], index: Index | None = None
+                     ) -> dict[int, ShardEntry]:
+    """{shard number: its index.json entry} for the shards of `infos` whose entry records blake3 digests and holds
+    the same records as the info (name, rows, repeats, keys, bytes and sha256 ones: the same record of the same
+    shard, so its blake3 digests check what its sha256 ones would). `index`: the index `infos` were read from
+    [default: read again from `folder`, checked against its manifest]. A shard left out is checked by sha256."""
+    if index is None:
+        try:
+            index = shard_index.read_index(folder, fmt.require_encode(folder))
+        except InputError:  # unreadable now (it was a moment ago): the infos' own sha256 records are checked
+            return {}
+    by_place = {(b.group, s.first): s for b, s in index.shards()}
+    out = {}
+    for info in infos:
+        entry = by_place.get((info.group, info.first))
+        if entry is not None and (entry.blake3 or entry.zarr_blake3) and (
+                entry.name, entry.repeats, entry.keys, entry.bytes, entry.sha256, entry.zarr_sha256) == (
+                info.name, info.repeats, info.keys, info.bytes, info.sha256, info.zarr_sha256):
+            out[info.number] = entry
+    return out
 
 
 class CheckedFiles:
