@@ -68,10 +68,11 @@ def random_pool(shapes: Shapes, seed: int, size: int = 8) -> list[dict[str, np.n
 
 
 def write_encode_output(out: Path, count: int, shapes: Shapes, shard_samples: int = 256, seed: int = 0,
-                        compression: tuple[str, int] | None = None) -> Index:
+                        compression: tuple[str, int] | None = None, digests: tuple[str, ...] = ("sha256",)) -> Index:
     """An encode output of `count` samples at `out` (format both; the zarr store chunked and compressed as
     encode writes it, `compression` = (codec, level), default encode's), committed with its manifest as encode
-    commits one."""
+    commits one. `digests`: what index.json records of each shard (default: sha256 only, as an sdxl before
+    2026-12 wrote it; encode now writes shards.DIGESTS, as the benchmark does)."""
     compression = compression or encode_compression()
     staging = artifacts.staging_dir(out)
     shutil.rmtree(staging, ignore_errors=True)
@@ -87,7 +88,7 @@ def write_encode_output(out: Path, count: int, shapes: Shapes, shard_samples: in
     pool, entries = random_pool(shapes, seed), []
     for k, first in enumerate(range(0, count, shard_samples)):
         batch = [make_sample(i, shapes, pool) for i in range(first, min(first + shard_samples, count))]
-        entries.append(_write_shard(staging, store[group], group, k, first, batch))
+        entries.append(_write_shard(staging, store[group], group, k, first, batch, digests))
     index = Index("both", layout, (BucketEntry(bucket, tuple(entries)),), {})
     shard_index.write_index(staging, index)
     manifest = artifacts.Manifest(stage="encode", version=fmt.ENCODE_VERSION, code_version="bench",
@@ -106,21 +107,24 @@ def encode_compression() -> tuple[str, int]:
     return found["zarr_compression"], found["zarr_level"]
 
 
-def _write_shard(staging: Path, group: object, name: str, k: int, first: int, batch: list[Sample]) -> ShardEntry:
+def _write_shard(staging: Path, group: object, name: str, k: int, first: int, batch: list[Sample],
+                 digests: tuple[str, ...] = ("sha256",)) -> ShardEntry:
     rel = f"shards/{name}/{k:06d}.tar"
     (staging / rel).parent.mkdir(parents=True, exist_ok=True)
     members = [fmt.to_tar(s) for s in batch]
-    written = shards.write_tar(staging / rel, members)
+    written = shards.write_tar(staging / rel, members, tuple(dict.fromkeys(("sha256",) + tuple(digests))))
     fmt.write_rows(group, first, batch)
     content = hashlib.sha256()
     for m in members:
         for member, data in shards.sample_members(m):
             content.update(member.encode() + data)
+    rows, keys = fmt.read_rows(group, first, first + len(batch))
+    blake3 = "blake3" in digests
     return ShardEntry(name=rel, shard=k, first=first, samples=len(batch),
                       repeats=tuple(1 for _ in batch), bytes=written["bytes"], sha256=written["sha256"],
-                      content_sha256=content.hexdigest(),
-                      zarr_sha256=fmt.rows_digest(*fmt.read_rows(group, first, first + len(batch))),
-                      keys=tuple(s.key for s in batch))
+                      content_sha256=content.hexdigest(), zarr_sha256=fmt.rows_digest(rows, keys),
+                      keys=tuple(s.key for s in batch), blake3=written["blake3"] if blake3 else None,
+                      zarr_blake3=shards.zarr_digest(rows, keys, "blake3") if blake3 else None)
 
 
 def write_per_file_cache(out: Path, count: int, shapes: Shapes, seed: int = 0) -> list[str]:

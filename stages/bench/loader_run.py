@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from shared.core.errors import ConfigError, DataError
+from shared.formats import shards
 from shared.formats.samples import ENCODE_VERSION
 from stages.bench import loader, loader_data
 from stages.bench.loader_data import Shapes
@@ -21,7 +22,7 @@ def prepare(root: Path, count: int, shapes: Shapes, shard_samples: int) -> list[
     """`root/encode` and `root/per-file` for `count` samples (reused when a previous run made the same)."""
     stamp = root / "made.json"
     want = {"count": count, "shapes": repr(shapes), "shard_samples": shard_samples, "version": ENCODE_VERSION,
-            "zarr": list(loader_data.encode_compression())}
+            "zarr": list(loader_data.encode_compression()), "digests": list(shards.DIGESTS)}
     if stamp.is_file() and json.loads(stamp.read_text()) == want:
         return [f"{i:08d}" for i in range(count)]
     need = 3.1 * count * shapes.sample_bytes()  # tar + zarr + npz, and their overheads
@@ -32,7 +33,7 @@ def prepare(root: Path, count: int, shapes: Shapes, shard_samples: int) -> list[
                           f"lower --samples or give --dir on a larger disk")
     for sub in ("encode", "per-file"):
         shutil.rmtree(root / sub, ignore_errors=True)
-    loader_data.write_encode_output(root / "encode", count, shapes, shard_samples)
+    loader_data.write_encode_output(root / "encode", count, shapes, shard_samples, digests=shards.DIGESTS)
     ids = loader_data.write_per_file_cache(root / "per-file", count, shapes)
     stamp.write_text(json.dumps(want))
     return ids
@@ -80,11 +81,11 @@ def measure(root: Path, counts: tuple[int, ...], latency_ms: float, batch: int, 
              f"min(8, CPUs)), shuffled, re-reading every file each epoch; best of {repeat} interleaved runs per "
              f"path; ours: train's reader (index + manifest checked), seeded shuffle buffer 256, two epochs by "
              f"one reader as a training run reads them: in the first every shard is read into fresh buffers and "
-             f"hashed whole before use; in the second (\"epoch 2\") buffers are reused and a local shard whose "
-             f"files are unchanged since its check (same inode, size, modification and change time) is not "
-             f"hashed again (by URL it is). Every path read the same "
-             f"samples (count and a latent checksum agree). CPU: user + system seconds of the process (all "
-             f"threads, less the HTTP server's) and of its DataLoader workers, per sample; the "
+             f"hashed whole before use (BLAKE3, which encode records beside sha256 since 2026-12); in the "
+             f"second (\"epoch 2\") buffers are reused and a local shard whose files are unchanged since its "
+             f"check (same inode, size, modification and change time) is not hashed again (by URL it is). Every "
+             f"path read the same samples (count and a latent checksum agree). CPU: user + system seconds of "
+             f"the process (all threads, less the HTTP server's) and of its DataLoader workers, per sample; the "
              f"last column is the per-file path's CPU per sample over this path's, a ratio that other load on "
              f"the machine does not move.")
     return rows, notes
