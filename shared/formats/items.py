@@ -8,14 +8,12 @@ to encode unchanged. The format's version is ingest's manifest version (`ITEMS_V
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 from shared.core import artifacts, graph
-from shared.core.errors import InputError
-from shared.formats.jsonl import JsonlWriter
+from shared.formats.jsonl import JsonlWriter, read_records
 
 ITEMS_VERSION = 1
 FILE = "items.jsonl"
@@ -180,16 +178,4 @@ def read_rejected(folder: Path, manifest: artifacts.Manifest | None = None) -> I
 
 
 def _rows(path: Path, record: Any, fix: str) -> Iterator[Any]:
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-                if not isinstance(data, dict):
-                    raise TypeError(f"a JSON {type(data).__name__}, not an object")
-                yield record.from_json(data)
-            except (ValueError, TypeError) as e:
-                what = "an item" if record is Item else "a rejected row" if record is Rejection else "a row"
-                hint = f"; rerun: {fix}" if fix else ""
-                raise InputError(f"{path} line {n}: not {what} ({type(e).__name__}: {e}){hint}") from None
+    return read_records(path, record.from_json, "an item" if record is Item else "a rejected row", fix)

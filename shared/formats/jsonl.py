@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
+
+from shared.core.errors import InputError
 
 
 def read_jsonl(path: Path) -> Iterator[dict]:
@@ -11,6 +13,23 @@ def read_jsonl(path: Path) -> Iterator[dict]:
         for line in fh:
             if line.strip():
                 yield json.loads(line)
+
+
+def read_records(path: Path, from_json: Callable[[dict], Any], what: str, fix: str) -> Iterator[Any]:
+    """Each line of a JSON Lines table made into its record by `from_json`; a line that is not one is a one-line
+    InputError naming the file, the line and `what` it should be (e.g. "a plan row"), with the `fix` to run."""
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+                if not isinstance(data, dict):
+                    raise TypeError(f"a JSON {type(data).__name__}, not an object")
+                yield from_json(data)
+            except (ValueError, TypeError) as e:
+                hint = f"; rerun: {fix}" if fix else ""
+                raise InputError(f"{path} line {n}: not {what} ({type(e).__name__}: {e}){hint}") from None
 
 
 def dumps_utf8(obj: object, **kw) -> str:

@@ -8,15 +8,13 @@ which checks the manifest (the plan format, not its writer's name), the file's r
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar, Iterator
 
 from shared.core import artifacts, graph
-from shared.core.errors import InputError
 from shared.formats.items import Item
-from shared.formats.jsonl import JsonlWriter
+from shared.formats.jsonl import JsonlWriter, read_records
 
 PLAN_VERSION = 1  # the plan format's version (bucket's manifest version)
 FILE = "plan.jsonl"
@@ -91,15 +89,4 @@ def read_plan(folder: Path, manifest: artifacts.Manifest | None = None) -> list[
 
 
 def _rows(path: Path, fix: str) -> Iterator[PlanRow]:
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-                if not isinstance(data, dict):
-                    raise TypeError(f"a JSON {type(data).__name__}, not an object")
-                yield PlanRow.from_json(data)
-            except (ValueError, TypeError) as e:
-                raise InputError(f"{path} line {n}: not a plan row ({type(e).__name__}: {e}); rerun: {fix}") \
-                    from None
+    return read_records(path, PlanRow.from_json, "a plan row", fix)
