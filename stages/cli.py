@@ -34,11 +34,25 @@ def demo_command(workdir: Path = typer.Option(Path("demo"), help="Folder for the
         pipeline.demo(workdir, images, seed, force=force, steps=steps)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from shared.core.artifacts import PACKAGE_VERSION
+
+        typer.echo(f"sdxl-stages {PACKAGE_VERSION}")
+        raise typer.Exit()
+
+
+def _main_options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")) -> None:
+    """sdxl stages: a staged, offline pipeline for fine-tuning Stable Diffusion XL."""
+
+
 def build_app() -> typer.Typer:
     """The `sdxl` app, its options' choices and help read from the registries as they are now."""
     app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                      rich_markup_mode=None,
+                      rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
                       help="sdxl stages: a staged, offline pipeline for fine-tuning Stable Diffusion XL.")
+    app.callback()(_main_options)
     for node in graph.order():   # the stage graph (built-in stages and plugins' ones), in run order
         app.command(node.name)(stage_command(node.Config, node.name, node.run, node.doc, graph.TABLES))
     app.command("compare")(export.compare_command)

@@ -233,3 +233,14 @@ def test_kohya_key_on_the_command_line_is_one_line(tmp_path, runner):
     result = runner.invoke(app, ["train", "--config", str(cfg)])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.stderr == "error: unknown key 'network_dim' in [train]; did you mean 'lora_rank'? (kohya's name)\n"
+
+
+def test_version_and_short_help(runner):
+    """Issue 25: `sdxl --version`, and -h as --help for the app and every command."""
+    from shared.core.artifacts import PACKAGE_VERSION
+
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output.strip() == f"sdxl-stages {PACKAGE_VERSION}"
+    for args in (["-h"], ["train", "-h"], ["bench", "-h"], ["export", "-h"]):
+        shown = runner.invoke(app, args)
+        assert shown.exit_code == 0 and "Usage:" in shown.output, args
