@@ -244,3 +244,18 @@ def test_version_and_short_help(runner):
     for args in (["-h"], ["train", "-h"], ["bench", "-h"], ["export", "-h"]):
         shown = runner.invoke(app, args)
         assert shown.exit_code == 0 and "Usage:" in shown.output, args
+
+
+def test_kohya_and_diffusers_flag_names_work_on_the_command_line(runner, tmp_path, monkeypatch):
+    """Issue 25: `--network-dim` is `--lora-rank` (the foreign names that mean exactly ours), shown beside ours."""
+    from stages.train import planner
+
+    seen = {}
+    monkeypatch.setattr(planner, "print_plan", lambda cfg: seen.setdefault("cfg", cfg))
+    done = runner.invoke(app, ["train", "--model", "builtin:tiny", "--plan", "--network-dim", "8",
+                               "--train-batch-size", "3", "--gradient-accumulation-steps", "2",
+                               "--output-dir", str(tmp_path / "t")])
+    assert done.exit_code == 0, done.output
+    cfg = seen["cfg"]
+    assert (cfg.lora_rank, cfg.batch_size, cfg.accumulate, cfg.output) == (8, 3, 2, tmp_path / "t")
+    assert "--lora-rank, --network-dim" in runner.invoke(app, ["train", "--help"]).output

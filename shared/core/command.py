@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, List, Optional
 
 import typer
 
-from shared.core.config import Range, default_of, load_toml, resolve
+from shared.core.config import FOREIGN_KEYS, Range, default_of, load_toml, resolve
 from shared.core import outputs
 from shared.core.errors import PipelineError, full_disk_line, os_error_line
 from shared.core.registry import Registry
@@ -79,15 +79,32 @@ def _help(f: Any, tp: Any = None) -> str:
     return text
 
 
-def _parameter(f: Any, tp: Any) -> inspect.Parameter:
+def foreign_flags(table: str, name: str, taken: set[str]) -> list[str]:
+    """kohya's and diffusers' flag names for option `name` of `table`, where theirs means exactly ours (FOREIGN_KEYS
+    entries without a note; booleans and names one of our flags already has are left out)."""
+    out = []
+    for key, (_, tables, ours, note) in FOREIGN_KEYS.items():
+        flag = "--" + key.replace("_", "-")
+        if ours == name and not note and table in tables and flag not in taken and key not in AMBIGUOUS:
+            out.append(flag)
+    return out
+
+
+#: foreign names too general to stand for one of our options on the command line
+AMBIGUOUS = {"rank"}
+
+
+def _parameter(f: Any, tp: Any, table: str = "", taken: set[str] = frozenset()) -> inspect.Parameter:
     meta = f.metadata
     if meta.get("positional"):
         default = typer.Argument(None, help=_help(f, tp), show_default=False)
     else:
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
         if tp is bool or typing.get_args(tp) == (bool, type(None)):
-            flag = f"{flag}/--no-{flag[2:]}"
-        default = typer.Option(None, flag, help=_help(f, tp), show_default=False)
+            default = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=_help(f, tp), show_default=False)
+        else:
+            aliases = foreign_flags(table, f.name, taken)   # shown beside ours: --lora-rank, --network-dim
+            default = typer.Option(None, flag, *aliases, help=_help(f, tp), show_default=False)
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=_cli_annotation(tp, meta))
 
@@ -105,7 +122,8 @@ def stage_command(cls: type, table: str, run: Callable[..., Any], doc: str,
             cfg = resolve(cls, table, load_toml(config_path, tables), _cli_values(cli_fields, kwargs))
             run(cfg, force=bool(force))
 
-    params = [_parameter(f, hints[f.name]) for f in cli_fields]
+    taken = {f.metadata.get("flag") or "--" + f.name.replace("_", "-") for f in cli_fields}
+    params = [_parameter(f, hints[f.name], table, taken) for f in cli_fields]
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=config_option(),
                                     annotation=Optional[Path]))
     params.append(inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
