@@ -329,6 +329,11 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {_kind(value)}")
         return build(tp, value, where)
+    return _coerce_scalar(value, tp, where)
+
+
+def _coerce_scalar(value: Any, tp: Any, where: str) -> Any:
+    """`value` as the scalar type `tp` (bool, int, float, str, Path), or a one-line ConfigError."""
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {_kind(value)}")
