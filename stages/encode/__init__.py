@@ -234,6 +234,7 @@ def _finish(cfg: Config, staging: Path, enc: Encoders, records: list[ShardRecord
             tags[t] = tags.get(t, 0) + n
     index = Index(cfg.format, _layout(cfg, enc), tuple(BucketEntry(b, tuple(e)) for b, e in by_bucket.items()), tags)
     write_index(staging, index)
+    checkpoint("encode.finish")
     truncated = sum(r.truncated_captions for r in records)
     if truncated:
         warn(f"{truncated} captions (counting variants) were longer than max_windows = {cfg.max_windows} windows "

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.core import artifacts, ranks
+from shared.core.faults import checkpoint
 from shared.formats import kohya
 from shared.models import loading as models
 from shared.core.log import say
@@ -114,6 +115,7 @@ def export_loras(job: Job, chosen: list[str], inputs: dict, expected: dict[str, 
         path = entry.path(job.out, cfg.name)
         path.parent.mkdir(parents=True, exist_ok=True)
         extra = entry.write(job, path)
+        checkpoint("export.format")
         check = None
         if pipe is not None:
             check = (verify.verify_lora(pipe, path, entry.load, expected, inputs, ref.outputs, cfg.tolerance,
@@ -153,6 +155,7 @@ def write_models(job: Job, chosen: list[str], inputs: dict) -> tuple[dict[str, P
         path = written[fmt] = FORMATS[fmt].path(job.out, job.cfg.name)
         path.parent.mkdir(parents=True, exist_ok=True)
         FORMATS[fmt].write(job, path)
+        checkpoint("export.format")
     return written, ref
 
 
