@@ -10,11 +10,18 @@ state saved and put back. So a run renders the same images and trains the same w
 samples, and a resumed run re-renders the steps after its checkpoint exactly. (With schedule-free optimizers the
 samples show the weights being stepped, not the averaged ones a checkpoint holds: switching modes for a sample
 would change the run.)
+
+A step's set is whole or absent: it is rendered into `.step-NNNNNN.partial/` and renamed into place when every
+image is written, and the grid (replaced atomically) shows complete sets only. A run stopped mid-render (Ctrl-C,
+kill -9) leaves nothing that names a missing image; the resumed run drops partial and incomplete sets and those
+after its checkpoint (`forget_after`), and renders the set of the step it resumes at when that is due and was
+not finished (the loop asks the target at that step; `rendered` says what is done).
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import tomllib
 from dataclasses import dataclass, fields
@@ -30,6 +37,7 @@ from shared.models import loading as models
 from shared.models import render as R
 from shared.models import sampling
 from shared.core.config import opt
+from shared.core.faults import checkpoint
 
 TEXT_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 PROMPT_KEYS = {f.name for f in fields(R.Prompt)}
@@ -109,54 +117,111 @@ class Previews:
         every = self.cfg.sample_every
         return step == 0 or step == total or bool(every and step % every == 0)
 
+    def rendered(self, step: int) -> bool:
+        """Whether the images of `step` are on disk, every prompt's."""
+        return step in self.sets()
+
+    def sets(self) -> dict[int, Path]:
+        """The complete sets on disk, {step: folder}: a step-NNNNNN folder holding an image of every prompt."""
+        found = {}
+        for folder in self.folder.glob("step-*"):
+            step = _step_of(folder.name)
+            if step is not None and folder.is_dir() and all((folder / f"{i:02d}.png").is_file()
+                                                            for i in range(len(self.prompts))):
+                found[step] = folder
+        return dict(sorted(found.items()))
+
     def forget_after(self, step: int) -> None:
-        """A resumed run drops the renders of steps after its checkpoint (they are rendered again)."""
-        for old in self.folder.glob("step-*"):
-            if old.is_dir() and int(old.name[5:]) > step:
-                shutil.rmtree(old)
+        """A resumed run drops the renders of steps after its checkpoint (they are rendered again), what a render
+        that was stopped left (a partial set) and any set that is not complete (rendered again when its step is
+        the one resumed at); the grid then shows what remains."""
+        if not self.folder.is_dir():
+            return
+        complete = self.sets()
+        for old in self.folder.iterdir():
+            at = _step_of(old.name)
+            if old.name.startswith(".step-") or old.name == GRID_TMP or \
+                    (at is not None and (at > step or at not in complete)):
+                _remove(old)
+        self.write_grid()   # also when nothing was dropped: a run stopped before it rewrote the grid left it behind
 
     def render(self, unet: Any, step: int, ema: Any, autocast: Any, tensorboard: Any, text: Any = None) -> Path:
         """Every prompt at `step` into step-NNNNNN/, the grid rewritten; returns the grid's path. With `text`
-        (textenc.TextEncoders being trained) the prompts are encoded again by the encoders as they are now."""
+        (textenc.TextEncoders being trained) the prompts are encoded again by the encoders as they are now.
+
+        A set is made whole or not at all: its images go into `.step-NNNNNN.partial/`, which is renamed into
+        place once every image is written; the grid (written atomically) lists complete sets only. So a run
+        stopped mid-render (Ctrl-C, kill -9) leaves no folder or grid that names a missing image."""
         where = self.folder / f"step-{step:06d}"
-        where.mkdir(parents=True, exist_ok=True)
+        partial = self.folder / f".step-{step:06d}.partial"
+        _remove(partial)
+        partial.mkdir(parents=True)
         with (ema.swapped() if ema is not None else contextlib.nullcontext()):
             conds = self.conds
             if text is not None:
                 with text.evaluating():
                     conds = R.encode(SimpleNamespace(**text.encoders, tokenizer=self.tokenizers[0],
                                                      tokenizer_2=self.tokenizers[1]), self.prompts)
+            images = []
             with autocast:
-                images = [R.render(unet, self.vae, c, p, self.objective, self.sampler)
-                          for c, p in zip(conds, self.prompts)]
-        (where / "weights.txt").write_text("ema\n" if ema is not None else "live\n")
+                for c, p in zip(conds, self.prompts):
+                    checkpoint("samples.render")
+                    images.append(R.render(unet, self.vae, c, p, self.objective, self.sampler))
+        (partial / "weights.txt").write_text("ema\n" if ema is not None else "live\n")
         for i, image in enumerate(images):
-            image.save(where / f"{i:02d}.png")
-            if tensorboard is not None:
-                tensorboard.add_image(f"samples/{i:02d}", np.asarray(image), step, dataformats="HWC")
+            checkpoint("samples.image")
+            image.save(partial / f"{i:02d}.png")
+        checkpoint("samples.written")
+        _remove(where)   # a set of this step rendered before (a step rendered again)
+        os.replace(partial, where)
+        checkpoint("samples.renamed")
         if tensorboard is not None:
+            for i, image in enumerate(images):
+                tensorboard.add_image(f"samples/{i:02d}", np.asarray(image), step, dataformats="HWC")
             tensorboard.flush()
         return self.write_grid()
 
     def labelled(self, step: int) -> dict[str, tuple[Path, str]]:
-        """The images of `step` and the grid, by name, each with a caption (for WandB)."""
+        """The images of `step` and the grid, by name, each with a caption (for WandB): only files that exist."""
         where = self.folder / f"step-{step:06d}"
         out = {f"samples/{i:02d}": (where / f"{i:02d}.png", f"{p.prompt} (seed {p.seed}, step {step})")
                for i, p in enumerate(self.prompts)}
-        out["samples/grid"] = (self.folder / "grid.png", f"rows: steps up to {step}; columns: prompts")
-        return out
+        out["samples/grid"] = (self.folder / GRID, f"rows: steps up to {step}; columns: prompts")
+        return {name: (path, caption) for name, (path, caption) in out.items() if path.is_file()}
 
     def write_grid(self) -> Path:
+        """grid.png of the complete sets (rows: steps, columns: prompts), replaced atomically; none without a set."""
         from PIL import Image
 
+        out = self.folder / GRID
         rows = []
-        for folder in sorted(p for p in self.folder.glob("step-*") if p.is_dir()):
+        for step, folder in self.sets().items():
             which = (folder / "weights.txt").read_text().strip() if (folder / "weights.txt").exists() else "live"
-            label = f"step {int(folder.name[5:])}" + (" (EMA)" if which == "ema" else "")
+            label = f"step {step}" + (" (EMA)" if which == "ema" else "")
             rows.append((label, [Image.open(folder / f"{i:02d}.png") for i in range(len(self.prompts))]))
+        if not rows:
+            out.unlink(missing_ok=True)
+            return out
         size = (max(p.width for p in self.prompts), max(p.height for p in self.prompts))
         columns = [f"{p.prompt}\nseed {p.seed}, cfg {p.cfg:g}, {p.steps} steps" for p in self.prompts]
-        out = self.folder / "grid.png"
-        R.grid(rows, columns, size).save(out)
+        tmp = self.folder / GRID_TMP
+        R.grid(rows, columns, size).save(tmp, format="PNG")
+        checkpoint("samples.grid")
+        os.replace(tmp, out)
         return out
 
+
+GRID, GRID_TMP = "grid.png", ".grid.png.partial"
+
+
+def _step_of(name: str) -> int | None:
+    """The step of a set folder's name, step-NNNNNN; None for any other name."""
+    digits = name[5:]
+    return int(digits) if name.startswith("step-") and len(digits) == 6 and digits.isdigit() else None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

@@ -135,8 +135,12 @@ class UnetTarget:
                     log.evaluation(step, name, each, samples)
 
     def sample_images(self, step: int, total: int, ema: EMA | None, log: logs.TrainLog | None) -> None:
-        """The sample prompts rendered at `step` when due (main rank; see previews.py)."""
+        """The sample prompts rendered at `step` when due (main rank; see previews.py), unless that was done
+        (its set on disk and noted in the metrics): the loop asks again at the step a run resumes at, so a render
+        the interrupted run did not finish (dropped by `resumed_at`) is done then, with the same weights."""
         if self.previews is None or not self.previews.due(step, total):
+            return
+        if self.previews.rendered(step) and (log is None or _noted(log.metrics, step, "samples")):
             return
         text = self.text if self.text is not None and self.text.cfg.trained else None
         grid = self.previews.render(self.module, step, ema, self.precision.autocast, log.tb if log else None, text)
@@ -145,6 +149,7 @@ class UnetTarget:
             log.images(step, self.previews.labelled(step))
 
     def resumed_at(self, step: int) -> None:
+        """Sample sets after `step`, partial or incomplete ones are dropped (rendered again when due)."""
         if self.previews is not None:
             self.previews.forget_after(step)
 
@@ -153,6 +158,24 @@ class UnetTarget:
 
     def summary(self, progress: Any) -> dict:
         return {}
+
+
+def _noted(metrics: Path, step: int, name: str) -> bool:
+    """Whether metrics.jsonl has the line `log.note_text(step, name, ...)` writes."""
+    import json
+
+    try:
+        lines = metrics.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return False
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step") == step and name in row:
+            return True
+    return False
 
 
 def _text_encoders(at: Setting) -> textenc.TextEncoders:
