@@ -89,7 +89,18 @@ def decide(stage: Stage, cfg: Any) -> Decision:
     if damaged:
         more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
         return Decision(fp, code, inputs, [f"output damaged: {damaged[0]}{more}"], prev, True)
+    if stage.resumable and _rerun_of(stage, out, fp):
+        # a rerun of an up-to-date output (--force, or options outside the fingerprint such as sample prompts)
+        # was interrupted: its staging folder is resumed, not left behind by "unchanged, skipped"
+        return Decision(fp, code, inputs, [f"an interrupted rerun did not finish ({artifacts.staging_dir(out).name} "
+                                           f"is resumed)"], prev)
     return Decision(fp, code, inputs, [], prev)
+
+
+def _rerun_of(stage: Stage, out: Path, fingerprint: str) -> bool:
+    """`out`'s staging folder holds an unfinished run of this stage for `fingerprint` (not a repair)."""
+    found = artifacts.read_job(artifacts.staging_dir(Path(out)))
+    return (found.get("stage"), found.get("fingerprint")) == (stage.name, fingerprint) and not found.get("repair")
 
 
 def _differences(stage: Stage, prev: Manifest, config: dict, inputs: dict, code: str) -> list[str]:
@@ -177,6 +188,7 @@ def _execute(stage: Stage, cfg: Any, force: bool, decision: Decision) -> Manifes
     if not decision.reasons and not force:
         if main:
             say(f"{stage.name}: unchanged, skipped (fingerprint {decision.fingerprint[:12]}; --force reruns it)")
+            _drop_leftover(stage, Path(stage.out_dir(cfg)))
         assert decision.previous is not None
         return decision.previous
     if main:
@@ -199,6 +211,16 @@ def _execute(stage: Stage, cfg: Any, force: bool, decision: Decision) -> Manifes
     artifacts.commit(staging, out, manifest, stage.trees, stage.skip)
     say(f"{stage.name}: done -> {out}")
     return manifest
+
+
+def _drop_leftover(stage: Stage, out: Path) -> None:
+    """A stage that starts afresh (not resumable) and is skipped removes the staging folder an interrupted
+    rerun of it left (its job.json names this stage); a resumable stage's is resumed instead (see decide)."""
+    staging = artifacts.staging_dir(out)
+    if stage.resumable or artifacts.read_job(staging).get("stage") != stage.name or staging.is_symlink():
+        return
+    artifacts.remove_output(staging)
+    say(f"{stage.name}: removed {staging.name}, left by an interrupted run")
 
 
 def _staging(stage: Stage, cfg: Any, decision: Decision, rank: ranks.Rank, job: str) -> Path:
