@@ -15,7 +15,7 @@ A step's set is whole or absent: it is rendered into `.step-NNNNNN.partial/` and
 image is written, and the grid (replaced atomically) shows complete sets only. A run stopped mid-render (Ctrl-C,
 kill -9) leaves nothing that names a missing image; the resumed run drops partial and incomplete sets and those
 after its checkpoint (`forget_after`), and renders the set of the step it resumes at when that is due and was
-not finished (the loop asks the target at that step; `rendered` says what is done).
+not finished (the loop asks the target at that step; `due` is false for a set already on disk).
 """
 from __future__ import annotations
 
@@ -114,8 +114,10 @@ class Previews:
         self.vae = parts.vae.to(device).eval()
 
     def due(self, step: int, total: int) -> bool:
+        """Whether a set is wanted at `step` (at the start, every sample_every steps, at the end) and is not on
+        disk already (a run resumed at a step whose set was finished)."""
         every = self.cfg.sample_every
-        return step == 0 or step == total or bool(every and step % every == 0)
+        return (step == 0 or step == total or bool(every and step % every == 0)) and not self.rendered(step)
 
     def rendered(self, step: int) -> bool:
         """Whether the images of `step` are on disk, every prompt's."""

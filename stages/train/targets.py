@@ -135,12 +135,9 @@ class UnetTarget:
                     log.evaluation(step, name, each, samples)
 
     def sample_images(self, step: int, total: int, ema: EMA | None, log: logs.TrainLog | None) -> None:
-        """The sample prompts rendered at `step` when due (main rank; see previews.py), unless that was done
-        (its set on disk and noted in the metrics): the loop asks again at the step a run resumes at, so a render
-        the interrupted run did not finish (dropped by `resumed_at`) is done then, with the same weights."""
+        """The sample prompts rendered at `step` when due and not on disk yet (main rank; see previews.py): asked
+        again at the step a run resumes at, it renders there the set the interrupted run did not finish."""
         if self.previews is None or not self.previews.due(step, total):
-            return
-        if self.previews.rendered(step) and (log is None or _noted(log.metrics, step, "samples")):
             return
         text = self.text if self.text is not None and self.text.cfg.trained else None
         grid = self.previews.render(self.module, step, ema, self.precision.autocast, log.tb if log else None, text)
@@ -149,9 +146,11 @@ class UnetTarget:
             log.images(step, self.previews.labelled(step))
 
     def resumed_at(self, step: int) -> None:
-        """Sample sets after `step`, partial or incomplete ones are dropped (rendered again when due)."""
+        """Sample sets after `step`, partial or incomplete ones are dropped (rendered again when due), and the set of
+        `step` itself unless the metrics note it (a run stopped between the set's rename and its metrics line)."""
         if self.previews is not None:
-            self.previews.forget_after(step)
+            done = _noted(self.staging / "logs" / "metrics.jsonl", step, "samples")
+            self.previews.forget_after(step if done else step - 1)
 
     def finish(self, eval_set: list[Sample], held: list[Sample], ema: EMA | None) -> None:
         return None
