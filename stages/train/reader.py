@@ -57,7 +57,7 @@ class ShardReader:
         self.folder, self.infos, self.source, self.urls = folder, infos, source, urls
         # each shard's index entry (its blake3 records); `index`: the one `infos` came from [default: read again]
         self.entries = recorded_entries(folder, infos, index)
-        # pixels False: a tar's stored images are left undecoded (the shard's sha256 still covers them; a zarr
+        # pixels False: a tar's stored images are left undecoded (the shard's digest still covers them; a zarr
         # shard's pixel rows are read, since its digest covers every array, but cost no image decoding)
         self.fix, self.pixels = fmt.fix_for(folder), pixels
         self.names = fmt.zarr_names(layout) if layout is not None else None
