@@ -48,21 +48,6 @@ OPTS = {"model": "builtin:tiny", "batch_size": 2, "shuffle_buffer": 4, "max_step
 ENCODE = {"max_area": 128 * 128, "max_side": 128, "shard_samples": 4, "format": "wds"}
 
 
-def _renders_at_resume() -> bool:
-    """Whether loop.build asks the target for the sample set of the step a run resumes at (not only of step 0):
-    the re-render of a set the interrupted run did not finish. TEMPORARY: remove with the marker below once
-    loop.build calls `run.target.sample_images(run.progress.step, ...)` unconditionally."""
-    import inspect
-
-    from stages.train import loop
-
-    return "if run.progress.step == 0:\n            run.target.sample_images" not in inspect.getsource(loop.build)
-
-
-RESUMED_SETS = pytest.mark.xfail(not _renders_at_resume(), strict=True,
-                                 reason="loop.build renders samples at step 0 only, not at the step resumed at")
-
-
 @pytest.fixture(scope="module")
 def one_thread():
     """Runs in this process and in the CLI processes (OMP_NUM_THREADS=1) compute alike."""
@@ -176,7 +161,6 @@ def sdxl_process(args: list[str], env: dict) -> subprocess.Popen:
                             env={**os.environ, "SDXL_PROGRESS": "0", "OMP_NUM_THREADS": "1", **env})
 
 
-@RESUMED_SETS
 def test_ctrl_c_while_samples_render_is_resumed_by_one_rerun(work, reference, tmp_path):
     """The issue's run: Ctrl-C while the step-2 samples render (one image of the set written, the checkpoint of
     step 2 kept). One rerun of the same command renders that set again and finishes as the uninterrupted run."""
@@ -199,7 +183,6 @@ def test_ctrl_c_while_samples_render_is_resumed_by_one_rerun(work, reference, tm
     assert_same_run(reference, out)
 
 
-@RESUMED_SETS
 def test_kill_9_while_samples_render_is_resumed_by_one_rerun(work, reference, tmp_path):
     """kill -9 once the step-2 images are written but before the set is in place."""
     out = tmp_path / "t"
@@ -211,10 +194,10 @@ def test_kill_9_while_samples_render_is_resumed_by_one_rerun(work, reference, tm
 
 
 @pytest.mark.parametrize("point", [
-    pytest.param("samples.render:3", marks=RESUMED_SETS),   # rendering the step-2 set (after its checkpoint)
-    pytest.param("samples.image:4", marks=RESUMED_SETS),    # between the step-2 images
-    pytest.param("samples.renamed:2", marks=RESUMED_SETS),  # the set in place; the grid, the metrics line not yet
-    pytest.param("samples.render:5", marks=RESUMED_SETS),   # rendering the last set, after the last checkpoint
+    "samples.render:3",   # rendering the step-2 set (after its checkpoint)
+    "samples.image:4",    # between the step-2 images
+    "samples.renamed:2",  # the set in place; the grid, the metrics line not yet
+    "samples.render:5",   # rendering the last set, after the last checkpoint
     "train.step:3",        # between steps, the step-2 set done: the rerun does not render it again
     "commit.manifest:1",   # committing the finished run
 ])
@@ -250,8 +233,6 @@ def test_ctrl_c_while_a_checkpoint_is_written_is_resumed_by_one_rerun(work, refe
     assert_same_run(reference, out)
 
 
-@pytest.mark.xfail(strict=True, reason="the LoRA file of a checkpoint is written after the checkpoint is in place "
-                                       "(loop.save), so a stop between the two leaves it unwritten on resume")
 def test_ctrl_c_while_a_lora_file_is_written_is_resumed_by_one_rerun(work, reference, tmp_path, monkeypatch):
     from stages.train import lorafiles
 
@@ -269,7 +250,6 @@ def test_ctrl_c_while_a_lora_file_is_written_is_resumed_by_one_rerun(work, refer
     assert_same_run(reference, out)
 
 
-@RESUMED_SETS
 def test_an_interrupted_forced_rerun_of_a_finished_output_is_resumed_not_skipped(work, reference, tmp_path,
                                                                                  interrupt, capsys):
     """The finished output is up to date (sample options are outside the fingerprint), so adding samples needs

@@ -196,20 +196,23 @@ def config_defaults(config_class: type) -> dict:
             if f.metadata.get("fingerprint", True)}
 
 
-def save_run(root: Path, cfg: Config, method: str, step: int, epoch: int, run_record: dict,
-             parts: dict[str, Stateful], rank_parts: dict[str, Stateful], sharded: bool, main: bool,
-             barrier: Callable[[], None]) -> CheckpointManifest:
-    """Checkpoint a run at `step`: its manifest (what export reads: method lora | full | vae and the adapter's
-    shape), the parts (gathered from every process first when sharded) and each rank's own parts."""
-    lora = cfg.adapter if method == "lora" else None
-    manifest = CheckpointManifest(step=step, epoch=epoch, method=method, lora=lora, model=cfg.model,
-                                  weights_dtype=cfg.weights_dtype, config=run_record["config"],
-                                  inputs=run_record["inputs"], fingerprint=artifacts.hash_json(run_record),
-                                  created=artifacts.now())
-    metadata = {"format": "sdxl-stages", "method": method, "lora": lora.to_json() if lora else ""}
+def run_manifest(cfg: Config, method: str, step: int, epoch: int, run_record: dict) -> CheckpointManifest:
+    """The manifest of a run's checkpoint at `step` (what export reads: method lora | full | vae and the adapter's
+    shape; what a resume compares: the fingerprinted config and inputs)."""
+    return CheckpointManifest(step=step, epoch=epoch, method=method, lora=cfg.adapter if method == "lora" else None,
+                              model=cfg.model, weights_dtype=cfg.weights_dtype, config=run_record["config"],
+                              inputs=run_record["inputs"], fingerprint=artifacts.hash_json(run_record),
+                              created=artifacts.now())
+
+
+def save_run(root: Path, cfg: Config, manifest: CheckpointManifest, parts: dict[str, Stateful],
+             rank_parts: dict[str, Stateful], sharded: bool, main: bool, barrier: Callable[[], None]) -> None:
+    """Checkpoint a run: `manifest`, the parts (gathered from every process first when sharded) and each rank's
+    own parts."""
+    lora = manifest.lora
+    metadata = {"format": "sdxl-stages", "method": manifest.method, "lora": lora.to_json() if lora else ""}
     if sharded:   # gathered by every process
         from stages.train import sharding
 
         parts = sharding.snapshots(parts)
     save(root, manifest, parts, rank_parts, cfg.checkpointing.keep_checkpoints, metadata, main, barrier)
-    return manifest

@@ -189,12 +189,12 @@ def save(run: Run) -> None:
     run.clock.note(step)
     with O.eval_mode(run.opt):
         evaluate(run)
-        record = ckpt.save_run(run.staging / "checkpoints", cfg, run.target.method, step,
-                               run.schedule.locate(step)[0], run.record, run.parts(), run.rank_parts(),
-                               run.target.sharded, run.rank.main, run.barrier)
-        if cfg.lora_files and run.rank.main:
+        record = ckpt.run_manifest(cfg, run.target.method, step, run.schedule.locate(step)[0], run.record)
+        if cfg.lora_files and run.rank.main:   # before the checkpoint: a resume from it never lacks its file
             lorafiles.write_step(run.staging / "loras", cfg, record, run.record, run.weights, run.ema,
                                  feed.dataset_extras(run.data.index), run.target.module.config)
+        ckpt.save_run(run.staging / "checkpoints", cfg, record, run.parts(), run.rank_parts(), run.target.sharded,
+                      run.rank.main, run.barrier)
 
 
 def result(run: Run) -> BuildResult:
@@ -226,8 +226,9 @@ def build(cfg: Config, staging: Path, inputs: dict) -> BuildResult | None:
         run = build_run(cfg, staging, rank, device, ckpt.record(cfg, inputs))
         if not run.progress.eval:
             evaluate(run)  # the evaluation loss at the start
-        if run.progress.step == 0:
-            run.target.sample_images(0, run.schedule.total, run.ema, run.log)
+        # at the start, and at the step a run resumes at: a set the interrupted run did not finish is rendered
+        # there (Previews.due is false for a set already on disk)
+        run.target.sample_images(run.progress.step, run.schedule.total, run.ema, run.log)
         train_steps(run)
         if rank.main:
             run.target.finish(run.eval_set, run.holdout.samples if run.holdout is not None else [], run.ema)
