@@ -109,6 +109,13 @@ def test_folder_protocol_partial_manifest_last_rename_keep(tmp_path):
         C.write(root, record(8), crash, keep=2)
     assert (root / "step-000008.partial").is_dir()
     assert [p.name for p in C.complete(root)] == ["step-000004", "step-000006"]  # a partial is never finished
+    # a stop while an old checkpoint was deleted: renamed out of the pattern first, so never a partial step-N;
+    # the next write finishes the deletion
+    (root / "step-000004").replace(root / ("step-000004" + C.REMOVING))
+    (root / ("step-000004" + C.REMOVING) / "weights.safetensors").unlink()
+    assert [p.name for p in C.complete(root)] == ["step-000006"]
+    C.write(root, record(10), files, keep=2, each_rank=lambda d: C.write_state(d, "rank0", {"n": 1}))
+    assert sorted(p.name for p in root.iterdir()) == ["step-000006", "step-000008.partial", "step-000010"]
 
 
 def test_another_version_is_refused_naming_it_and_the_rewrite(tmp_path):

@@ -177,12 +177,24 @@ def write(root: Path, record: CheckpointManifest, write_files: Callable[[Path], 
         write_files(tmp)
         write_manifest(tmp, record)
         if final.exists():
-            shutil.rmtree(final)
+            _remove(final)
         tmp.replace(final)
-        for old in complete(root)[:-keep]:
-            shutil.rmtree(old)
+        for old in complete(root)[:-keep] + sorted(root.glob("*" + REMOVING)):
+            _remove(old)
     barrier()
     return final
+
+
+REMOVING = ".removing"   # a checkpoint being deleted: renamed first, so a stop mid-delete leaves no partial step-N
+
+
+def _remove(folder: Path) -> None:
+    """Delete a checkpoint folder: renamed out of the checkpoints' name pattern first, then removed."""
+    gone = folder if folder.name.endswith(REMOVING) else folder.with_name(folder.name + REMOVING)
+    if gone != folder:
+        shutil.rmtree(gone, ignore_errors=True)
+        folder.replace(gone)
+    shutil.rmtree(gone)
 
 
 def write_state(folder: Path, name: str, state: Any, metadata: dict[str, str] | None = None) -> None:

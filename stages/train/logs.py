@@ -146,7 +146,9 @@ def _truncate_after(path: Path, step: int) -> None:
                 keep.append(line)
         except ValueError:
             continue
-    path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+    partial = path.with_name(path.name + ".partial")   # a stop while rewriting loses no line
+    partial.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+    partial.replace(path)
 
 
 def _bar(total: int, start: int) -> Any:
