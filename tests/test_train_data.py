@@ -161,3 +161,19 @@ def test_learning_rate_schedules():
     assert constant[0] == 0.0 and constant[5] == pytest.approx(1.0) and constant[10:] == [2.0] * 91
     assert cosine[55] == pytest.approx(1.0) and cosine[100] == pytest.approx(0.0, abs=1e-12)
     assert linear[55] == pytest.approx(1.0) and linear[5] == pytest.approx(1.0)
+
+def test_shard_patterns_are_counted_before_they_are_expanded():
+    """Issue 24: `{000000..999999999}` and 30 nested `{a,b}` are refused in one line at once (counted, never
+    expanded); an unbalanced brace is a one-line error; ordinary patterns expand as webdataset's."""
+    import time
+
+    assert D.expand_urls(("a/{000000..000002}.tar", "b/{x,{y,z}}.tar")) == [
+        "a/000000.tar", "a/000001.tar", "a/000002.tar", "b/x.tar", "b/y.tar", "b/z.tar"]
+    assert D.expansion_size("a/{1,2,{3,4}}/{0..9}.tar") == 40 and D.expansion_size("plain.tar") == 1
+    started = time.monotonic()
+    for pattern in ("s/{000000..999999999}.tar", "s/" + "{a,b}" * 30 + ".tar"):
+        with pytest.raises(ConfigError, match="expands to 1.07e\\+09|expands to 1e\\+09"):
+            D.expand_urls((pattern,))
+    assert time.monotonic() - started < 1
+    with pytest.raises(ConfigError, match="--shards: Unbalanced braces"):
+        D.expand_urls(("a{b",))

@@ -60,11 +60,64 @@ def read_index(folder: Path | str, manifest: artifacts.Manifest) -> tuple[Index,
     return index, [ShardInfo.of(n, b.group, s) for n, (b, s) in enumerate(index.shards())]
 
 
+#: the most shard URLs --shards may expand to (a pattern's count is computed before anything is expanded)
+MAX_URLS = 1_000_000
+
+
 def expand_urls(patterns: tuple[str, ...]) -> list[str]:
-    """Shard URLs from patterns in brace notation (webdataset's own expansion)."""
+    """Shard URLs from patterns in brace notation (webdataset's own expansion); a pattern that would expand to
+    more than MAX_URLS is a one-line ConfigError before anything is expanded."""
     import braceexpand
 
-    return [u for p in patterns for u in braceexpand.braceexpand(p)]
+    for p in patterns:
+        count = expansion_size(p)
+        if count > MAX_URLS:
+            raise ConfigError(f"--shards {p[:80]!r} expands to {count:.3g} URLs, more than the {MAX_URLS:,} this "
+                              f"reads; name the shards encode wrote (index.json lists them)")
+    try:
+        return [u for p in patterns for u in braceexpand.braceexpand(p)]
+    except braceexpand.UnbalancedBracesError as e:
+        raise ConfigError(f"--shards: {e}") from None
+
+
+RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)(?:\.\.-?\d+)?")
+
+
+def expansion_size(pattern: str) -> int:
+    """How many strings brace expansion makes of `pattern` ({a,b} alternatives, nested, and {0..9} ranges),
+    counted without expanding (an unmatched brace counts as text)."""
+    total, i = 1, 0
+    while i < len(pattern):
+        if pattern[i] == "{":
+            end = _closing(pattern, i)
+            if end is not None:
+                total *= _group_size(pattern[i + 1:end])
+                i = end
+        i += 1
+    return total
+
+
+def _closing(text: str, start: int) -> int | None:
+    depth = 0
+    for j in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return j
+    return None
+
+
+def _group_size(inner: str) -> int:
+    whole = RANGE.fullmatch(inner)
+    if whole:
+        return abs(int(whole[2]) - int(whole[1])) + 1
+    parts, depth, last = [], 0, 0
+    for j, ch in enumerate(inner):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(inner[last:j])
+            last = j + 1
+    parts.append(inner[last:])
+    return sum(expansion_size(p) for p in parts) if len(parts) > 1 else 1
 
 
 SHARD_NAME = re.compile(r"(\d+x\d+)/(\d+)\.tar")
