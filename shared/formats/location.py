@@ -38,12 +38,16 @@ def join(base: str | Path, *parts: str) -> str | Path:
     return Path(base).joinpath(*parts)
 
 
-def read_bytes(where: str | Path, alloc: Callable[[int], np.ndarray] | None = None) -> Any:
+def read_bytes(where: str | Path, alloc: Callable[[int], np.ndarray] | None = None,
+               limit: int | None = None) -> Any:
     """The whole object at a path, `pipe:` command or fsspec URL, as a writable buffer (a uint8 array or a
     bytearray: arrays viewing it are writable too). `alloc(n)`: where an n-byte uint8 buffer for a local file or
-    an http(s) body comes from (a `buffers.BufferPool`'s take; default a new array). OSError when it cannot be
-    read; InputError when the URL's fsspec backend is not installed."""
+    an http(s) body comes from (a `buffers.BufferPool`'s take; default a new array). `limit`: the most bytes it
+    may hold (an object that turns out larger is an OSError before it is read whole: a server streaming without
+    end). OSError when it cannot be read; InputError when the URL's fsspec backend is not installed."""
     alloc = alloc or _new_buffer
+    if limit is not None and not is_url(where) and os.stat(where).st_size > limit:
+        raise OSError(f"larger than the {limit:,} bytes it may hold")
     if not is_url(where):
         with open(where, "rb") as fh:
             # not bytearray: no zero-filling pass over a shard-sized buffer before the read fills it
@@ -55,10 +59,16 @@ def read_bytes(where: str | Path, alloc: Callable[[int], np.ndarray] | None = No
         from webdataset.gopen import gopen
 
         with gopen(str(where), "rb") as stream:
-            return bytearray(stream.read())
+            return _bounded(bytearray(stream.read(-1 if limit is None else limit + 1)), limit)
     if is_http(where):
-        return http_get(str(where), alloc)
-    return bytearray(_fsspec_cat(str(where)))
+        return http_get(str(where), alloc, limit)
+    return _bounded(bytearray(_fsspec_cat(str(where), limit)), limit)
+
+
+def _bounded(data: Any, limit: int | None) -> Any:
+    if limit is not None and len(data) > limit:
+        raise OSError(f"larger than the {limit:,} bytes it may hold")
+    return data
 
 
 def _new_buffer(nbytes: int) -> np.ndarray:
@@ -69,11 +79,14 @@ def is_http(where: Any) -> bool:
     return isinstance(where, str) and where.split("://", 1)[0].lower() in ("http", "https")
 
 
+#: the most bytes a remote manifest may hold (a server that streams without end is refused, not read)
+MANIFEST_LIMIT = 64 * 2 ** 20
+
 #: seconds an http(s) read may stall before it fails
 HTTP_TIMEOUT = 120.0
 
 
-def http_get(url: str, alloc: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
+def http_get(url: str, alloc: Callable[[int], np.ndarray] | None = None, limit: int | None = None) -> np.ndarray:
     """GET `url` into one buffer of its Content-Length, read in the calling thread by the standard library.
 
     Not through fsspec's http backend: that one runs every transfer of the process on its single event-loop
@@ -87,7 +100,9 @@ def http_get(url: str, alloc: Callable[[int], np.ndarray] | None = None) -> np.n
         with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT) as response:
             size = response.headers.get("Content-Length")
             if size is None or response.headers.get("Content-Encoding"):
-                return np.frombuffer(bytearray(response.read()), np.uint8)
+                return np.frombuffer(_read_bounded(response, limit), np.uint8)
+            if limit is not None and int(size) > limit:
+                raise OSError(f"{int(size):,} bytes, larger than the {limit:,} it may hold")
             data = (alloc or _new_buffer)(int(size))
             view, got = memoryview(data), 0
             while got < len(data):
@@ -106,13 +121,22 @@ def http_get(url: str, alloc: Callable[[int], np.ndarray] | None = None) -> np.n
         raise OSError(f"{type(e).__name__}: {e}") from None
 
 
+def _read_bounded(response: Any, limit: int | None) -> bytearray:
+    """A body of unknown length, read in chunks, never more than `limit` + 1 bytes."""
+    data = bytearray()
+    while chunk := response.read(1 << 20):
+        data += chunk
+        _bounded(data, limit)
+    return data
+
+
 def http_errors() -> type:
     import http.client
 
     return http.client.HTTPException
 
 
-def _fsspec_cat(url: str) -> bytes:
+def _fsspec_cat(url: str, limit: int | None = None) -> bytes:
     try:
         import fsspec
 
@@ -124,7 +148,7 @@ def _fsspec_cat(url: str) -> bytes:
     except ValueError as e:  # an unknown protocol
         raise InputError(f"{url}: not a URL fsspec can read ({e})") from None
     try:
-        return fs.cat_file(path)
+        return fs.cat_file(path) if limit is None else fs.cat_file(path, start=0, end=limit + 1)
     except OSError:
         raise
     except Exception as e:  # noqa: BLE001 - network clients raise their own types; each is an unreadable object
@@ -139,7 +163,7 @@ def verified_bytes(folder: str | Path, rel: str, files: dict | None, fix: str) -
     where = join(folder, rel)
     rec = integrity.recorded(folder, where, rel, files, fix)
     try:
-        data = read_bytes(where)
+        data = read_bytes(where, limit=rec["bytes"])
     except OSError as e:
         raise InputError(f"{where}: unreadable ({e}); its producer wrote it; rerun: {fix}") from None
     if len(data) != rec["bytes"] or hashlib.sha256(data).hexdigest() != rec["sha256"]:
@@ -156,7 +180,7 @@ def require_remote(url: str, wanted: Format | str, versions: tuple[int, ...] | N
     fmt = wanted_format(wanted, versions)
     wrote = graph.who(fmt, "`sdxl {}`")
     try:
-        data = json.loads(bytes(read_bytes(where)).decode("utf-8"))
+        data = json.loads(bytes(read_bytes(where, limit=MANIFEST_LIMIT)).decode("utf-8"))
         manifest = Manifest.from_dict(data)
     except OSError as e:
         raise InputError(f"{where}: unreadable ({e}); give --in the URL of a folder that {wrote} wrote") from None
