@@ -335,11 +335,12 @@ def load_folder(folder: Path, parts: tuple[str, ...], dtype: Any, source: str | 
 
 
 def _file_hash(path: Path) -> str:
-    """sha256 of a file, cached by (path, size, mtime) in the cache folder: a 5 GB UNet is hashed once."""
+    """sha256 of a file, cached by (path, size, mtime, inode, ctime) in the cache folder: a 5 GB UNet is hashed
+    once; a file edited in place with its size and mtime put back still has a new ctime (no one can set it)."""
     from shared.core.artifacts import sha256_file
 
     st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
     cache = cache_dir() / "file-hashes.json"
     try:
         known = json.loads(cache.read_text())

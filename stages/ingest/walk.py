@@ -93,8 +93,9 @@ def _unreadable_folder(error: OSError, root: Path) -> dict:
 
 
 def listing_fingerprint(root: Path, skip: frozenset[Path] = frozenset()) -> str:
-    """Hash of every file's relative path, size and mtime (and of the folders not walked): changes when the
-    source's files do. A file that cannot be stat'ed (a broken link) counts with its link's own data."""
+    """Hash of every file's relative path, size, mtime, inode and ctime (and of the folders not walked): changes
+    when the source's files do, also a caption edited at the same length with its mtime put back (its ctime
+    moves). A file that cannot be stat'ed (a broken link) counts with its link's own data."""
     h = hashlib.sha256()
     for folder in walk(root, skip):
         for row in folder.rejected:
@@ -105,6 +106,6 @@ def listing_fingerprint(root: Path, skip: frozenset[Path] = frozenset()) -> str:
                 st = os.stat(path)
             except OSError:
                 st = os.lstat(path)
-            h.update(f"{os.path.join(folder.rel, name)}\0{st.st_size}\0{st.st_mtime_ns}\n"
-                     .encode("utf-8", "surrogateescape"))
+            h.update(f"{os.path.join(folder.rel, name)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0"
+                     f"{st.st_ctime_ns}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
