@@ -146,6 +146,28 @@ def test_tampered_zarr_rows_are_refused_under_either(outputs, tmp_path, kind):
         reader.load(1)
 
 
+def test_by_url_blake3_is_checked_and_damage_named(outputs, tmp_path, monkeypatch):
+    from stages.bench.server import LatencyServer
+
+    copy = tmp_path / "served"
+    shutil.copytree(outputs["new"], copy / "new")
+    local = {s: [x.key for n in range(3) for x in feed.open_data(config(outputs["new"], s)).read.load(n)]
+             for s in ("wds", "zarr")}
+    calls = counting(monkeypatch)
+    with LatencyServer(copy, latency_ms=1, max_requests=2000, max_seconds=120) as url:
+        for source in ("wds", "zarr"):
+            calls.clear()
+            reader = feed.open_data(config(f"{url}/new", source)).read
+            assert len(reader.entries) == 3
+            assert [x.key for n in range(3) for x in reader.load(n)] == local[source]
+            assert calls == [("" if source == "wds" else "rows-") + "blake3"] * 3
+        name = shard_records(copy / "new")[2]["name"]
+        tar = copy / "new" / name
+        tar.write_bytes(tar.read_bytes()[:-1024] + b"\x01" * 1024)
+        with pytest.raises(DataError, match=rf"{name}: not the shard encode wrote"):
+            feed.open_data(config(f"{url}/new", "wds")).read.load(2)
+
+
 def test_a_blake3_record_that_disagrees_with_sha256_is_decided_by_sha256(outputs, tmp_path):
     """An index edited by a tool that knows only the sha256 records (and re-recorded in the manifest)."""
     copy = tmp_path / "new"
