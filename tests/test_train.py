@@ -317,8 +317,8 @@ def test_fp16_autocast_with_gradient_scaler(encoded, tmp_path):
 def test_user_errors_are_one_line(encoded, tmp_path, runner):
     missing = runner.invoke(app, ["train", "--workdir", str(tmp_path), "--model", "builtin:tiny"])
     assert missing.exit_code == 2 and "no `encode` output found" in missing.output
-    big = runner.invoke(app, cli_args(encoded, tmp_path / "t", batch_size=64))
-    assert big.exit_code == 2 and "no full step" in big.output
+    big = runner.invoke(app, cli_args(encoded, tmp_path / "t", batch_size=64, bucket_remainder="drop"))
+    assert big.exit_code == 2 and "no full step" in big.output and "--bucket-remainder train" in big.output
     eps = runner.invoke(app, cli_args(encoded, tmp_path / "t", schedule="ztsnr"))
     assert eps.exit_code == 2 and "v_prediction" in eps.output
 

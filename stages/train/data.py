@@ -221,7 +221,8 @@ class Schedule:
             if n == 0:
                 raise InputError(f"an epoch has no full step: some rank gets fewer than batch_size x accumulate "
                                  f"= {batch * accumulate} samples of any bucket from its shards ({len(infos)} "
-                                 f"shards over {world} ranks); lower batch_size or encode with smaller shards")
+                                 f"shards over {world} ranks); lower batch_size, encode with smaller shards, or "
+                                 f"train the remainders (--bucket-remainder train)")
             out.append(n)
             if len(out) > 100000:
                 raise ConfigError("max_steps needs more than 100000 epochs")

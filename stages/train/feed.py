@@ -74,7 +74,7 @@ def open_data(cfg: DataConfig) -> Data:
             say(f"train: reading {len(urls)} of the {len(infos)} shards of {cfg.input} (those given by --shards)")
         infos, urls = D.select(infos, urls)
     return Data(cfg.input, index, infos, ShardReader(cfg.input, infos, source, urls, index.layout,
-                                                      cfg.decode_pixels),
+                                                      cfg.decode_pixels, index),
                 D.load_empty(cfg.input, manifest))
 
 
